@@ -1,0 +1,88 @@
+"""Tokenizer and chat template for a loaded model.
+
+Wraps a `tokenizers.Tokenizer` built from the checkpoint's `TokenizerSpec`:
+encoding adds BOS when the model wants it, and chat templates are rendered with a
+sandboxed Jinja environment configured the way Hugging Face renders them
+(trim_blocks, lstrip_blocks, `raise_exception`, `tojson`), so the same template
+gives the same prompt as `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from inferd.models.checkpoint import TokenizerSpec
+
+
+class ChatTemplateError(ValueError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, spec: TokenizerSpec):
+        self.spec = spec
+        self._tok = HFTokenizer.from_str(spec.tokenizer_json)
+        self.bos_token_id = self._id(spec.bos_token)
+        self.eos_token_id = self._id(spec.eos_token)
+        self.eos_token_ids = list(spec.eos_token_ids) or (
+            [self.eos_token_id] if self.eos_token_id is not None else [])
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens:
+            if self.spec.add_bos_token and self.bos_token_id is not None:
+                ids = [self.bos_token_id] + ids
+            if self.spec.add_eos_token and self.eos_token_id is not None:
+                ids = ids + [self.eos_token_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    @cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        added = self._tok.get_added_tokens_decoder()
+        return frozenset(i for i, t in added.items() if t.special)
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        if not self.spec.chat_template:
+            raise ChatTemplateError("this model has no chat template; use a plain prompt")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+
+        def raise_exception(message):
+            raise ChatTemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+            x, indent=indent, ensure_ascii=ensure_ascii)
+        return env.from_string(self.spec.chat_template)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise ChatTemplateError(f"messages[{i}] must be an object with a 'role'")
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.spec.bos_token or "", eos_token=self.spec.eos_token or "", **kwargs)
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        # the template already writes any BOS it wants, as HF's apply_chat_template assumes
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)

