@@ -1,0 +1,103 @@
+"""Command line: `inferd serve | generate`.
+
+Engine options are shared by every command that loads a model, so `serve` and
+`generate` accept the same flags with the same meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from inferd.engine.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--kv-cache-bytes", default="1GiB", help="KV cache budget on CPU, e.g. 512MiB, 2GiB")
+    g.add_argument("--gpu-memory-fraction", type=float, default=0.8,
+                   help="KV cache budget on CUDA, as a fraction of free memory")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+        gpu_memory_fraction=args.gpu_memory_fraction, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, num_threads=args.num_threads)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from inferd.engine.llm_engine import LLMEngine
+    from inferd.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(engine_config(args, args.model))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed, top_p=args.top_p)
+    if args.chat:
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    engine.add_request("cli", prompt, params)
+    while engine.has_unfinished:
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].text_delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from inferd.api.server import run_server
+
+    return run_server(args, engine_config(args, args.model))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferd", description="Self-hosted AI inference server.")
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    gen.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded model)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="HF model directory or .gguf file (default: embedded model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--api-key", default=None)
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"inferd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
