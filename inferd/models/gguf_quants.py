@@ -50,10 +50,6 @@ def type_name(type_id: int) -> str:
         return str(type_id)
 
 
-def is_quantized(name: str) -> bool:
-    return name in {n for n, _ in _QUANT_TYPES.values()}
-
-
 def float_dtype(name: str) -> torch.dtype:
     """The torch dtype a float GGUF type is stored as."""
     return _FLOAT_TYPES[_BY_NAME[name]][1]
@@ -111,9 +107,3 @@ def dequantize(data: torch.Tensor, name: str, shape: list[int] | tuple[int, ...]
         raise ValueError(f"{name} data holds {out.numel()} values, shape {shape} needs {n}")
     return out.reshape(shape)
 
-
-def row_bytes(name: str, row_len: int) -> int:
-    """Bytes one row of `row_len` elements takes in type `name`."""
-    if is_quantized(name):
-        return row_len // BLOCK * _QUANT_TYPES[_BY_NAME[name]][1]
-    return row_len * torch.tensor([], dtype=float_dtype(name)).element_size()
