@@ -35,14 +35,7 @@ def load_checkpoint(model: str | os.PathLike | None, *, progress: bool = True) -
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> tuple[LlamaForCausalLM, ModelConfig]:
     cfg = ModelConfig.from_hf(ckpt.config)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=device)
-    # buffers (rope tables) were created on meta; rebuild them for real
-    model.rope.__init__(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
-    model.rope.to(device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    # allocated uninitialized in the target dtype; load_weights casts while it copies
+    model = LlamaForCausalLM(cfg, dtype, device)
     model.load_weights(ckpt.tensors)
-    model = model.to(dtype).eval()
-    return model, cfg
+    return model.eval(), cfg
