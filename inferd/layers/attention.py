@@ -45,56 +45,62 @@ class AttentionBackend:
 
 
 @dataclass
-class _TorchPrepared:
-    decode_only: bool
-    query_index: torch.Tensor | None   # [B, max_q] index into the flat batch (padded)
-    query_valid: torch.Tensor | None   # [B, max_q] bool
-    mask: torch.Tensor                 # [B, 1, max_q, L] bool, True = attend
-    ctx_len: int                       # L = max_blocks * block_size, trimmed
+class _Group:
+    """Requests attended together: all single-token decodes, or the rest (padded)."""
+
+    rows: torch.Tensor            # [b] request indices into the block tables
+    query_index: torch.Tensor     # [b, max_q] flat-batch token index (padding repeats a valid one)
+    query_valid: torch.Tensor     # [b, max_q] bool
+    out_index: torch.Tensor       # [n] flat-batch index of each valid query, in order
+    mask: torch.Tensor            # [b, 1, max_q, ctx] bool, True = attend
+    ctx_len: int
 
 
 class TorchAttentionBackend(AttentionBackend):
+    """Decodes (one new token) and prefill chunks are attended in separate groups, so
+    a long chunk does not pad every decode in the batch to its length."""
+
     def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
         qlens = torch.tensor(meta.query_lens, dtype=torch.int64)
         slens = torch.tensor(meta.seq_lens, dtype=torch.int64)
-        max_q = int(qlens.max())
-        ctx = int(slens.max())
-        key_pos = torch.arange(ctx)
-        if max_q == 1:
-            mask = (key_pos[None, :] < slens[:, None])[:, None, None, :]
-            meta.prepared = _TorchPrepared(True, None, None, mask.to(device), ctx)
-            return
         starts = torch.cumsum(qlens, 0) - qlens
+        decode = qlens == 1
+        groups = []
+        for rows in (decode.nonzero().flatten(), (~decode).nonzero().flatten()):
+            if len(rows):
+                groups.append(self._group(rows, qlens[rows], slens[rows], starts[rows], device))
+        meta.prepared = groups
+
+    @staticmethod
+    def _group(rows, qlens, slens, starts, device) -> _Group:
+        max_q, ctx = int(qlens.max()), int(slens.max())
         qi = torch.arange(max_q)
         valid = qi[None, :] < qlens[:, None]
-        index = torch.where(valid, starts[:, None] + qi[None, :], 0)
-        # absolute position of query i of request b
-        q_pos = (slens - qlens)[:, None] + qi[None, :]
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]
-        # padded query rows attend to key 0 only, so softmax stays finite
-        mask = mask & valid[:, :, None] | (~valid[:, :, None] & (key_pos == 0)[None, None, :])
-        meta.prepared = _TorchPrepared(False, index.to(device), valid.to(device),
-                                       mask[:, None].to(device), ctx)
+        index = torch.where(valid, starts[:, None] + qi[None, :], starts[:, None])
+        q_pos = (slens - qlens)[:, None] + qi[None, :]      # absolute position of each query
+        mask = torch.arange(ctx)[None, None, :] <= q_pos[:, :, None]
+        return _Group(rows.to(device), index.to(device), valid.to(device), index[valid].to(device),
+                      mask[:, None].to(device), ctx)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, blocks, block_size, KVH, D]."""
-        p: _TorchPrepared = meta.prepared
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         n_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
         k_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, v)
 
-        b = meta.block_tables.shape[0]
-        keys = k_cache[meta.block_tables].view(b, -1, n_kv, dim)[:, : p.ctx_len].transpose(1, 2)
-        values = v_cache[meta.block_tables].view(b, -1, n_kv, dim)[:, : p.ctx_len].transpose(1, 2)
-        if p.decode_only:
-            queries = q.unsqueeze(2)                     # [B, H, 1, D]
-        else:
-            queries = q[p.query_index].transpose(1, 2)   # [B, H, max_q, D]
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=p.mask, scale=scale,
-            enable_gqa=queries.shape[1] != n_kv)
-        out = out.transpose(1, 2)                        # [B, max_q, H, D]
-        if p.decode_only:
-            return out.reshape(q.shape[0], -1)
-        return out[p.query_valid].reshape(q.shape[0], -1)
+        groups: list[_Group] = meta.prepared
+        out = q.new_empty(q.shape[0], q.shape[1] * dim) if len(groups) > 1 else None
+        for g in groups:
+            tables = meta.block_tables[g.rows]
+            b = tables.shape[0]
+            keys = k_cache[tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
+            values = v_cache[tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
+            queries = q[g.query_index].transpose(1, 2)     # [b, H, max_q, D]
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale,
+                                               enable_gqa=queries.shape[1] != n_kv)
+            o = o.transpose(1, 2)[g.query_valid].reshape(-1, q.shape[1] * dim)
+            if out is None:
+                return o  # one group holds every token, already in flat order
+            out[g.out_index] = o
+        return out
