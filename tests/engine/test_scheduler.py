@@ -1,0 +1,75 @@
+"""Scheduler and KV block accounting, driven without a model."""
+
+from __future__ import annotations
+
+from inferd.engine.kv_cache import KVCacheManager
+from inferd.engine.request import Request
+from inferd.engine.sampling_params import SamplingParams
+from inferd.engine.scheduler import Scheduler, SchedulerConfig, StepResult
+
+
+def _sched(blocks=100, block_size=4, max_seqs=8, budget=32):
+    return Scheduler(SchedulerConfig(max_seqs, budget, 10_000), KVCacheManager(blocks, block_size))
+
+
+def _add(s, rid, n_prompt, max_tokens=100):
+    s.add(Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens)))
+
+
+def _run_step(s):
+    out = s.schedule()
+    sampled = {r.request_id: 7 for r in out.requests
+               if r.num_computed_tokens + out.num_new_tokens[r.request_id] == r.num_tokens}
+    s.update(out, StepResult(sampled))
+    return out
+
+
+def test_token_budget_chunks_long_prompts_and_runs_decodes_first():
+    s = _sched(budget=32)
+    _add(s, "a", 10)
+    _add(s, "b", 50)
+    out = _run_step(s)
+    assert out.num_new_tokens == {"a": 10, "b": 22}          # b's prompt is chunked
+    out = _run_step(s)
+    assert out.num_new_tokens == {"a": 1, "b": 28}           # a decodes, b finishes its prompt
+    assert s.requests["b"].num_output_tokens == 1
+    out = _run_step(s)
+    assert out.num_new_tokens == {"a": 1, "b": 1}
+
+
+def test_running_limit_is_respected():
+    s = _sched(max_seqs=2)
+    for i in range(5):
+        _add(s, str(i), 3)
+    out = _run_step(s)
+    assert [r.request_id for r in out.requests] == ["0", "1"]
+    assert len(s.waiting) == 3
+
+
+def test_newest_request_is_preempted_when_blocks_run_out_and_recomputed_later():
+    s = _sched(blocks=4, block_size=4, budget=64)
+    _add(s, "old", 8)
+    _add(s, "new", 8)
+    _run_step(s)                       # both prompts fit: 4 blocks used, each has 9 tokens now
+    assert s.kv.num_free_blocks == 0
+    out = _run_step(s)                 # "old" needs a third block: "new" gives its blocks up
+    assert out.preempted == ["new"]
+    assert s.requests["new"].num_computed_tokens == 0 and s.waiting[0].request_id == "new"
+    assert s.requests["new"].num_output_tokens == 1  # its sampled token is kept, not dropped
+    s.abort("old")
+    out = _run_step(s)
+    assert out.num_new_tokens == {"new": 9}            # prompt + output recomputed in one go
+    assert s.kv.num_free_blocks == 4 - 3
+
+
+def test_blocks_match_tokens_and_all_return_on_finish():
+    s = _sched(blocks=50, block_size=4)
+    for i in range(4):
+        _add(s, str(i), 5 + i, max_tokens=6)
+    while s.has_unfinished:
+        _run_step(s)
+        for r in s.running:
+            assert len(r.block_ids) == -(-r.num_computed_tokens // 4)
+        owned = [b for r in s.running for b in r.block_ids]
+        assert len(owned) == len(set(owned))
+    assert s.kv.num_free_blocks == 50
