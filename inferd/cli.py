@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--api-key", default=None)
+    serve.add_argument("--max-waiting-requests", type=int, default=256,
+                       help="requests queued beyond --max-num-seqs before 503 + Retry-After")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGTERM")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
     return parser

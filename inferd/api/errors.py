@@ -1,0 +1,108 @@
+"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+Every failure a client can cause or meet maps here to a 4xx/503 with a message
+that says what was wrong: invalid parameters (400, naming the parameter),
+unknown model or route (404), bad API key (401), overload (503 + Retry-After),
+a dead engine or a shutdown (503). `api_error()` is the one mapping; the
+exception handlers and the error events of a broken SSE stream both use it, so
+a stream that fails mid-way says why instead of ending like a success.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from inferd.engine.async_client import (EngineDeadError, EngineOverloadedError, RequestAbortedError,
+                                        RequestRejectedError)
+from inferd.engine.sampling_params import InvalidParameterError
+from inferd.engine.tokenizer import ChatTemplateError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> Response:
+        return Response(msgspec.json.encode(self.body()), status_code=self.status,
+                        media_type="application/json", headers=self.headers)
+
+
+def api_error(exc: BaseException) -> APIError:
+    """The client-facing error for an exception (500 only for genuine bugs)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidParameterError):
+        code = "context_length_exceeded" if "maximum context length" in str(exc) else None
+        return APIError(400, str(exc), param=exc.param, code=code)
+    if isinstance(exc, ChatTemplateError):
+        return APIError(400, f"messages: {exc}", param="messages")
+    if isinstance(exc, RequestRejectedError):
+        return APIError(400, str(exc))
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(503, str(exc), code="server_overloaded",
+                        headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, f"the model engine is not available: {exc}", code="engine_unavailable")
+    if isinstance(exc, RequestAbortedError):
+        return APIError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"})
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    problems, param = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
+        if loc and not loc[0].isdigit():
+            param = param or loc[0]
+        where = ".".join(loc)
+        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    if not problems:
+        problems = ["the request body is invalid"]
+    return APIError(400, "; ".join(problems[:5]), param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_validation(_: Request, exc: RequestValidationError) -> Response:
+        return _validation_error(exc).response()
+
+    async def on_http(_: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if status == 404:
+            message = "not found: no such endpoint"
+        err = APIError(status, message, headers=dict(exc.headers or {}))
+        return err.response()
+
+    async def on_error(_: Request, exc: Exception) -> Response:
+        return api_error(exc).response()
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for cls in (APIError, InvalidParameterError, ChatTemplateError, RequestRejectedError,
+                EngineOverloadedError, EngineDeadError, RequestAbortedError, Exception):
+        app.add_exception_handler(cls, on_error)

@@ -1,0 +1,87 @@
+"""Prometheus metrics for GET /metrics, with vLLM's metric names under `inferd:`.
+
+Request timings arrive from the engine client as one `RequestMetrics` per
+finished request (`Metrics.observe`), measured on the API side where clients see
+them: time to first token, inter-token latency, end-to-end latency and queue time
+(arrival until the core first scheduled it). Engine gauges (running, waiting, KV
+usage and free blocks, preemptions) are refreshed from the core's latest stats at
+scrape time. Each app gets its own registry, so several can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from inferd.engine.async_client import RequestMetrics
+from inferd.engine.core_process import Stats
+
+_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+            7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+        1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+        60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        m = ["model_name"]
+        self.ttft = Histogram("inferd:time_to_first_token_seconds", "Time to first token (s).",
+                              m, buckets=_LATENCY, registry=r).labels(model_name)
+        self.itl = Histogram("inferd:inter_token_latency_seconds", "Time between output tokens (s).",
+                             m, buckets=_ITL, registry=r).labels(model_name)
+        self.e2e = Histogram("inferd:e2e_request_latency_seconds", "Request latency, arrival to finish (s).",
+                             m, buckets=_E2E, registry=r).labels(model_name)
+        self.queue = Histogram("inferd:request_queue_time_seconds", "Arrival until first scheduled (s).",
+                               m, buckets=_E2E, registry=r).labels(model_name)
+        self.running = Gauge("inferd:num_requests_running", "Requests running in the engine.",
+                             m, registry=r).labels(model_name)
+        self.waiting = Gauge("inferd:num_requests_waiting", "Requests waiting to be scheduled.",
+                             m, registry=r).labels(model_name)
+        self.kv_usage = Gauge("inferd:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
+                              m, registry=r).labels(model_name)
+        self.kv_free = Gauge("inferd:kv_cache_free_blocks", "KV cache blocks free.",
+                             m, registry=r).labels(model_name)
+        self.kv_total = Gauge("inferd:kv_cache_total_blocks", "KV cache blocks in the pool.",
+                              m, registry=r).labels(model_name)
+        self.healthy = Gauge("inferd:engine_healthy", "1 while the engine core is alive and serving.",
+                             m, registry=r).labels(model_name)
+        self.preemptions = Counter("inferd:num_preemptions", "Preemptions since start.",
+                                   m, registry=r).labels(model_name)
+        self.prompt_tokens = Counter("inferd:prompt_tokens", "Prompt tokens processed.",
+                                     m, registry=r).labels(model_name)
+        self.generation_tokens = Counter("inferd:generation_tokens", "Tokens generated.",
+                                         m, registry=r).labels(model_name)
+        self._success = Counter("inferd:request_success", "Finished requests (samples) by finish reason.",
+                                ["model_name", "finished_reason"], registry=r)
+        self._model_name = model_name
+        self._preemptions_seen = 0
+
+    def observe(self, m: RequestMetrics) -> None:
+        if m.first_token is not None:
+            self.ttft.observe(m.first_token - m.arrival)
+        for dt in m.inter_token:
+            self.itl.observe(dt)
+        if m.finished is not None:
+            self.e2e.observe(m.finished - m.arrival)
+        if m.scheduled is not None:
+            self.queue.observe(max(0.0, m.scheduled - m.arrival))
+            self.prompt_tokens.inc(m.num_prompt_tokens)
+        self.generation_tokens.inc(m.num_generation_tokens)
+        for reason in m.finish_reasons:
+            self._success.labels(self._model_name, reason).inc()
+
+    def update_engine(self, stats: Stats, healthy: bool) -> None:
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.kv_free.set(stats.num_free_blocks)
+        self.kv_total.set(stats.num_blocks)
+        self.healthy.set(1 if healthy else 0)
+        if stats.num_preemptions > self._preemptions_seen:
+            self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
+            self._preemptions_seen = stats.num_preemptions
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

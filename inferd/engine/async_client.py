@@ -1,0 +1,391 @@
+"""`AsyncEngine`: the API process's handle on an engine core running in its own process.
+
+It mirrors `LLMEngine` across a process boundary. `start()` spawns
+`core_process.run_core`, binds two ZMQ ipc sockets in a private temp dir (PUSH to
+the core, PULL from it) and waits for `Ready`, which carries the `TokenizerSpec`
+and model facts, so the weights are loaded once, in the core. The API side owns
+the `Tokenizer` and the `OutputProcessor`: detokenization, stop strings (their
+`to_abort` ids go back to the core as `Abort`) and request timings happen here,
+off the core's hot loop, and never block on the model.
+
+`generate()` is an async iterator of `RequestOutput`s. Each request has a small
+mailbox (`_Stream`) that merges deltas the consumer has not taken yet, so a slow
+reader loses nothing. Leaving the iterator early (a client disconnect) aborts the
+request in the core, which frees its KV blocks at once.
+
+Failure is explicit: if the core process exits (a watcher thread waits on its
+sentinel) or reports `Fatal`, every request in flight fails with
+`EngineDeadError` and `is_healthy` turns False; new requests fail at once. A
+bounded number of requests in flight (`max_num_seqs + max_waiting_requests`)
+turns overload into `EngineOverloadedError` with a retry hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from inferd.engine import core_process as cp
+from inferd.engine.config import EngineConfig
+from inferd.engine.output_processor import OutputProcessor
+from inferd.engine.outputs import RequestOutput
+from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
+from inferd.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process is gone; nothing can be generated until a restart."""
+
+
+class EngineOverloadedError(RuntimeError):
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestAbortedError(RuntimeError):
+    """The server ended the request (shutdown) before it finished."""
+
+
+class RequestRejectedError(ValueError):
+    """The core refused the request for a reason not tied to one parameter."""
+
+
+@dataclass
+class RequestMetrics:
+    """Timings of one request (monotonic seconds), handed to `on_request_done`."""
+
+    arrival: float
+    num_prompt_tokens: int
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+    num_generation_tokens: int = 0
+    inter_token: list[float] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def add_tokens(self, now: float, count: int) -> None:
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.inter_token.append(now - self.last_token)
+        self.last_token = now
+        self.num_generation_tokens += count
+
+
+class _Stream:
+    def __init__(self, n: int, metrics: RequestMetrics):
+        self.n = n
+        self.metrics = metrics
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.event = asyncio.Event()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.text = [""] * self.n
+        self.ids: list[list[int]] = [[] for _ in range(self.n)]
+        self.lps: list[list] = [[] for _ in range(self.n)]
+
+    def put(self, out: RequestOutput) -> None:
+        self.latest = out
+        for i, o in enumerate(out.outputs):
+            self.text[i] += o.text_delta
+            self.ids[i] += o.token_ids_delta
+            self.lps[i] += o.logprobs_delta
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def get(self) -> RequestOutput:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        self.event.clear()
+        out = self.latest
+        outputs = [dataclasses.replace(o, text_delta=self.text[i], token_ids_delta=self.ids[i],
+                                       logprobs_delta=self.lps[i]) for i, o in enumerate(out.outputs)]
+        self._reset()
+        return dataclasses.replace(out, outputs=outputs)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, *, max_waiting_requests: int = 256,
+                 on_request_done: Callable[[RequestMetrics], None] | None = None):
+        self.config = config
+        self.max_waiting_requests = max_waiting_requests
+        self.on_request_done = on_request_done
+        self.info: cp.Ready | None = None  # model facts from the core, once started
+        self.tokenizer: Tokenizer | None = None
+        self.stats = cp.Stats()
+        self.dead_reason: str | None = None
+        self._draining = False
+        self._closing = False
+        self._streams: dict[str, _Stream] = {}
+        self._encoder = msgspec.msgpack.Encoder()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._push = self._pull = self._ctx = self._actx = self._tmpdir = self._out_task = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 900.0) -> cp.Ready:
+        """Spawn the core and wait until it has loaded the model."""
+        self._loop = asyncio.get_running_loop()
+        self._tmpdir = tempfile.mkdtemp(prefix="inferd-")
+        to_core, from_core = f"ipc://{self._tmpdir}/in", f"ipc://{self._tmpdir}/out"
+        # sends are sync and NOBLOCK (no high-water mark: they fail only without a peer);
+        # receives are awaited on the event loop
+        self._ctx, self._actx = zmq.Context(), zmq.asyncio.Context()
+        self._push, self._pull = self._ctx.socket(zmq.PUSH), self._actx.socket(zmq.PULL)
+        self._push.sndhwm = self._push.linger = self._pull.linger = 0
+        self._push.bind(to_core)
+        self._pull.bind(from_core)
+        self._decoder = msgspec.msgpack.Decoder(cp.FromCore)
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=cp.run_core, name="inferd-engine-core", daemon=True,
+            args=(self.config, to_core, from_core, os.getpid(), logging.getLogger().getEffectiveLevel()))
+        self._proc.start()
+        self._exited = asyncio.Event()
+        threading.Thread(target=self._watch, args=(self._proc,), daemon=True,
+                         name="inferd-engine-watch").start()
+        try:
+            self.info = ready = await self._wait_ready(timeout)
+        except BaseException:
+            await self.shutdown()
+            raise
+        self.tokenizer = Tokenizer(ready.tokenizer)
+        self._processor = OutputProcessor(self.tokenizer)
+        self.stats = cp.Stats(num_free_blocks=ready.num_blocks, num_blocks=ready.num_blocks)
+        self._out_task = asyncio.create_task(self._output_loop(), name="inferd-engine-outputs")
+        return self.info
+
+    async def _wait_ready(self, timeout: float) -> cp.Ready:
+        deadline = time.monotonic() + timeout
+        while not await self._pull.poll(200):
+            if self._exited.is_set():
+                raise RuntimeError(f"engine core exited during startup (exit code {self._proc.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine core did not start within {timeout:.0f}s")
+        msg = self._decoder.decode(await self._pull.recv())
+        if isinstance(msg, cp.StartupFailed):
+            raise ValueError(f"engine core failed to start: {msg.error}")
+        assert isinstance(msg, cp.Ready), msg
+        return msg
+
+    def _watch(self, proc) -> None:
+        # only wait on the sentinel here: reaping (exitcode) stays on the loop thread
+        multiprocessing.connection.wait([proc.sentinel])
+        try:
+            self._loop.call_soon_threadsafe(self._on_core_exit)
+        except RuntimeError:
+            pass  # the event loop is already closed: we are exiting anyway
+
+    def _on_core_exit(self) -> None:
+        self._exited.set()
+        if not self._closing:
+            self._mark_dead("the engine core process exited unexpectedly "
+                            f"(exit code {self._proc.exitcode})")
+
+    def _mark_dead(self, reason: str) -> None:
+        if self.dead_reason is None:
+            log.error("engine is dead: %s", reason)
+            self.dead_reason = reason
+        self._fail_all(EngineDeadError(self.dead_reason))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            self._forget(rid, "abort")
+            stream.fail(error)
+
+    @property
+    def is_healthy(self) -> bool:
+        return (self.info is not None and self.dead_reason is None
+                and not self._draining and not self._closing)
+
+    @property
+    def num_requests(self) -> int:
+        """Core requests (samples) in flight."""
+        return sum(s.n for s in self._streams.values())
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, give those in flight `timeout` s, then abort them."""
+        self._draining = True
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._streams:
+            log.warning("aborting %d request(s) still running at shutdown", len(self._streams))
+            self._fail_all(RequestAbortedError("the server is shutting down; the request was aborted"))
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the core process (politely, then by force) and release the sockets."""
+        if self._closing:
+            return
+        self._closing = True
+        self._fail_all(RequestAbortedError("the server is shutting down; the request was aborted"))
+        proc = self._proc
+        if proc is not None and not self._exited.is_set():
+            self._send(cp.Shutdown())
+            if not await self._wait_exit(timeout):
+                log.warning("engine core did not stop in %.0fs; terminating it", timeout)
+                proc.terminate()
+                if not await self._wait_exit(2.0):
+                    proc.kill()
+                    await self._wait_exit(2.0)
+            proc.join(0)  # reap it
+        if self._out_task is not None:
+            self._out_task.cancel()
+        for closable in (self._push, self._pull):
+            if closable is not None:
+                closable.close(linger=0)
+        for ctx in (self._ctx, self._actx):
+            if ctx is not None:
+                ctx.term()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _wait_exit(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _send(self, msg) -> bool:
+        try:
+            self._push.send(self._encoder.encode(msg), zmq.NOBLOCK)
+            return True
+        except (zmq.Again, zmq.ZMQError):
+            return False
+
+    def check_accepting(self, n: int = 1) -> None:
+        """Raise the error a new request for `n` samples would get now, if any."""
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        if self._draining or self._closing or self.info is None:
+            raise RequestAbortedError("the server is shutting down; no new requests are accepted")
+        limit = self.info.max_num_seqs + self.max_waiting_requests
+        if self.num_requests + n > limit:
+            retry = max(1, min(30, round(self.stats.waiting / max(1, self.info.max_num_seqs))))
+            raise EngineOverloadedError(
+                f"the server is overloaded ({self.num_requests} requests in flight, limit {limit}); "
+                "retry later", retry)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes."""
+        self.check_accepting(params.n)
+        metrics = RequestMetrics(time.monotonic(), len(prompt_ids))
+        children = self._processor.add_request(request_id, prompt_text, list(prompt_ids), params)
+        stream = self._streams[request_id] = _Stream(params.n, metrics)
+        if not self._send(cp.AddRequest(request_id, list(prompt_ids), children)):
+            self._forget(request_id, None)
+            self._mark_dead("the engine core process is not reachable")
+            raise EngineDeadError(self.dead_reason)
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: the core frees its KV blocks; its stream ends."""
+        self._forget(request_id, "abort")
+
+    def _forget(self, request_id: str, reason: str | None) -> _Stream | None:
+        """Drop a request here and in the core; `reason` set: report it as finished."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return None
+        cids = self._processor.child_ids(request_id)
+        if self.dead_reason is None and cids:
+            self._send(cp.Abort(cids))
+        self._processor.abort(request_id)
+        if reason is not None:
+            stream.metrics.finish_reasons = [reason] * stream.n
+            self._request_done(stream.metrics)
+        return stream
+
+    def _request_done(self, m: RequestMetrics) -> None:
+        m.finished = time.monotonic()
+        if self.on_request_done is not None:
+            try:
+                self.on_request_done(m)
+            except Exception:  # noqa: BLE001 - metrics must never break a request
+                log.exception("on_request_done failed")
+
+    # -- the output loop ------------------------------------------------------------------
+
+    async def _output_loop(self) -> None:
+        try:
+            while True:
+                msg = self._decoder.decode(await self._pull.recv())
+                if isinstance(msg, cp.Outputs):
+                    self.stats = msg.stats
+                    self._on_outputs(msg)
+                elif isinstance(msg, cp.Stats):
+                    self.stats = msg
+                elif isinstance(msg, cp.Rejected):
+                    self._on_rejected(msg)
+                elif isinstance(msg, cp.Fatal):
+                    self._mark_dead(f"the engine core failed: {msg.error.strip().splitlines()[-1]}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken loop would hang every request
+            log.exception("engine output loop failed")
+            self._mark_dead(f"the engine output loop failed: {e}")
+            if self._proc is not None and not self._exited.is_set():
+                self._proc.kill()
+
+    def _on_outputs(self, msg: cp.Outputs) -> None:
+        now = time.monotonic()
+        for rid, t in msg.scheduled:
+            stream = self._streams.get(rid)
+            if stream is not None and stream.metrics.scheduled is None:
+                stream.metrics.scheduled = t
+        outputs, to_abort = self._processor.process(msg.outputs)
+        if to_abort:
+            self._send(cp.Abort(to_abort))
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            new_tokens = sum(len(o.token_ids_delta) for o in out.outputs)
+            if new_tokens:
+                stream.metrics.add_tokens(now, new_tokens)
+            if out.finished:
+                del self._streams[out.request_id]
+                stream.metrics.finish_reasons = [o.finish_reason or "abort" for o in out.outputs]
+                self._request_done(stream.metrics)
+            stream.put(out)
+
+    def _on_rejected(self, msg: cp.Rejected) -> None:
+        stream = self._forget(msg.request_id, None)
+        if stream is not None:
+            stream.fail(InvalidParameterError(msg.param, msg.message) if msg.param
+                        else RequestRejectedError(msg.message))
