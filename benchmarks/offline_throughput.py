@@ -26,7 +26,8 @@ def run_inferd(args, prompts) -> dict:
     from inferd import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, progress=False, max_num_seqs=args.max_num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, progress=False, max_num_seqs=args.max_num_seqs,
+              num_threads=args.threads)
     load_s = time.perf_counter() - t0
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4))  # warm-up
