@@ -26,6 +26,17 @@ API_KEY = "test-key"
 MODEL = "tiny"
 ROOT = Path(__file__).resolve().parents[2]
 
+def wait_for(predicate, timeout: float = 10.0):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tests.api.conftest import MODEL
+from tests.api.conftest import MODEL, wait_for
 
 WORDS = ["fox", "blocks", "batching", "Köln", "emoji 🙂", "def main():", "1234567890", "keys"]
 
@@ -58,16 +58,6 @@ def test_64_concurrent_streams_equal_their_non_streamed_text(server):
     assert m["inferd:num_requests_running"] == 0
 
 
-def _wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(server):
     m = server.metrics()
     total = m["inferd:kv_cache_total_blocks"]
@@ -86,7 +76,7 @@ def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(server):
             assert in_use["inferd:kv_cache_free_blocks"] < total
             assert in_use["inferd:num_requests_running"] == 4
         # leaving the block closes the connection mid-stream
-    after = _wait_for(lambda: (m := server.metrics())["inferd:kv_cache_free_blocks"] == total and m)
+    after = wait_for(lambda: (m := server.metrics())["inferd:kv_cache_free_blocks"] == total and m)
     assert after["inferd:num_requests_running"] == 0 and after["inferd:kv_cache_usage_perc"] == 0
     assert after["inferd:request_success_total{abort}"] == aborted_before + 4
     assert after.get("inferd:request_success_total{length}", 0) == m.get("inferd:request_success_total{length}", 0)
@@ -99,6 +89,6 @@ def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
         httpx.post(server.url + "/v1/completions", headers=server.headers, json=body, timeout=0.3)
     except httpx.ReadTimeout:
         pass
-    after = _wait_for(lambda: (m := server.metrics())["inferd:num_requests_running"] == 0 and m)
+    after = wait_for(lambda: (m := server.metrics())["inferd:num_requests_running"] == 0 and m)
     assert after["inferd:kv_cache_free_blocks"] == after["inferd:kv_cache_total_blocks"]
     assert after["inferd:request_success_total{abort}"] == before + 4

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import MODEL, ServerProc
+from tests.api.conftest import MODEL, ServerProc, wait_for
 
 SHUTDOWN_TIMEOUT = 1.5
 LONG = {"model": MODEL, "prompt": "hi", "max_tokens": 4000, "ignore_eos": True, "stream": True}
@@ -43,16 +43,6 @@ def busy(servers):
 @pytest.fixture(scope="module")
 def doomed(servers):
     return servers[1]
-
-
-def _wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 class StreamReader(threading.Thread):
@@ -88,7 +78,7 @@ def test_overload_is_503_with_retry_after(busy):
                         pass
 
             holders = [asyncio.create_task(hold()) for _ in range(3)]  # 2 running + 1 waiting: full
-            await asyncio.to_thread(_wait_for, lambda: (m := busy.metrics())["inferd:num_requests_running"] == 2
+            await asyncio.to_thread(wait_for, lambda: (m := busy.metrics())["inferd:num_requests_running"] == 2
                                     and m["inferd:num_requests_waiting"] == 1)
             rejected = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
             for t in holders:
@@ -100,7 +90,7 @@ def test_overload_is_503_with_retry_after(busy):
     assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
     assert 1 <= int(r.headers["retry-after"]) <= 30
     # the held streams were dropped by their client: their blocks come back and new work is accepted
-    _wait_for(lambda: (m := busy.metrics())["inferd:kv_cache_free_blocks"] == m["inferd:kv_cache_total_blocks"])
+    wait_for(lambda: (m := busy.metrics())["inferd:kv_cache_free_blocks"] == m["inferd:kv_cache_total_blocks"])
     ok = busy.client().completions.create(model=MODEL, prompt="hi", max_tokens=2)
     assert ok.usage.completion_tokens == 2
 
@@ -118,7 +108,7 @@ def test_engine_death_gives_503_and_requests_fail_fast(doomed):
     last = reader.events[-1]
     assert last != "[DONE]" and last["error"]["code"] == "engine_unavailable"
 
-    health = _wait_for(lambda: (r := httpx.get(doomed.url + "/health")).status_code == 503 and r)
+    health = wait_for(lambda: (r := httpx.get(doomed.url + "/health")).status_code == 503 and r)
     assert "exit code" in health.json()["reason"]
     client = doomed.client()
     t0 = time.monotonic()
