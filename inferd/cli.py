@@ -1,4 +1,4 @@
-"""Command line: `inferd serve | generate`.
+"""Command line: `inferd serve | generate | bench`.
 
 Engine options are shared by every command that loads a model, so `serve` and
 `generate` accept the same flags with the same meaning.
@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of shared prompt prefixes (default: on)")
 
 
 def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
@@ -32,7 +34,8 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         model=model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
         gpu_memory_fraction=args.gpu_memory_fraction, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, num_threads=args.num_threads)
+        max_model_len=args.max_model_len, num_threads=args.num_threads,
+        enable_prefix_caching=args.enable_prefix_caching)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -90,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight requests get to finish on SIGTERM")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    from inferd.bench.cli import add_bench_parser
+    add_bench_parser(sub)  # inferd bench throughput | serve
     return parser
 
 

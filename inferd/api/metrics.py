@@ -55,8 +55,13 @@ class Metrics:
                                          m, registry=r).labels(model_name)
         self._success = Counter("inferd:request_success", "Finished requests (samples) by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
+        self.prefix_queries = Counter("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      m, registry=r).labels(model_name)
+        self.prefix_hits = Counter("inferd:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                                   m, registry=r).labels(model_name)
         self._model_name = model_name
-        self._preemptions_seen = 0
+        # the core reports totals since start; counters advance by the difference
+        self._totals_seen: dict[str, int] = {}
 
     def observe(self, m: RequestMetrics) -> None:
         if m.first_token is not None:
@@ -79,9 +84,14 @@ class Metrics:
         self.kv_free.set(stats.num_free_blocks)
         self.kv_total.set(stats.num_blocks)
         self.healthy.set(1 if healthy else 0)
-        if stats.num_preemptions > self._preemptions_seen:
-            self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
-            self._preemptions_seen = stats.num_preemptions
+        for name, counter in (("num_preemptions", self.preemptions),
+                              ("prefix_cache_queries", self.prefix_queries),
+                              ("prefix_cache_hits", self.prefix_hits)):
+            total = getattr(stats, name)
+            seen = self._totals_seen.get(name, 0)
+            if total > seen:
+                counter.inc(total - seen)
+                self._totals_seen[name] = total
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

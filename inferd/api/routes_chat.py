@@ -107,7 +107,8 @@ class _ChatView:
             choices.append(choice)
         out = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                "choices": choices,
-               "usage": usage(self.num_prompt_tokens, sum(len(o.token_ids) for o in final.outputs))}
+               "usage": usage(self.num_prompt_tokens, sum(len(o.token_ids) for o in final.outputs),
+                              final.num_cached_tokens)}
         if self.body.prompt_logprobs is not None and final.prompt_logprobs is not None:
             out["prompt_logprobs"] = [
                 None if d is None else {str(t): {"logprob": v.logprob, "rank": v.rank,
@@ -125,7 +126,7 @@ class _ChatView:
     async def stream(self, streams, firsts):
         body = self.body
         finished: set[int] = set()
-        completion_tokens = 0
+        completion_tokens = cached_tokens = 0
         try:
             yield sse(self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None} for i in range(body.n)]))
@@ -146,10 +147,11 @@ class _ChatView:
                                     "stop_reason": o.stop_reason if finish else None})
                 if out.finished:
                     completion_tokens = sum(len(o.token_ids) for o in out.outputs)
+                    cached_tokens = out.num_cached_tokens
                 if choices:
                     yield sse(self.chunk(choices))
             if body.include_usage:
-                yield sse(self.chunk([], usage(self.num_prompt_tokens, completion_tokens)))
+                yield sse(self.chunk([], usage(self.num_prompt_tokens, completion_tokens, cached_tokens)))
             yield SSE_DONE
         except asyncio.CancelledError:
             raise

@@ -112,9 +112,10 @@ class _View:
 
     def response(self, finals: list[RequestOutput]) -> dict:
         body, choices = self.body, []
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         for i, final in enumerate(finals):
             prompt_tokens += len(self.prompts[i][1])
+            cached_tokens += final.num_cached_tokens
             echo = self.prompt_text(i) if body.echo else ""
             for o in final.outputs:
                 completion_tokens += len(o.token_ids)
@@ -128,7 +129,7 @@ class _View:
                     choice["prompt_logprobs"] = self._prompt_logprobs_field(final)
                 choices.append(choice)
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+                "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     def chunk(self, choices: list[dict], with_usage: dict | None = None) -> dict:
         out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -143,6 +144,7 @@ class _View:
         finished: set[int] = set()
         offsets: dict[int, int] = {}
         completion_tokens = [0] * len(self.prompts)
+        cached_tokens = [0] * len(self.prompts)
         try:
             async for i, out in merge(streams, firsts):
                 choices = []
@@ -172,11 +174,12 @@ class _View:
                     choices.append(choice)
                 if out.finished:
                     completion_tokens[i] = sum(len(o.token_ids) for o in out.outputs)
+                    cached_tokens[i] = out.num_cached_tokens
                 if choices:
                     yield sse(self.chunk(choices))
             if body.include_usage:
                 prompt_tokens = sum(len(ids) for _, ids in self.prompts)
-                yield sse(self.chunk([], usage(prompt_tokens, sum(completion_tokens))))
+                yield sse(self.chunk([], usage(prompt_tokens, sum(completion_tokens), sum(cached_tokens))))
             yield SSE_DONE
         except asyncio.CancelledError:
             raise

@@ -45,6 +45,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     num_threads: int | None = None
+    enable_prefix_caching: bool = True
     progress: bool = True
 
     def __post_init__(self):

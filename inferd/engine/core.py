@@ -48,7 +48,7 @@ class EngineCore:
             for _ in range(mc.num_layers)]
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings, num_blocks * config.block_size)
-        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,

@@ -80,6 +80,8 @@ class Stats(msgspec.Struct, tag="stats", array_like=True):
     num_free_blocks: int = 0
     num_blocks: int = 0
     num_preemptions: int = 0  # since start
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0     # of those, served from it
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):
@@ -162,7 +164,7 @@ class _CoreLoop:
     def stats(self) -> Stats:
         s, kv = self.core.scheduler, self.core.kv
         return Stats(len(s.running), len(s.waiting), kv.usage, kv.num_free_blocks, kv.num_blocks,
-                     s.num_preemptions)
+                     s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
 
     def run(self, spec: TokenizerSpec, source: str) -> None:
         core = self.core

@@ -99,6 +99,8 @@ class OutputProcessor:
             parent = sample.parent
             if co.new_prompt_logprobs:
                 self._add_prompt_logprobs(parent, co.new_prompt_logprobs)
+            if sample.out.index == 0:  # the prompt is counted once, whatever n is
+                parent.output.num_cached_tokens = co.num_cached_tokens
             if self._update_sample(sample, co):
                 to_abort.append(co.request_id)
             if sample.out.finished:

@@ -46,6 +46,11 @@ class Request:
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        # prefix caching: chained hashes of full blocks, how many of the block table
+        # are registered in the cache, and prompt tokens served from it
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.finish_reason: str | None = None

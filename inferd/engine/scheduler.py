@@ -52,6 +52,7 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -122,8 +123,12 @@ class Scheduler:
             if preempted:
                 break  # the pool is short this step; admitting more would thrash
             req = self.waiting[0]
+            if req.num_computed_tokens == 0:
+                self.kv.attach_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate(req, n):
+                self.kv.free(req)  # let go of any cached prefix while it waits
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -147,7 +152,9 @@ class Scheduler:
             if req.status is RequestStatus.FINISHED:
                 continue  # aborted while the step ran
             req.num_computed_tokens += out.num_new_tokens[req.request_id]
-            core_out = EngineCoreOutput(req.request_id, [], num_prompt_tokens=req.num_prompt_tokens)
+            self.kv.cache_full_blocks(req)
+            core_out = EngineCoreOutput(req.request_id, [], num_prompt_tokens=req.num_prompt_tokens,
+                                        num_cached_tokens=req.num_cached_tokens)
             plp = result.prompt_logprobs.get(req.request_id)
             if plp:
                 req.num_prompt_logprobs_done += len(plp)

@@ -8,12 +8,13 @@ from inferd.engine.sampling_params import SamplingParams
 from inferd.engine.scheduler import Scheduler, SchedulerConfig, StepResult
 
 
-def _sched(blocks=100, block_size=4, max_seqs=8, budget=32):
-    return Scheduler(SchedulerConfig(max_seqs, budget, 10_000), KVCacheManager(blocks, block_size))
+def _sched(blocks=100, block_size=4, max_seqs=8, budget=32, prefix_caching=True):
+    return Scheduler(SchedulerConfig(max_seqs, budget, 10_000),
+                     KVCacheManager(blocks, block_size, prefix_caching))
 
 
-def _add(s, rid, n_prompt, max_tokens=100):
-    s.add(Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens)))
+def _add(s, rid, n_prompt, max_tokens=100, first=1):
+    s.add(Request(rid, list(range(first, first + n_prompt)), SamplingParams(max_tokens=max_tokens)))
 
 
 def _run_step(s):
@@ -47,7 +48,7 @@ def test_running_limit_is_respected():
 
 
 def test_newest_request_is_preempted_when_blocks_run_out_and_recomputed_later():
-    s = _sched(blocks=4, block_size=4, budget=64)
+    s = _sched(blocks=4, block_size=4, budget=64, prefix_caching=False)
     _add(s, "old", 8)
     _add(s, "new", 8)
     _run_step(s)                       # both prompts fit: 4 blocks used, each has 9 tokens now
@@ -73,3 +74,28 @@ def test_blocks_match_tokens_and_all_return_on_finish():
         owned = [b for r in s.running for b in r.block_ids]
         assert len(owned) == len(set(owned))
     assert s.kv.num_free_blocks == 50
+
+
+def test_a_preempted_request_recomputes_only_what_was_evicted():
+    s = _sched(blocks=4, block_size=4, budget=64)
+    _add(s, "old", 8)
+    _add(s, "new", 8, first=100)
+    _run_step(s)
+    out = _run_step(s)                 # "old" takes one of "new"'s freed blocks: its tail
+    assert out.preempted == ["new"]
+    s.abort("old")
+    out = _run_step(s)
+    assert s.requests["new"].num_computed_tokens == 9
+    assert out.num_new_tokens == {"new": 5}            # the first block came from the cache
+
+
+def test_shared_prefix_is_computed_once_and_reported_as_cached():
+    s = _sched(blocks=20, block_size=4, budget=64)
+    _add(s, "a", 10)
+    _run_step(s)
+    _add(s, "b", 10)                   # same 10-token prompt: two full blocks are cached
+    out = _run_step(s)
+    assert out.num_new_tokens == {"a": 1, "b": 2}
+    b = s.requests["b"]
+    assert b.num_cached_tokens == 8 and b.block_ids[:2] == s.requests["a"].block_ids[:2]
+    assert s.kv.prefix_hits == 8 and s.kv.prefix_queries == 20
