@@ -20,8 +20,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import StreamingResponse
 
 from inferd.api.errors import APIError, api_error
-from inferd.api.protocol import (SSE_DONE, SSE_HEADERS, ChatCompletionRequest, cancel_on_disconnect,
-                                 final_outputs, first_outputs, json_response, merge, sse, state, usage)
+from inferd.api.protocol import (SSE_DONE, SSE_HEADERS, ChatCompletionRequest, ChatMessage,
+                                 cancel_on_disconnect, final_outputs, first_outputs, json_response, merge,
+                                 sse, state, usage)
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 
@@ -37,7 +38,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise APIError(400, "tools are not supported by this server", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
-    prompt_ids = _encode(engine.tokenizer, body)
+    prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs)
@@ -52,9 +53,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                              headers=SSE_HEADERS)
 
 
-def _encode(tok: Tokenizer, body: ChatCompletionRequest) -> list[int]:
+def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """Render chat messages with the model's template and tokenize them (text parts only)."""
     messages = []
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(chat):
         content = m.content
         if isinstance(content, list):
             texts = []
@@ -69,7 +71,7 @@ def _encode(tok: Tokenizer, body: ChatCompletionRequest) -> list[int]:
             msg["name"] = m.name
         messages.append(msg)
     try:
-        return tok.encode_chat(messages, add_generation_prompt=body.add_generation_prompt)
+        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt)
     except ChatTemplateError:
         raise
     except (jinja2.TemplateError, TypeError, ValueError) as e:

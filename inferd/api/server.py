@@ -31,7 +31,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from inferd import __version__
-from inferd.api import routes_chat, routes_completions
+from inferd.api import routes_chat, routes_completions, routes_tokenize
 from inferd.api.errors import APIError, install_error_handlers
 from inferd.api.metrics import Metrics
 from inferd.api.protocol import ServerState, json_response, state
@@ -93,6 +93,7 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
     install_error_handlers(app)
     app.include_router(routes_completions.router)
     app.include_router(routes_chat.router)
+    app.include_router(routes_tokenize.router)
     app.add_middleware(RequestContextMiddleware, api_key=api_key)
 
     @app.get("/health")
