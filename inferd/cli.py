@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8 weight copies for small batches (lossy: see docs/benchmarks.md)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prompt prefixes (default: on)")
 
@@ -35,7 +37,7 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         gpu_memory_fraction=args.gpu_memory_fraction, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads,
-        enable_prefix_caching=args.enable_prefix_caching)
+        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

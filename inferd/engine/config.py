@@ -46,6 +46,7 @@ class EngineConfig:
     max_model_len: int | None = None
     num_threads: int | None = None
     enable_prefix_caching: bool = True
+    quantization: str | None = None     # None | "int8": int8 weight copies for small batches
     progress: bool = True
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization: {self.quantization!r} is not one of none, int8")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
 

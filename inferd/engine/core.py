@@ -33,6 +33,8 @@ class EngineCore:
         self.dtype = config.torch_dtype(self.device)
         t0 = time.perf_counter()
         self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
+        if config.quantization == "int8":
+            self._quantize_int8()
         log.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, self.device, self.dtype)
         self.eos_token_ids = frozenset(eos_token_ids)
 
@@ -53,6 +55,14 @@ class EngineCore:
                                                    self.max_model_len), self.kv)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
                                   TorchAttentionBackend(), self.device)
+
+    def _quantize_int8(self) -> None:
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            raise ValueError("quantization: int8 needs the CPU and dtype bfloat16")
+        from inferd.layers.linear import Linear
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module.quantize_int8()
 
     def _kv_budget(self) -> int:
         if self.device.type == "cuda":
