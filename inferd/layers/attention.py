@@ -48,7 +48,7 @@ class AttentionBackend:
 class _Group:
     """Requests attended together: all single-token decodes, or the rest (padded)."""
 
-    rows: torch.Tensor            # [b] request indices into the block tables
+    tables: torch.Tensor          # [b, max_blocks] these requests' block tables
     query_index: torch.Tensor     # [b, max_q] flat-batch token index (padding repeats a valid one)
     query_valid: torch.Tensor     # [b, max_q] bool
     out_index: torch.Tensor       # [n] flat-batch index of each valid query, in order
@@ -69,18 +69,19 @@ class TorchAttentionBackend(AttentionBackend):
         groups = []
         for rows in (decode.nonzero().flatten(), (~decode).nonzero().flatten()):
             if len(rows):
-                groups.append(self._group(rows, qlens[rows], slens[rows], starts[rows], device))
+                groups.append(self._group(meta.block_tables[rows.to(meta.block_tables.device)],
+                                          qlens[rows], slens[rows], starts[rows], device))
         meta.prepared = groups
 
     @staticmethod
-    def _group(rows, qlens, slens, starts, device) -> _Group:
+    def _group(tables, qlens, slens, starts, device) -> _Group:
         max_q, ctx = int(qlens.max()), int(slens.max())
         qi = torch.arange(max_q)
         valid = qi[None, :] < qlens[:, None]
         index = torch.where(valid, starts[:, None] + qi[None, :], starts[:, None])
         q_pos = (slens - qlens)[:, None] + qi[None, :]      # absolute position of each query
         mask = torch.arange(ctx)[None, None, :] <= q_pos[:, :, None]
-        return _Group(rows.to(device), index.to(device), valid.to(device), index[valid].to(device),
+        return _Group(tables, index.to(device), valid.to(device), index[valid].to(device),
                       mask[:, None].to(device), ctx, max_q == 1)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
@@ -93,7 +94,7 @@ class TorchAttentionBackend(AttentionBackend):
         groups: list[_Group] = meta.prepared
         out = q.new_empty(q.shape[0], q.shape[1] * dim) if len(groups) > 1 else None
         for g in groups:
-            tables = meta.block_tables[g.rows]
+            tables = g.tables
             b = tables.shape[0]
             keys = k_cache[tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
             values = v_cache[tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)

@@ -12,7 +12,7 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # one fused kernel for the fp32 normalization (the same arithmetic as HF's
+        # pow/mean/rsqrt sequence), then the cast and the weight, as HF applies them
+        h = torch.nn.functional.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * h.to(x.dtype)

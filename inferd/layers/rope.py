@@ -3,7 +3,8 @@
 Frequencies follow the model's `rope_scaling`: none, `linear`, or `llama3` (the
 smooth low/high-frequency blend Llama 3.1+ uses). cos/sin tables are built once for
 the model's context length and indexed by absolute position, so a chunk of a
-prompt, a decode token and a recomputed request all rotate the same way.
+prompt, a decode token and a recomputed request all rotate the same way. Each
+step looks its positions up once (`tables`) and every layer reuses the result.
 """
 
 from __future__ import annotations
@@ -48,13 +49,13 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, KVH, D]; returns rotated copies."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for a step's positions, [T, 1, D/2]; built once and shared by all layers."""
+        return (self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate x: [T, heads, D] by the step's tables (rotate-half form)."""
+    cos, sin = tables
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -13,7 +13,7 @@ from torch import nn
 from inferd.layers.attention import AttentionBackend, AttentionMetadata
 from inferd.layers.linear import Embedding, Linear
 from inferd.layers.norm import RMSNorm
-from inferd.layers.rope import RotaryEmbedding
+from inferd.layers.rope import RotaryEmbedding, apply_rope
 from inferd.models.config import ModelConfig
 
 
@@ -30,7 +30,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device) if cfg.qk_norm else None
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, positions, rope: RotaryEmbedding, kv_cache, meta, backend: AttentionBackend):
+    def forward(self, x, rope_tables, kv_cache, meta, backend: AttentionBackend):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.n_heads, self.head_dim)
@@ -38,7 +38,7 @@ class Attention(nn.Module):
         v = v.view(t, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, rope_tables), apply_rope(k, rope_tables)
         return self.o_proj(backend.forward(q, k, v, kv_cache, meta, self.scale))
 
 
@@ -84,8 +84,9 @@ class LlamaForCausalLM(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:
         """Returns final hidden states [T, hidden] for the flat batch."""
         h = self.embed_tokens(input_ids)
+        rope_tables = self.rope.tables(positions, h.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            h = h + layer.self_attn(layer.input_layernorm(h), positions, self.rope, cache, meta, backend)
+            h = h + layer.self_attn(layer.input_layernorm(h), rope_tables, cache, meta, backend)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 
