@@ -148,7 +148,7 @@ def format_report(m: dict, title: str = "Serving Benchmark Result") -> str:
         lines.append(f" {name} ".center(w, "-"))
         short = key.split("_")[0].upper()
         for stat, value in m[key].items():
-            if stat == "std":
+            if stat in ("std", "p50"):  # p50 is the median
                 continue
             label = stat.capitalize() if stat in ("mean", "median") else stat.upper()
             row(f"{label} {short} (ms):", value)

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import logging
 import random
 import sys
 import time
@@ -190,10 +191,6 @@ def server_models(base_url: str, api_key: str | None) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        import httpx  # noqa: F401
-    except ImportError:
-        raise ValueError("inferd bench serve needs httpx: pip install httpx") from None
     if args.endpoint not in ENDPOINTS:
         raise ValueError(f"--endpoint: one of {', '.join(ENDPOINTS)}")
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
@@ -202,6 +199,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--max-concurrency must be at least 1")
     if not args.request_rate > 0:
         raise ValueError("--request-rate must be positive (inf: all at once)")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no log line per request
     slos = parse_goodput(args.goodput)
     extra = json.loads(args.extra_body) if args.extra_body else None
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)

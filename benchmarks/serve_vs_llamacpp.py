@@ -1,0 +1,357 @@
+"""Online serving: `inferd serve` vs llama.cpp's `llama-server`, same GGUF, same threads, same client.
+
+Each server runs alone on loopback, one after the other (never both at once), on
+the embedded SmolLM2-135M-Instruct Q4_1 GGUF, with the same number of threads.
+Against each, `inferd bench serve` (a separate client process) runs:
+
+- c1:      16 requests, concurrency 1,  ~150 prompt tokens, 64 output tokens (ignore_eos)
+- c16:     64 requests, concurrency 16, ~150 prompt tokens, 64 output tokens (ignore_eos)
+- prefill: 16 requests, concurrency 1,  ~512 prompt tokens, 1 output token: prompt tokens/s
+
+Prompts are random words (no prefix a prompt cache could reuse), the same for
+both servers (one seed per scenario). llama-server runs with `-np 16 -c 4096`
+(16 slots of 256 tokens, continuous batching); a 512-token prompt does not fit a
+256-token slot, so for the prefill scenario it is restarted with `-np 1 -c 1024`.
+inferd runs with its defaults (`--num-threads` set). Everything runs `--repeats`
+times (3), engines interleaved, each time on a freshly started server; per engine
+and scenario the median run by its headline number (output tokens/s, prompt
+tokens/s for prefill) is reported, with every run's headline number. Writes
+benchmarks/results/serve_vs_llamacpp.json, two PNG plots and the
+`serve_vs_llamacpp` section of docs/benchmarks.md.
+
+    benchmarks/peers/build_llama_cpp.sh            # once: builds benchmarks/peers/bin/llama-server
+    python benchmarks/serve_vs_llamacpp.py         # on an otherwise idle machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, ROOT, machine_info, save_json, write_doc_section  # noqa: E402
+
+LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "bin" / "llama-server"
+ENGINES = ("inferd", "llama.cpp")
+
+# name -> (num_prompts, max_concurrency, input_len, output_len, seed)
+SCENARIOS = {
+    "c1": (16, 1, 150, 64, 1001),
+    "c16": (64, 16, 150, 64, 1016),
+    "prefill": (16, 1, 512, 1, 1512),
+}
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on loopback, its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None):
+        self.name, self.cmd, self.port = name, cmd, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 180.0) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2, trust_env=False).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        output = self.output()
+        self.stop()
+        raise TimeoutError(f"{self.name} did not become healthy:\n{output[-3000:]}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def start_inferd(gguf: Path, threads: int) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", str(gguf),
+           "--port", str(port), "--num-threads", str(threads)]
+    return Server("inferd", cmd, port, {"OMP_NUM_THREADS": str(threads)}).wait_ready()
+
+
+def start_llama(binary: Path, gguf: Path, threads: int, slots: int, ctx: int) -> Server:
+    port = free_port()
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(slots), "-c", str(ctx), "-t", str(threads), "-tb", str(threads)]
+    return Server("llama.cpp", cmd, port).wait_ready()
+
+
+def bench(server: Server, scenario: str, endpoint: str, out_dir: Path) -> dict:
+    n, c, in_len, out_len, seed = SCENARIOS[scenario]
+    result = out_dir / f"{server.name}-{scenario}.json"
+    cmd = [sys.executable, "-m", "inferd.cli", "bench", "serve", "--base-url", server.url,
+           "--endpoint", endpoint, "--num-prompts", str(n), "--max-concurrency", str(c),
+           "--input-len", str(in_len), "--output-len", str(out_len), "--seed", str(seed),
+           "--result-json", str(result)]
+    print(f"\n## {server.name} {scenario}: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(result.read_text())
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
+
+
+def llama_version(binary: Path) -> str:
+    version_file = binary.parent / "VERSION"
+    sdist = version_file.read_text().splitlines()[0] if version_file.exists() else ""
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+        line = next((ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version")), "")
+    except (OSError, subprocess.TimeoutExpired):
+        line = ""
+    return ", ".join(x for x in (f"vendored in {sdist}" if sdist else "", line) if x) or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-server", default=str(LLAMA_SERVER))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of inferd,llama.cpp")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per engine (interleaved); the median run by headline number is reported")
+    ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    args = ap.parse_args()
+
+    from inferd.models.default_model import default_model_path
+    gguf = default_model_path()
+    binary = Path(args.llama_server)
+    engines = [e for e in args.engines.split(",") if e]
+    if "llama.cpp" in engines and not binary.is_file():
+        sys.exit(f"{binary} not found: build it with benchmarks/peers/build_llama_cpp.sh")
+
+    load_before = loadavg()
+    runs: dict[str, dict[str, list[dict]]] = {e: {sc: [] for sc in SCENARIOS} for e in engines}
+    server_cmds: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(tmp)
+        for rep in range(args.repeats):  # engines interleaved, each on a freshly started server
+            for engine in engines:
+                print(f"\n# repeat {rep + 1}/{args.repeats}: {engine}", flush=True)
+                if engine == "inferd":
+                    groups = [("inferd", lambda: start_inferd(gguf, args.threads), list(SCENARIOS))]
+                else:
+                    groups = [("llama.cpp", lambda: start_llama(binary, gguf, args.threads, 16, 16 * 256),
+                               ["c1", "c16"]),
+                              ("llama.cpp (prefill)", lambda: start_llama(binary, gguf, args.threads, 1, 1024),
+                               ["prefill"])]
+                for label, start, scenarios in groups:
+                    srv = start()
+                    server_cmds[label] = srv.cmd
+                    try:
+                        for sc in scenarios:
+                            runs[engine][sc].append(bench(srv, sc, args.endpoint, out_dir))
+                    finally:
+                        srv.stop()
+    # per engine and scenario, the median run by the scenario's headline number
+    results = {e: {sc: median_run(sc, rs) for sc, rs in by_sc.items()} for e, by_sc in runs.items()}
+    spread = {e: {sc: sorted(headline(sc, r) for r in rs) for sc, rs in by_sc.items()} for e, by_sc in runs.items()}
+
+    m = machine_info()
+    m["loadavg_before"], m["loadavg_after"] = load_before, loadavg()
+    data = {
+        "args": vars(args), "machine": m, "model": str(gguf.name),
+        "versions": {"inferd": m["inferd"], "torch": m["torch"], "llama.cpp": llama_version(binary)},
+        "scenarios": {k: dict(zip(("num_prompts", "max_concurrency", "input_len", "output_len", "seed"), v))
+                      for k, v in SCENARIOS.items()},
+        "server_commands": {k: _display(v) for k, v in server_cmds.items()},
+        "results": results,
+        "headline_all_runs": spread,
+        "ratios": ratios(results),
+    }
+    for engine in results:  # keep the JSON small: per-request timings (no ITL lists) only for c16
+        for sc, r in results[engine].items():
+            reqs = r.pop("requests", [])
+            if sc == "c16":
+                r["requests"] = [{k: round(q[k], 5) if isinstance(q[k], float) else q[k]
+                                  for k in ("success", "start", "prompt_len", "output_tokens", "ttft", "tpot", "e2el")}
+                                 for q in reqs]
+    save_json("serve_vs_llamacpp", data)
+    if len(results) == 2:
+        plot(results)
+        if not args.no_doc:
+            doc(data)
+    print(json.dumps(data["ratios"], indent=2))
+
+
+def _display(cmd: list[str]) -> list[str]:
+    """A server command as the docs show it: file names without directories, PORT for the port."""
+    out = [Path(x).name if "/" in x else x for x in cmd]
+    return [("PORT" if i and out[i - 1] == "--port" else x) for i, x in enumerate(out)]
+
+
+def _m(results, engine, sc):
+    return results[engine][sc]["metrics"]
+
+
+def prefill_tps(r: dict) -> float:
+    """Prompt tokens per second at concurrency 1: all prompt tokens / the sum of the TTFTs."""
+    x = r["metrics"]
+    return x["total_input_tokens"] / (x["ttft_ms"]["mean"] / 1000 * x["completed"])
+
+
+def headline(scenario: str, run: dict) -> float:
+    """Output tokens/s for c1 and c16, prompt tokens/s for prefill."""
+    return prefill_tps(run) if scenario == "prefill" else run["metrics"]["output_throughput"]
+
+
+def median_run(scenario: str, runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: headline(scenario, r))[(len(runs) - 1) // 2]
+
+
+def ratios(results: dict) -> dict:
+    if set(results) != set(ENGINES):
+        return {}
+    a, b = "inferd", "llama.cpp"
+    return {
+        "output_tok_s_c16": _m(results, a, "c16")["output_throughput"] / _m(results, b, "c16")["output_throughput"],
+        "output_tok_s_c1": _m(results, a, "c1")["output_throughput"] / _m(results, b, "c1")["output_throughput"],
+        "median_ttft_c1": _m(results, a, "c1")["ttft_ms"]["median"] / _m(results, b, "c1")["ttft_ms"]["median"],
+        "median_ttft_c16": _m(results, a, "c16")["ttft_ms"]["median"] / _m(results, b, "c16")["ttft_ms"]["median"],
+        "median_tpot_c1": _m(results, a, "c1")["tpot_ms"]["median"] / _m(results, b, "c1")["tpot_ms"]["median"],
+        "median_tpot_c16": _m(results, a, "c16")["tpot_ms"]["median"] / _m(results, b, "c16")["tpot_ms"]["median"],
+        "prefill_tok_s": prefill_tps(results[a]["prefill"]) / prefill_tps(results[b]["prefill"]),
+    }
+
+
+COLORS = {"inferd": "#2a7", "llama.cpp": "#c63"}
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for e in results:
+        ys = [_m(results, e, sc)["output_throughput"] for sc in ("c1", "c16")]
+        ax.plot([1, 16], ys, marker="o", label=e, color=COLORS[e])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 16], ["1", "16"])
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Serving throughput, SmolLM2-135M Q4_1, 2 threads", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "serve_vs_llamacpp_throughput.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 4, figsize=(11, 3.2))
+    stats = ("median", "p90", "p99")
+    width = 0.38
+    for ax, (metric, sc) in zip(axes, [("ttft_ms", "c1"), ("ttft_ms", "c16"), ("tpot_ms", "c1"), ("tpot_ms", "c16")]):
+        for i, e in enumerate(results):
+            vals = [_m(results, e, sc)[metric][s] for s in stats]
+            ax.bar([x + (i - 0.5) * width for x in range(len(stats))], vals, width, label=e, color=COLORS[e])
+        ax.set_xticks(range(len(stats)), stats)
+        ax.set_title(f"{metric.split('_')[0].upper()} (ms), concurrency {sc[1:]}", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "serve_vs_llamacpp_latency.png", dpi=100)
+    plt.close(fig)
+
+
+def doc(data: dict) -> None:
+    m, res, r, v = data["machine"], data["results"], data["ratios"], data["versions"]
+
+    def row(e, sc):
+        x = _m(res, e, sc)
+        return (f"| {e} | {sc[1:]} | {x['completed']} | {x['request_throughput']:.2f} | "
+                f"{x['output_throughput']:.1f} | {x['ttft_ms']['median']:.0f} | {x['ttft_ms']['p99']:.0f} | "
+                f"{x['tpot_ms']['median']:.1f} | {x['tpot_ms']['p99']:.1f} | {x['itl_ms']['median']:.1f} | "
+                f"{x['e2el_ms']['median']:.0f} |")
+
+    rows = "\n".join(row(e, sc) for sc in ("c1", "c16") for e in res)
+    pre = "\n".join(
+        f"| {e} | {res[e]['prefill']['metrics']['total_input_tokens'] / res[e]['prefill']['metrics']['completed']:.0f} | "
+        f"{res[e]['prefill']['metrics']['ttft_ms']['median']:.0f} | {prefill_tps(res[e]['prefill']):.0f} |"
+        for e in res)
+    spread = "; ".join(
+        f"{sc} {e}: " + ", ".join(f"{x:.0f}" for x in data["headline_all_runs"][e][sc])
+        for sc in ("c1", "c16", "prefill") for e in res)
+    cmds = "\n".join(f"    {k}: {' '.join(c)}" for k, c in data["server_commands"].items())
+    write_doc_section("serve_vs_llamacpp", f"""## Online serving vs llama.cpp (`llama-server`)
+
+`python benchmarks/serve_vs_llamacpp.py` — `inferd bench serve` (streaming, `{data['args']['endpoint']}`,
+random-word prompts, greedy, `ignore_eos`) against each server in turn, alone on
+loopback, same GGUF ({data['model']}), {data['args']['threads']} threads each. {m['date']}, {m['cpu']},
+{m['cores']} cores (the client shares them), load average before {m['loadavg_before']}.
+inferd {v['inferd']} (torch {v['torch']}), llama.cpp {v['llama.cpp']}
+(built by `benchmarks/peers/build_llama_cpp.sh`).
+
+{cmds}
+
+~150 prompt tokens, 64 output tokens; concurrency 1: 16 requests, concurrency 16: 64 requests.
+Latencies in ms (TTFT: time to first token; TPOT: per output token after the first; ITL:
+between streamed chunks; E2E: whole request).
+
+| server | concurrency | requests | req/s | output tok/s | TTFT median | TTFT P99 | TPOT median | TPOT P99 | ITL median | E2E median |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+Prefill: 16 requests of ~512 prompt tokens, 1 output token, concurrency 1
+(prompt tokens/s = prompt tokens / TTFT; llama-server's own log reports the same prompt
+speed for its runs, so the client's measurement is not what makes it slow).
+
+| server | prompt tokens | TTFT median (ms) | prompt tok/s |
+|---|---|---|---|
+{pre}
+
+inferd / llama.cpp: output tok/s at concurrency 16 **{r['output_tok_s_c16']:.2f}x**
+(at 1: {r['output_tok_s_c1']:.2f}x); median TTFT {r['median_ttft_c1']:.2f}x at concurrency 1,
+{r['median_ttft_c16']:.2f}x at 16; median TPOT at concurrency 1 **{r['median_tpot_c1']:.2f}x**
+({_m(res, 'inferd', 'c1')['tpot_ms']['median']:.1f} vs {_m(res, 'llama.cpp', 'c1')['tpot_ms']['median']:.1f} ms),
+at 16 {r['median_tpot_c16']:.2f}x; prefill tok/s **{r['prefill_tok_s']:.2f}x**.
+(Ratios of latencies above 1 mean inferd is slower.)
+
+Each number is from the median of {data['args']['repeats']} runs (engines interleaved, a fresh server
+each run), ranked by output tok/s (prefill: prompt tok/s); every run's value: {spread}.
+
+![serving throughput](../benchmarks/results/serve_vs_llamacpp_throughput.png)
+![serving latency](../benchmarks/results/serve_vs_llamacpp_latency.png)
+""")
+
+
+if __name__ == "__main__":
+    main()
