@@ -36,10 +36,6 @@ class SchedulerOutput:
     num_new_tokens: dict[str, int]       # request_id -> tokens to compute this step
     preempted: list[str] = field(default_factory=list)
 
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens.values())
-
 
 @dataclass
 class EngineCoreOutput:

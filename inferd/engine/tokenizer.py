@@ -50,9 +50,6 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
-
     @cached_property
     def special_token_ids(self) -> frozenset[int]:
         added = self._tok.get_added_tokens_decoder()
