@@ -107,7 +107,8 @@ class KVCacheManager:
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the request's blocks that became full of computed tokens."""
-        if not self.enable_prefix_caching:
+        # most steps (decode) complete no block: skip the hash list entirely
+        if not self.enable_prefix_caching or req.num_computed_tokens // self.block_size <= req.num_cached_blocks:
             return
         hashes = self._hashes(req, req.num_computed_tokens)
         for i in range(req.num_cached_blocks, len(hashes)):
