@@ -156,8 +156,20 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
 
 
+# Characters that str.splitlines() treats as line breaks although SSE does not
+# (U+0085, U+2028, U+2029). Models do emit them, and clients that read the
+# stream with splitlines-based readers (httpx's iter_lines among them) would cut
+# an event in two; JSON lets us write them escaped instead.
+_SPLITLINES_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"),
+                      (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def sse(obj: Any) -> bytes:
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+    data = msgspec.json.encode(obj)
+    for raw, escaped in _SPLITLINES_BREAKS:
+        if raw in data:  # UTF-8 is self-synchronizing: these bytes are only ever that character
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
