@@ -88,9 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--config", default=None,
+                       help="gateway config (YAML): model groups, local and remote deployments, routing, "
+                            "fallbacks; the engine flags below are the defaults of its local engines")
     serve.add_argument("--api-key", default=None)
-    serve.add_argument("--max-waiting-requests", type=int, default=256,
-                       help="requests queued beyond --max-num-seqs before 503 + Retry-After")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="requests queued beyond --max-num-seqs before 503 + Retry-After "
+                            "(default 256, or each local deployment's max_waiting_requests)")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM")
     add_engine_args(serve)

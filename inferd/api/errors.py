@@ -1,11 +1,12 @@
 """OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
 
-Every failure a client can cause or meet maps here to a 4xx/503 with a message
-that says what was wrong: invalid parameters (400, naming the parameter),
-unknown model or route (404), bad API key (401), overload (503 + Retry-After),
-a dead engine or a shutdown (503). `api_error()` is the one mapping; the
-exception handlers and the error events of a broken SSE stream both use it, so
-a stream that fails mid-way says why instead of ending like a success.
+Every failure a client can cause or meet maps here to a 4xx/5xx with a message
+that says what was wrong. Deployments (the local engine and remote providers
+alike) fail with a classified `ProviderError` that already carries its status,
+code, parameter and retry hint; the API's own checks raise `APIError`.
+`api_error()` is the one mapping; the exception handlers and the error events of
+a broken SSE stream both use it, so a stream that fails mid-way says why instead
+of ending like a success.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from inferd.engine.async_client import (EngineDeadError, EngineOverloadedError, RequestAbortedError,
-                                        RequestRejectedError)
-from inferd.engine.sampling_params import InvalidParameterError
-from inferd.engine.tokenizer import ChatTemplateError
+from inferd.providers.base import ProviderError
+from inferd.providers.openai_schema import validation_error
 
 log = logging.getLogger(__name__)
 
@@ -52,38 +51,22 @@ def api_error(exc: BaseException) -> APIError:
     """The client-facing error for an exception (500 only for genuine bugs)."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, InvalidParameterError):
-        code = "context_length_exceeded" if "maximum context length" in str(exc) else None
-        return APIError(400, str(exc), param=exc.param, code=code)
-    if isinstance(exc, ChatTemplateError):
-        return APIError(400, f"messages: {exc}", param="messages")
-    if isinstance(exc, RequestRejectedError):
-        return APIError(400, str(exc))
-    if isinstance(exc, EngineOverloadedError):
-        return APIError(503, str(exc), code="server_overloaded",
-                        headers={"Retry-After": str(exc.retry_after)})
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, f"the model engine is not available: {exc}", code="engine_unavailable")
-    if isinstance(exc, RequestAbortedError):
-        return APIError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"})
+    if isinstance(exc, ProviderError):
+        headers = {} if exc.retry_after is None else {"Retry-After": str(max(1, round(exc.retry_after)))}
+        kind_type = exc.body()["error"]["type"]
+        return APIError(exc.status, exc.message, param=exc.param, code=exc.code,
+                        type=_TYPES.get(exc.status, kind_type),
+                        headers=headers)
     log.error("unexpected error", exc_info=exc)
     return APIError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
-    problems, param = [], None
     for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "")
             return APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": "))
-        if loc and not loc[0].isdigit():
-            param = param or loc[0]
-        where = ".".join(loc)
-        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    if not problems:
-        problems = ["the request body is invalid"]
-    return APIError(400, "; ".join(problems[:5]), param=param)
+    return api_error(validation_error(exc))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -103,6 +86,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (APIError, InvalidParameterError, ChatTemplateError, RequestRejectedError,
-                EngineOverloadedError, EngineDeadError, RequestAbortedError, Exception):
+    for cls in (APIError, ProviderError, Exception):
         app.add_exception_handler(cls, on_error)

@@ -1,11 +1,13 @@
 """Prometheus metrics for GET /metrics, with vLLM's metric names under `inferd:`.
 
-Request timings arrive from the engine client as one `RequestMetrics` per
-finished request (`Metrics.observe`), measured on the API side where clients see
-them: time to first token, inter-token latency, end-to-end latency and queue time
-(arrival until the core first scheduled it). Engine gauges (running, waiting, KV
-usage and free blocks, preemptions) are refreshed from the core's latest stats at
-scrape time. Each app gets its own registry, so several can live in one process.
+Request timings arrive from each local engine's client as one `RequestMetrics`
+per finished request (`EngineMetrics.observe`), measured on the API side where
+clients see them: time to first token, inter-token latency, end-to-end latency
+and queue time (arrival until the core first scheduled it). Engine gauges
+(running, waiting, KV usage and free blocks, preemptions) are refreshed from each
+core's latest stats at scrape time. Every series is labelled with the model name,
+so one registry covers every local engine; each app gets its own registry, so
+several apps can live in one process.
 """
 
 from __future__ import annotations
@@ -23,75 +25,76 @@ _E2E = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
         60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
-class Metrics:
-    def __init__(self, model_name: str):
-        self.registry = r = CollectorRegistry()
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
         m = ["model_name"]
         self.ttft = Histogram("inferd:time_to_first_token_seconds", "Time to first token (s).",
-                              m, buckets=_LATENCY, registry=r).labels(model_name)
+                              m, buckets=_LATENCY, registry=r)
         self.itl = Histogram("inferd:inter_token_latency_seconds", "Time between output tokens (s).",
-                             m, buckets=_ITL, registry=r).labels(model_name)
+                             m, buckets=_ITL, registry=r)
         self.e2e = Histogram("inferd:e2e_request_latency_seconds", "Request latency, arrival to finish (s).",
-                             m, buckets=_E2E, registry=r).labels(model_name)
+                             m, buckets=_E2E, registry=r)
         self.queue = Histogram("inferd:request_queue_time_seconds", "Arrival until first scheduled (s).",
-                               m, buckets=_E2E, registry=r).labels(model_name)
+                               m, buckets=_E2E, registry=r)
         self.running = Gauge("inferd:num_requests_running", "Requests running in the engine.",
-                             m, registry=r).labels(model_name)
+                             m, registry=r)
         self.waiting = Gauge("inferd:num_requests_waiting", "Requests waiting to be scheduled.",
-                             m, registry=r).labels(model_name)
+                             m, registry=r)
         self.kv_usage = Gauge("inferd:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
-                              m, registry=r).labels(model_name)
+                              m, registry=r)
         self.kv_free = Gauge("inferd:kv_cache_free_blocks", "KV cache blocks free.",
-                             m, registry=r).labels(model_name)
+                             m, registry=r)
         self.kv_total = Gauge("inferd:kv_cache_total_blocks", "KV cache blocks in the pool.",
-                              m, registry=r).labels(model_name)
+                              m, registry=r)
         self.healthy = Gauge("inferd:engine_healthy", "1 while the engine core is alive and serving.",
-                             m, registry=r).labels(model_name)
+                             m, registry=r)
         self.preemptions = Counter("inferd:num_preemptions", "Preemptions since start.",
-                                   m, registry=r).labels(model_name)
+                                   m, registry=r)
         self.prompt_tokens = Counter("inferd:prompt_tokens", "Prompt tokens processed.",
-                                     m, registry=r).labels(model_name)
+                                     m, registry=r)
         self.generation_tokens = Counter("inferd:generation_tokens", "Tokens generated.",
-                                         m, registry=r).labels(model_name)
+                                         m, registry=r)
         self._success = Counter("inferd:request_success", "Finished requests (samples) by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self.prefix_queries = Counter("inferd:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                      m, registry=r).labels(model_name)
+                                      m, registry=r)
         self.prefix_hits = Counter("inferd:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
-                                   m, registry=r).labels(model_name)
-        self._model_name = model_name
-        # the core reports totals since start; counters advance by the difference
-        self._totals_seen: dict[str, int] = {}
+                                   m, registry=r)
+        # each core reports totals since start; counters advance by the difference
+        self._totals_seen: dict[tuple[str, str], int] = {}
 
-    def observe(self, m: RequestMetrics) -> None:
+    def observe(self, model: str, m: RequestMetrics) -> None:
         if m.first_token is not None:
-            self.ttft.observe(m.first_token - m.arrival)
+            self.ttft.labels(model).observe(m.first_token - m.arrival)
+        itl = self.itl.labels(model)
         for dt in m.inter_token:
-            self.itl.observe(dt)
+            itl.observe(dt)
         if m.finished is not None:
-            self.e2e.observe(m.finished - m.arrival)
+            self.e2e.labels(model).observe(m.finished - m.arrival)
         if m.scheduled is not None:
-            self.queue.observe(max(0.0, m.scheduled - m.arrival))
-            self.prompt_tokens.inc(m.num_prompt_tokens)
-        self.generation_tokens.inc(m.num_generation_tokens)
+            self.queue.labels(model).observe(max(0.0, m.scheduled - m.arrival))
+            self.prompt_tokens.labels(model).inc(m.num_prompt_tokens)
+        self.generation_tokens.labels(model).inc(m.num_generation_tokens)
         for reason in m.finish_reasons:
-            self._success.labels(self._model_name, reason).inc()
+            self._success.labels(model, reason).inc()
 
-    def update_engine(self, stats: Stats, healthy: bool) -> None:
-        self.running.set(stats.running)
-        self.waiting.set(stats.waiting)
-        self.kv_usage.set(stats.kv_usage)
-        self.kv_free.set(stats.num_free_blocks)
-        self.kv_total.set(stats.num_blocks)
-        self.healthy.set(1 if healthy else 0)
+    def update_engine(self, model: str, stats: Stats, healthy: bool) -> None:
+        self.running.labels(model).set(stats.running)
+        self.waiting.labels(model).set(stats.waiting)
+        self.kv_usage.labels(model).set(stats.kv_usage)
+        self.kv_free.labels(model).set(stats.num_free_blocks)
+        self.kv_total.labels(model).set(stats.num_blocks)
+        self.healthy.labels(model).set(1 if healthy else 0)
         for name, counter in (("num_preemptions", self.preemptions),
                               ("prefix_cache_queries", self.prefix_queries),
                               ("prefix_cache_hits", self.prefix_hits)):
             total = getattr(stats, name)
-            seen = self._totals_seen.get(name, 0)
+            seen = self._totals_seen.get((model, name), 0)
             if total > seen:
-                counter.inc(total - seen)
-                self._totals_seen[name] = total
+                counter.labels(model).inc(total - seen)
+                self._totals_seen[(model, name)] = total
 
-    def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    return generate_latest(registry), CONTENT_TYPE_LATEST

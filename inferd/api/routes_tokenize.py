@@ -11,13 +11,14 @@ from fastapi import APIRouter, Request
 from pydantic import Field
 
 from inferd.api.errors import APIError
-from inferd.api.protocol import ChatMessage, _Base, json_response, state
-from inferd.api.routes_chat import encode_messages
+from inferd.api.protocol import json_response, state
+from inferd.providers.local_chat import encode_messages
+from inferd.providers.openai_schema import ChatMessage, WireModel
 
 router = APIRouter()
 
 
-class TokenizeRequest(_Base):
+class TokenizeRequest(WireModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -25,41 +26,39 @@ class TokenizeRequest(_Base):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Base):
+class DetokenizeRequest(WireModel):
     model: str | None = None
     tokens: list[int] = Field(default_factory=list)
 
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
-    st = state(request)
-    st.check_model(body.model)
-    tok = st.engine.tokenizer
+    engine = state(request).local_engine(body.model).engine
+    tok = engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     if body.prompt is not None:
         ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     else:
         ids = encode_messages(tok, body.messages, body.add_generation_prompt)
-    return json_response({"count": len(ids), "max_model_len": st.engine.info.max_model_len, "tokens": ids})
+    return json_response({"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids})
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
-    st = state(request)
-    st.check_model(body.model)
-    tok = st.engine.tokenizer
-    bad = next((t for t in body.tokens if not 0 <= t < st.engine.info.vocab_size), None)
+    engine = state(request).local_engine(body.model).engine
+    tok = engine.tokenizer
+    bad = next((t for t in body.tokens if not 0 <= t < engine.info.vocab_size), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is outside the vocabulary", param="tokens")
     return json_response({"prompt": tok.decode(body.tokens, skip_special_tokens=False)})
 
 
 @router.get("/tokenizer_info")
-async def tokenizer_info(request: Request):
-    st = state(request)
-    spec = st.engine.tokenizer.spec
+async def tokenizer_info(request: Request, model: str | None = None):
+    engine = state(request).local_engine(model).engine
+    spec = engine.tokenizer.spec
     return json_response({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec.bos_token,
                           "eos_token": spec.eos_token, "pad_token": spec.pad_token,
                           "add_bos_token": spec.add_bos_token, "chat_template": spec.chat_template,
-                          "model_max_length": st.engine.info.max_model_len})
+                          "model_max_length": engine.info.max_model_len})

@@ -1,16 +1,20 @@
-"""`inferd serve`: the FastAPI app and its lifecycle around an engine core process.
+"""`inferd serve`: the FastAPI app and its lifecycle around the gateway's deployments.
 
-`run_server` starts the `AsyncEngine` (which spawns the engine core and waits
-until the model is loaded), builds the app with `build_app`, and serves it with
-uvicorn in the same event loop. On SIGTERM/SIGINT uvicorn stops accepting
-connections while the engine drains: requests in flight get `shutdown_timeout`
-seconds to finish, then are aborted with a 503 error (an error event in a
-stream); finally the core process is stopped and the exit code is 0.
+`run_server` builds the gateway from `--config` (or, without one, a single
+group serving the model given on the command line), which starts every local
+engine core and waits until their models are loaded, builds the app with
+`build_app`, and serves it with uvicorn in the same event loop. On SIGTERM/SIGINT
+uvicorn stops accepting connections while the local engines drain: requests in
+flight get `shutdown_timeout` seconds to finish, then are aborted with a 503
+error (an error event in a stream); finally the core processes are stopped and
+the exit code is 0.
 
-The app: /v1/completions and /v1/chat/completions (routes_*.py), /v1/models,
-/health (503 once the engine core is gone), /version and /metrics. An ASGI
-middleware gives every response an `X-Request-Id` (the client's, if it sent a
-sane one) and checks the API key on /v1 routes when one is configured.
+The app: /v1/completions and /v1/chat/completions (routes_generate.py),
+/v1/models, /health (503 once a local engine core is gone or draining), /version
+and /metrics. An ASGI middleware gives every response an `X-Request-Id` (the
+client's, if it sent a sane one) and an `x-inferd-overhead-ms` header (time spent
+in inferd itself, outside deployment calls and retry waits), and checks the API
+key on /v1 routes when one is configured.
 """
 
 from __future__ import annotations
@@ -22,21 +26,27 @@ import hmac
 import logging
 import re
 import socket
+import time
 import uuid
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from starlette.datastructures import Headers
+from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from inferd import __version__
-from inferd.api import routes_chat, routes_completions, routes_tokenize
+from inferd.api import routes_generate, routes_tokenize
 from inferd.api.errors import APIError, install_error_handlers
-from inferd.api.metrics import Metrics
+from inferd.api.metrics import EngineMetrics, render
 from inferd.api.protocol import ServerState, json_response, state
-from inferd.engine.async_client import AsyncEngine
 from inferd.engine.config import EngineConfig
+from inferd.gateway.build import start_gateway
+from inferd.gateway.config import GatewayConfig, load_config, single_model_config
+from inferd.gateway.metrics import GatewayMetrics
+from inferd.gateway.router import Gateway
+from inferd.models.default_model import default_model_path
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +54,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
 class RequestContextMiddleware:
-    """X-Request-Id on every response; API key check on /v1 routes."""
+    """X-Request-Id and the overhead header on every response; API key check on /v1 routes."""
 
     def __init__(self, app, api_key: str | None = None):
         self.app = app
@@ -57,12 +67,19 @@ class RequestContextMiddleware:
         rid = headers.get("x-request-id", "")
         if not _REQUEST_ID.match(rid):
             rid = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        arrival = time.perf_counter()
+        request_state = scope.setdefault("state", {})
+        request_state["request_id"] = rid
         header = (b"x-request-id", rid.encode())
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), header]}
+                extra = [header]
+                route = request_state.get("route")
+                if route is not None:  # time in inferd itself: not upstream, not waiting to retry
+                    overhead = time.perf_counter() - arrival - route.upstream_s - route.backoff_s
+                    extra.append((b"x-inferd-overhead-ms", f"{max(0.0, overhead) * 1000:.2f}".encode()))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
@@ -84,25 +101,27 @@ def model_name_from_source(source: str) -> str:
     return name[:-5] if name.endswith(".gguf") else name
 
 
-def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The API app around a started engine."""
+def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics: GatewayMetrics,
+              api_key: str | None = None) -> FastAPI:
+    """The API app around a started gateway."""
     app = FastAPI(title="inferd", version=__version__, docs_url=None, redoc_url=None)
-    metrics = Metrics(model_name)
-    engine.on_request_done = metrics.observe
-    app.state.inferd = ServerState(engine, metrics, model_name, api_key)
+    engine_metrics = EngineMetrics(registry)
+    st = ServerState(gateway, engine_metrics, gateway_metrics, registry, api_key)
+    for local in st.local_engines():
+        local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
+    app.state.inferd = st
     install_error_handlers(app)
-    app.include_router(routes_completions.router)
-    app.include_router(routes_chat.router)
+    app.include_router(routes_generate.router)
     app.include_router(routes_tokenize.router)
     app.add_middleware(RequestContextMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health(request: Request):
-        eng = state(request).engine
-        if eng.is_healthy:
+        down = [f"{d.name}: {d.engine.dead_reason or 'shutting down'}"
+                for d in state(request).local_engines() if not d.healthy]
+        if not down:
             return json_response({"status": "ok"})
-        reason = eng.dead_reason or "the server is shutting down"  # draining: stop routing here
-        return json_response({"status": "unavailable", "reason": reason}, status=503)
+        return json_response({"status": "unavailable", "reason": "; ".join(down)}, status=503)
 
     @app.get("/version")
     async def version():
@@ -111,23 +130,32 @@ def build_app(engine: AsyncEngine, *, model_name: str, api_key: str | None = Non
     @app.get("/metrics")
     async def metrics_endpoint(request: Request):
         st = state(request)
-        st.metrics.update_engine(st.engine.stats, st.engine.is_healthy)
-        body, content_type = st.metrics.render()
+        for local in st.local_engines():
+            st.engine_metrics.update_engine(local.model_name, local.engine.stats, local.healthy)
+        for h in st.gateway.handles():
+            st.gateway_metrics.in_flight.labels(h.name).set(h.stats.in_flight)
+            st.gateway_metrics.circuit(h.name, h.breaker.gauge_value)
+        body, content_type = render(st.registry)
         return Response(body, media_type=content_type)
 
-    def model_card(st: ServerState) -> dict:
-        return {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "inferd",
-                "root": st.engine.info.source, "max_model_len": st.engine.info.max_model_len}
+    def model_card(st: ServerState, group) -> dict:
+        card = {"id": group.name, "object": "model", "created": st.created, "owned_by": "inferd"}
+        if group.aliases:
+            card["aliases"] = group.aliases
+        local = next((h.deployment for h in group.handles if h.deployment in st.local_engines()), None)
+        if local is not None:
+            card.update(root=local.engine.info.source, max_model_len=local.engine.info.max_model_len)
+        return card
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        return json_response({"object": "list", "data": [model_card(state(request))]})
+        st = state(request)
+        return json_response({"object": "list", "data": [model_card(st, g) for g in st.gateway.groups]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         st = state(request)
-        st.check_model(model_id)
-        return json_response(model_card(st))
+        return json_response(model_card(st, st.gateway.resolve(model_id)))
 
     return app
 
@@ -166,37 +194,46 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
-    return asyncio.run(_serve(args, engine_config))
+    if args.config:
+        config = load_config(args.config)
+    else:
+        name = args.served_model_name or model_name_from_source(engine_config.model or str(default_model_path()))
+        config = single_model_config(name, engine_config.model)
+    return asyncio.run(_serve(args, config, engine_config))
 
 
-async def _serve(args: argparse.Namespace, engine_config: EngineConfig) -> int:
-    max_waiting, shutdown_timeout = args.max_waiting_requests, args.shutdown_timeout
-    sock = _bind(args.host, args.port)  # fail fast, before the model loads
-    engine = AsyncEngine(engine_config, max_waiting_requests=max_waiting)
+async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config: EngineConfig) -> int:
+    shutdown_timeout = args.shutdown_timeout
+    sock = _bind(args.host, args.port)  # fail fast, before the models load
+    registry = CollectorRegistry()
+    gateway_metrics = GatewayMetrics(registry)
     try:
-        info = await engine.start()
+        gateway = await start_gateway(config, engine_config, gateway_metrics,
+                                      max_waiting_requests=args.max_waiting_requests)
     except BaseException:
         sock.close()
         raise
     try:
-        name = args.served_model_name or model_name_from_source(info.source)
-        app = build_app(engine, model_name=name, api_key=args.api_key)
-        log.info("serving %s (%s) on http://%s:%d: max_model_len %d, %d KV blocks of %d tokens",
-                 name, info.source, args.host, args.port, info.max_model_len, info.num_blocks,
-                 info.block_size)
+        app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, api_key=args.api_key)
+        for g in gateway.groups:
+            log.info("model %s: %s", g.name, ", ".join(h.name for h in g.handles))
+        log.info("serving on http://%s:%d", args.host, args.port)
         loop = asyncio.get_running_loop()
         drains: list[asyncio.Task] = []
+        locals_ = app.state.inferd.local_engines()
 
         def on_exit_signal() -> None:
-            loop.call_soon_threadsafe(lambda: drains.append(loop.create_task(engine.drain(shutdown_timeout))))
+            def start_drain():
+                drains.extend(loop.create_task(d.drain(shutdown_timeout)) for d in locals_)
+            loop.call_soon_threadsafe(start_drain)
 
-        config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
-                                log_level=args.log_level.lower(),
-                                timeout_graceful_shutdown=shutdown_timeout + 5)
-        server = _Server(config, on_exit_signal)
+        uv_config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
+                                   log_level=args.log_level.lower(),
+                                   timeout_graceful_shutdown=shutdown_timeout + 5)
+        server = _Server(uv_config, on_exit_signal)
         await server.serve(sockets=[sock])
         for task in drains:
             await task
     finally:
-        await engine.shutdown()
+        await asyncio.gather(*(h.deployment.aclose() for h in gateway.handles()), return_exceptions=True)
     return 0 if server.started else 1

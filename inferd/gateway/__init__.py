@@ -1,0 +1,1 @@
+"""The gateway: model groups, routing, retries, fallback, circuit breakers and degradation."""

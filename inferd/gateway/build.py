@@ -1,0 +1,87 @@
+"""From a validated `GatewayConfig` to a running `Gateway`: deployments made and started.
+
+Local engines start concurrently (each loads its model in its own process); if
+any fails to start, the ones already started are stopped and the error says which
+deployment failed, so a config starts whole or not at all. Remote deployments
+need their API key's environment variable set when the config names one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from inferd.engine.config import EngineConfig
+from inferd.gateway.backoff import RetryPolicy
+from inferd.gateway.circuit_breaker import CircuitBreaker
+from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OpenAISpec,
+                                   local_engine_config)
+from inferd.gateway.metrics import GatewayMetrics
+from inferd.gateway.router import Gateway, Handle, ModelGroup
+from inferd.gateway.stats import DeploymentStats, LoadPredictor
+from inferd.gateway.strategies import make_strategy
+from inferd.providers.base import Deployment, Timeouts
+
+log = logging.getLogger(__name__)
+
+
+def _make_deployment(spec, group: str, base: EngineConfig, where: str, max_waiting: int | None) -> Deployment:
+    """One deployment; a local one answers under its group's name."""
+    if isinstance(spec, LocalSpec):
+        waiting = spec.max_waiting_requests if max_waiting is None else max_waiting
+        config = local_engine_config(spec, base, where)
+        if spec.task == "embed":
+            from inferd.providers.local_embeddings import LocalEmbeddingDeployment
+            return LocalEmbeddingDeployment(spec.name, group, config)
+        from inferd.providers.local import LocalEngineDeployment
+        return LocalEngineDeployment(spec.name, group, config, max_waiting_requests=waiting)
+    if spec.api_key_env and spec.api_key() is None:
+        raise ValueError(f"{where}.api_key_env: the environment variable {spec.api_key_env} is not set")
+    timeouts = Timeouts(**spec.timeouts.model_dump())
+    if isinstance(spec, OpenAISpec):
+        from inferd.providers.openai_compat import OpenAICompatDeployment
+        return OpenAICompatDeployment(name=spec.name, base_url=spec.base_url, api_key=spec.api_key(),
+                                      model=spec.model, timeouts=timeouts, headers=spec.headers)
+    assert isinstance(spec, AnthropicSpec)
+    from inferd.providers.anthropic import AnthropicDeployment
+    return AnthropicDeployment(name=spec.name, base_url=spec.base_url, api_key=spec.api_key(),
+                               model=spec.model, timeouts=timeouts, headers=spec.headers,
+                               version=spec.version)
+
+
+def _cost_per_mtok(spec) -> float | None:
+    # one number to rank by: a typical request reads more than it writes (3:1)
+    return None if spec.price is None else (3 * spec.price.input + spec.price.output) / 4
+
+
+def _group(g: ModelGroupSpec, deployments: list[Deployment], rng: random.Random) -> ModelGroup:
+    handles = []
+    for spec, dep in zip(g.deployments, deployments):
+        capacity = getattr(dep, "capacity", None)
+        predictor = LoadPredictor(capacity) if capacity else None
+        breaker = CircuitBreaker(g.circuit_breaker.failure_threshold, g.circuit_breaker.cooldown_s)
+        handles.append(Handle(dep, weight=spec.weight, cost_per_mtok=_cost_per_mtok(spec),
+                              stats=DeploymentStats(predictor=predictor), breaker=breaker))
+    return ModelGroup(name=g.name, handles=handles, strategy=make_strategy(g.routing, rng), aliases=g.aliases,
+                      fallbacks=dict(g.fallbacks), degrade_to=g.degrade_to,
+                      slo_ttft_s=g.slo_ttft_ms / 1000 if g.slo_ttft_ms else None,
+                      retry=RetryPolicy(**g.retry.model_dump()))
+
+
+async def start_gateway(config: GatewayConfig, base: EngineConfig, metrics: GatewayMetrics | None = None, *,
+                        max_waiting_requests: int | None = None) -> Gateway:
+    """Make every deployment, start the local ones, and wire up the groups."""
+    made: list[list[Deployment]] = []
+    for i, g in enumerate(config.models):
+        made.append([_make_deployment(d, g.name, base, f"models[{i}].deployments[{j}]", max_waiting_requests)
+                     for j, d in enumerate(g.deployments)])
+    everything = [d for ds in made for d in ds]
+    starts = [d.start() for d in everything if hasattr(d, "start")]
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        await asyncio.gather(*(d.aclose() for d in everything), return_exceptions=True)
+        raise failed
+    rng = random.Random()
+    return Gateway([_group(g, ds, rng) for g, ds in zip(config.models, made)], metrics=metrics)

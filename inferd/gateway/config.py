@@ -1,0 +1,220 @@
+"""The gateway's declarative config (`inferd serve --config inferd.yaml`), validated at start.
+
+```yaml
+models:
+  - name: chat                      # the public model name clients send
+    aliases: [gpt-4o-mini]
+    routing: least_in_flight        # weighted_random | least_in_flight | lowest_latency
+                                    # | lowest_cost | prefix_affinity
+    slo_ttft_ms: 2000               # predicted TTFT above this -> degrade_to, or 503 + Retry-After
+    degrade_to: chat-small
+    fallbacks: {default: [chat-remote], context_length: [chat-long]}
+    retry: {max_retries: 2, base_s: 0.25, max_s: 8, max_retry_after_s: 30}
+    circuit_breaker: {failure_threshold: 5, cooldown_s: 30}
+    deployments:
+      - provider: local             # inferd's own engine; model: a path, a .gguf, or omitted (default)
+        engine: {max_num_seqs: 16, kv_cache_bytes: 512MiB}
+        price: {input: 0.02, output: 0.08}   # USD per million tokens
+      - provider: openai            # any OpenAI-compatible server
+        base_url: https://api.example.com/v1
+        model: gpt-4o-mini
+        api_key_env: EXAMPLE_API_KEY
+        timeouts: {connect: 5, first_token: 30, total: 300, stream_silence: 20}
+      - provider: anthropic
+        model: claude-haiku-4-5
+        api_key_env: ANTHROPIC_API_KEY
+```
+
+Every mistake is reported with the path of the offending key
+(`models[0].deployments[1].base_url: Field required`), and references between
+groups (fallbacks, degrade_to) are checked, so a config either starts whole or not
+at all. Engine options are the `EngineConfig` fields; the CLI's engine flags are
+their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from inferd.engine.config import EngineConfig
+
+Routing = Literal["weighted_random", "least_in_flight", "lowest_latency", "lowest_cost", "prefix_affinity"]
+FALLBACK_CLASSES = ("default", "rate_limit", "server", "timeout", "context_length")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PriceSpec(_Spec):
+    """USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    batch_discount: float = Field(0.5, ge=0, le=1)
+
+
+class TimeoutsSpec(_Spec):
+    connect: float | None = Field(10.0, gt=0)
+    first_token: float | None = Field(60.0, gt=0)
+    total: float | None = Field(600.0, gt=0)
+    stream_silence: float | None = Field(30.0, gt=0)
+
+
+class _DeploymentSpec(_Spec):
+    name: str | None = None
+    weight: float = Field(1.0, gt=0)
+    price: PriceSpec | None = None
+
+
+class LocalSpec(_DeploymentSpec):
+    provider: Literal["local"]
+    model: str | None = None  # HF directory or .gguf; None: the embedded default model
+    task: Literal["generate", "embed"] = "generate"
+    engine: dict = Field(default_factory=dict)
+    max_waiting_requests: int = Field(256, ge=0)
+
+
+class _RemoteSpec(_DeploymentSpec):
+    model: str
+    api_key_env: str | None = None
+    timeouts: TimeoutsSpec = Field(default_factory=TimeoutsSpec)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class OpenAISpec(_RemoteSpec):
+    provider: Literal["openai"]
+    base_url: str
+
+
+class AnthropicSpec(_RemoteSpec):
+    provider: Literal["anthropic"]
+    base_url: str = "https://api.anthropic.com"
+    version: str = "2023-06-01"
+
+
+DeploymentSpec = Annotated[LocalSpec | OpenAISpec | AnthropicSpec, Field(discriminator="provider")]
+
+
+class RetrySpec(_Spec):
+    max_retries: int = Field(2, ge=0, le=10)
+    base_s: float = Field(0.25, ge=0)
+    max_s: float = Field(8.0, ge=0)
+    max_retry_after_s: float = Field(30.0, ge=0)
+
+
+class BreakerSpec(_Spec):
+    failure_threshold: int = Field(5, ge=1)
+    cooldown_s: float = Field(30.0, gt=0)
+
+
+class ModelGroupSpec(_Spec):
+    name: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    routing: Routing = "least_in_flight"
+    deployments: list[DeploymentSpec] = Field(min_length=1)
+    fallbacks: dict[Literal[FALLBACK_CLASSES], list[str]] = Field(default_factory=dict)
+    degrade_to: str | None = None
+    slo_ttft_ms: float | None = Field(None, gt=0)
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    circuit_breaker: BreakerSpec = Field(default_factory=BreakerSpec)
+
+
+class GatewayConfig(_Spec):
+    models: list[ModelGroupSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_references(self) -> GatewayConfig:
+        names: dict[str, str] = {}
+        for i, g in enumerate(self.models):
+            for n in (g.name, *g.aliases):
+                if n in names:
+                    raise ValueError(f"models[{i}]: the name {n!r} is already used by {names[n]!r}")
+                names[n] = g.name
+        deployment_names: set[str] = set()
+        for i, g in enumerate(self.models):
+            where = f"models[{i}] ({g.name})"
+            for j, d in enumerate(g.deployments):
+                d.name = d.name or f"{g.name}/{j}"
+                if d.name in deployment_names:
+                    raise ValueError(f"{where}.deployments[{j}].name: {d.name!r} is used twice")
+                deployment_names.add(d.name)
+            for cls, targets in g.fallbacks.items():
+                for t in targets:
+                    if t not in names:
+                        raise ValueError(f"{where}.fallbacks.{cls}: no model group is named {t!r}")
+                    if names[t] == g.name:
+                        raise ValueError(f"{where}.fallbacks.{cls}: a group cannot fall back to itself")
+            if g.degrade_to is not None:
+                if g.degrade_to not in names:
+                    raise ValueError(f"{where}.degrade_to: no model group is named {g.degrade_to!r}")
+                if names[g.degrade_to] == g.name:
+                    raise ValueError(f"{where}.degrade_to: a group cannot degrade to itself")
+            if g.slo_ttft_ms is not None and not any(d.provider == "local" for d in g.deployments):
+                raise ValueError(f"{where}.slo_ttft_ms: needs a local deployment (its queue is what is predicted)")
+        return self
+
+
+def _error_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("local", "openai", "anthropic") and out.endswith("]"):
+            continue  # the discriminator's branch name is noise in the path
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_config(data: object, source: str = "config") -> GatewayConfig:
+    """Validate a loaded config; ValueError lists each problem with its key path."""
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors()[:10]:
+            path = _error_path(err.get("loc", ()))
+            msg = err.get("msg", "invalid").removeprefix("Value error, ")
+            lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+        raise ValueError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read the config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    return parse_config(data, str(path))
+
+
+def local_engine_config(spec: LocalSpec, base: EngineConfig, where: str) -> EngineConfig:
+    """The CLI's engine options overridden by the deployment's `engine:` block."""
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(spec.engine) - known)
+    if unknown:
+        raise ValueError(f"{where}.engine: unknown option(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(known - {'model', 'progress'}))}")
+    try:
+        return dataclasses.replace(base, model=spec.model, **spec.engine)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}.engine: {e}") from None
+
+
+def single_model_config(name: str, model: str | None) -> GatewayConfig:
+    """What `inferd serve MODEL` means without a config: one group, one local deployment."""
+    return GatewayConfig(models=[ModelGroupSpec(name=name, deployments=[LocalSpec(provider="local",
+                                                                                   model=model, name=name)])])

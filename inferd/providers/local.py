@@ -1,0 +1,124 @@
+"""`LocalEngineDeployment`: a model running on inferd's own engine, as a gateway deployment.
+
+It owns an `AsyncEngine` (the engine core in its own process), parses request
+bodies with the wire models, runs them through `LocalChat` / `LocalCompletion`,
+and turns the engine's exceptions into classified `ProviderError`s so the gateway
+treats a local engine exactly like a remote one: overload is `OVERLOADED` with
+the engine's retry hint, a prompt over the context length is `CONTEXT_LENGTH`,
+a dead core is `SERVER`, a bad parameter is `INVALID_REQUEST` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from pydantic import ValidationError
+
+from inferd.engine.async_client import (AsyncEngine, EngineDeadError, EngineOverloadedError,
+                                        RequestAbortedError, RequestRejectedError)
+from inferd.engine.config import EngineConfig
+from inferd.engine.sampling_params import InvalidParameterError
+from inferd.engine.tokenizer import ChatTemplateError
+from inferd.providers.base import Deployment, Endpoint, ErrorKind, ModelInfo, ProviderError
+from inferd.providers.local_chat import LocalChat
+from inferd.providers.local_completions import LocalCompletion
+from inferd.providers.openai_schema import ChatCompletionRequest, CompletionRequest, validation_error
+
+_RUNS = {"chat": (ChatCompletionRequest, LocalChat), "completions": (CompletionRequest, LocalCompletion)}
+
+
+def engine_error(exc: Exception) -> ProviderError | None:
+    """The classified error for an engine-side exception (None: not an engine error, a bug)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, InvalidParameterError):
+        if "maximum context length" in str(exc):
+            return ProviderError(ErrorKind.CONTEXT_LENGTH, str(exc), status=400, param=exc.param,
+                                 code="context_length_exceeded")
+        return ProviderError(ErrorKind.INVALID_REQUEST, str(exc), status=400, param=exc.param)
+    if isinstance(exc, ChatTemplateError):
+        return ProviderError(ErrorKind.INVALID_REQUEST, f"messages: {exc}", status=400, param="messages")
+    if isinstance(exc, RequestRejectedError):
+        return ProviderError(ErrorKind.INVALID_REQUEST, str(exc), status=400)
+    if isinstance(exc, EngineOverloadedError):
+        return ProviderError(ErrorKind.OVERLOADED, str(exc), status=503, code="server_overloaded",
+                             retry_after=exc.retry_after)
+    if isinstance(exc, EngineDeadError):
+        return ProviderError(ErrorKind.SERVER, f"the model engine is not available: {exc}", status=503,
+                             code="engine_unavailable")
+    if isinstance(exc, RequestAbortedError):
+        return ProviderError(ErrorKind.SERVER, str(exc), status=503, code="shutting_down", retry_after=5)
+    return None
+
+
+@contextlib.contextmanager
+def _classified():
+    try:
+        yield
+    except Exception as e:
+        err = engine_error(e)
+        if err is None or err is e:
+            raise
+        raise err from e
+
+
+class LocalEngineDeployment(Deployment):
+    """A local engine core serving one model under `model_name`."""
+
+    def __init__(self, name: str, model_name: str, config: EngineConfig, *,
+                 max_waiting_requests: int = 256):
+        self.name, self.model_name = name, model_name
+        self.engine = AsyncEngine(config, max_waiting_requests=max_waiting_requests)
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    @property
+    def info(self) -> ModelInfo:
+        i = self.engine.info
+        return ModelInfo(self.model_name, max_model_len=i.max_model_len, extra={"root": i.source})
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine.is_healthy
+
+    def unavailable(self) -> ProviderError:
+        try:
+            self.engine.check_accepting()
+        except Exception as e:  # noqa: BLE001 - it says why the engine takes nothing
+            return engine_error(e) or super().unavailable()
+        return super().unavailable()
+
+    @property
+    def capacity(self) -> int:
+        """Requests the engine runs at once; more wait in its queue."""
+        return self.engine.info.max_num_seqs
+
+    def _run(self, endpoint: Endpoint, body: dict):
+        if endpoint not in _RUNS:
+            raise ProviderError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} does not serve {endpoint}",
+                                status=400, param="model")
+        schema, run = _RUNS[endpoint]
+        return run(self.engine, schema.model_validate(body), self.model_name)
+
+    async def request(self, endpoint: Endpoint, body: dict) -> dict:
+        with _classified():
+            return await self._run(endpoint, body).response()
+
+    async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
+        with _classified():
+            chunks = self._run(endpoint, body).stream()
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                await chunks.aclose()
+
+    async def drain(self, timeout: float) -> None:
+        await self.engine.drain(timeout)
+
+    async def aclose(self) -> None:
+        await self.engine.shutdown()

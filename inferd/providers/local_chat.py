@@ -1,0 +1,148 @@
+"""Chat completions on the local engine: messages through the model's chat template, then generate.
+
+Messages (system, developer -> system, user, assistant, tool; string content or
+text parts) are rendered with `Tokenizer.encode_chat`, which renders the template
+the way Hugging Face does. `max_completion_tokens` wins over `max_tokens`; with
+neither, generation may run to the context length. Logprobs use the chat format
+(`logprobs.content[*]` with token, logprob, bytes and `top_logprobs`). A stream
+sends the assistant role first (once the engine has accepted the request), then
+content deltas, the finish reason in the chunk where a choice ends, and a usage
+chunk last.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import jinja2
+
+from inferd.engine.async_client import AsyncEngine
+from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
+from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
+from inferd.providers.base import ErrorKind, ProviderError
+from inferd.providers.engine_streams import final_outputs, first_outputs, merge
+from inferd.providers.openai_schema import ChatCompletionRequest, ChatMessage, usage
+
+
+def invalid(message: str, param: str | None) -> ProviderError:
+    return ProviderError(ErrorKind.INVALID_REQUEST, message, status=400, param=param)
+
+
+def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """Render chat messages with the model's template and tokenize them (text parts only)."""
+    messages = []
+    for i, m in enumerate(chat):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise invalid(f"messages.{i}.content: only text parts are supported, "
+                                  f"got type {part.type!r}", "messages")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.name:
+            msg["name"] = m.name
+        messages.append(msg)
+    try:
+        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError) as e:
+        raise invalid(f"messages: the chat template could not render them: {e}", "messages") from e
+
+
+def _entry(v: Logprob) -> dict:
+    return {"token": v.decoded_token, "logprob": v.logprob, "bytes": list(v.decoded_token.encode())}
+
+
+def chat_logprobs(token_ids: list[int], dicts: list[PositionLogprobDict], top_n: int) -> list[dict]:
+    content = []
+    for tid, d in zip(token_ids, dicts):
+        chosen = d.get(tid) or next(iter(d.values()))
+        top = sorted((v for v in d.values() if v.rank <= top_n), key=lambda v: v.rank)[:top_n]
+        content.append({**_entry(chosen), "top_logprobs": [_entry(v) for v in top]})
+    return content
+
+
+def prompt_logprobs_field(out: RequestOutput) -> list | None:
+    if out.prompt_logprobs is None:
+        return None
+    return [None if d is None else {str(t): {"logprob": v.logprob, "rank": v.rank,
+                                             "decoded_token": v.decoded_token} for t, v in d.items()}
+            for d in out.prompt_logprobs]
+
+
+class LocalChat:
+    """One chat request on a local engine: `response()` or `stream()`."""
+
+    def __init__(self, engine: AsyncEngine, body: ChatCompletionRequest, model: str):
+        if body.tools:
+            raise invalid("tools are not supported by this model", "tools")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise invalid("top_logprobs: requires logprobs to be true", "top_logprobs")
+        self.engine, self.body, self.model = engine, body, model
+        self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs)
+        engine.check_accepting(self.params.n)
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.top_n = body.top_logprobs or 0
+
+    def _start(self):
+        return [self.engine.generate(uuid.uuid4().hex, self.prompt_ids, self.params)]
+
+    async def response(self) -> dict:
+        [final] = await final_outputs(self._start())
+        choices = []
+        for o in final.outputs:
+            choice = {"index": o.index, "message": {"role": "assistant", "content": o.text},
+                      "logprobs": None, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+            if self.body.logprobs:
+                choice["logprobs"] = {"content": chat_logprobs(o.token_ids, o.logprobs or [], self.top_n)}
+            choices.append(choice)
+        out = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+               "choices": choices,
+               "usage": usage(len(self.prompt_ids), sum(len(o.token_ids) for o in final.outputs),
+                              final.num_cached_tokens)}
+        if self.body.prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs_field(final)
+        return out
+
+    def chunk(self, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices}
+
+    async def stream(self) -> AsyncIterator[dict]:
+        body = self.body
+        streams = self._start()
+        firsts = await first_outputs(streams)  # admission errors raise here, before any chunk
+        finished: set[int] = set()
+        completion_tokens = cached_tokens = 0
+        yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                           "logprobs": None, "finish_reason": None} for i in range(body.n)])
+        async for _, out in merge(streams, firsts):
+            choices = []
+            for o in out.outputs:
+                finish = o.finish_reason if o.finished and o.index not in finished else None
+                if finish:
+                    finished.add(o.index)
+                lps = chat_logprobs(o.token_ids_delta, o.logprobs_delta, self.top_n) if body.logprobs else []
+                if not (o.text_delta or lps or finish):
+                    continue
+                choices.append({"index": o.index,
+                                "delta": {"content": o.text_delta} if o.text_delta else {},
+                                "logprobs": {"content": lps} if body.logprobs else None,
+                                "finish_reason": finish,
+                                "stop_reason": o.stop_reason if finish else None})
+            if out.finished:
+                completion_tokens = sum(len(o.token_ids) for o in out.outputs)
+                cached_tokens = out.num_cached_tokens
+            if choices:
+                yield self.chunk(choices)
+        yield {**self.chunk([]), "usage": usage(len(self.prompt_ids), completion_tokens, cached_tokens)}

@@ -1,0 +1,139 @@
+"""The OpenAI wire format's request bodies, validated, and `usage()`.
+
+Request models use OpenAI's field names, plus vLLM's sampling extras (top_k,
+min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids,
+include_stop_str_in_output, skip_special_tokens, prompt_logprobs). Pydantic
+checks shapes and bounds (so nothing out of range reaches msgpack or torch);
+`SamplingParams` checks meaning and names the offending parameter. Unknown
+fields are ignored, as vLLM does, so clients that send extras keep working.
+
+Both the API edge and the local engine deployment parse bodies with these
+models; `validation_error()` turns pydantic's complaint into one OpenAI-style
+message that names the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
+from inferd.providers.base import ErrorKind, ProviderError
+
+_I32 = 2**31 - 1
+_I63 = 2**63 - 1
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # many clients send `"field": null` for "not set"
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(WireModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(WireModel):
+    model: str | None = None
+    n: int = Field(1, ge=1, le=128)
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = Field(None, ge=-_I63, le=_I63)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extras
+    top_k: int | None = Field(None, ge=-1, le=_I32)
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=_I32)
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=-_I32, le=_I32)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None) -> SamplingParams:
+        if self.logit_bias:
+            raise InvalidParameterError("logit_bias", "is not supported")
+        if any(not -_I32 <= t <= _I32 for t in self.stop_token_ids or []):
+            raise InvalidParameterError("stop_token_ids", "values must be 32-bit integers")
+
+        def opt(value, default):
+            return default if value is None else value
+
+        return SamplingParams(
+            n=self.n, temperature=opt(self.temperature, 1.0), top_p=opt(self.top_p, 1.0),
+            top_k=opt(self.top_k, 0), min_p=opt(self.min_p, 0.0), seed=self.seed,
+            presence_penalty=opt(self.presence_penalty, 0.0),
+            frequency_penalty=opt(self.frequency_penalty, 0.0),
+            repetition_penalty=opt(self.repetition_penalty, 1.0), max_tokens=max_tokens,
+            min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=-_I32, le=_I32)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=-_I32, le=_I32)
+    best_of: int | None = Field(None, ge=-_I32, le=_I32)
+    suffix: str | None = None
+
+
+class ContentPart(WireModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=-_I32, le=_I32)
+    max_completion_tokens: int | None = Field(None, ge=-_I32, le=_I32)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=-_I32, le=_I32)
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI usage; `cached_tokens` are prompt tokens served from the prefix cache."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def validation_error(exc: ValidationError) -> ProviderError:
+    """One message for all of pydantic's complaints, naming the first offending parameter."""
+    problems, param = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if loc and not loc[0].isdigit():
+            param = param or loc[0]
+        where = ".".join(loc)
+        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return ProviderError(ErrorKind.INVALID_REQUEST, "; ".join(problems[:5]) or "the request body is invalid",
+                         status=400, param=param)
