@@ -39,15 +39,14 @@ def _make_deployment(spec, group: str, base: EngineConfig, where: str, max_waiti
     if spec.api_key_env and spec.api_key() is None:
         raise ValueError(f"{where}.api_key_env: the environment variable {spec.api_key_env} is not set")
     timeouts = Timeouts(**spec.timeouts.model_dump())
+    common = dict(name=spec.name, base_url=spec.base_url, api_key=spec.api_key(), model=spec.model,
+                  timeouts=timeouts, headers=spec.headers)
     if isinstance(spec, OpenAISpec):
-        from inferd.providers.openai_compat import OpenAICompatDeployment
-        return OpenAICompatDeployment(name=spec.name, base_url=spec.base_url, api_key=spec.api_key(),
-                                      model=spec.model, timeouts=timeouts, headers=spec.headers)
+        from inferd.providers.openai_compat import OpenAICompatConfig, OpenAICompatDeployment
+        return OpenAICompatDeployment(OpenAICompatConfig(**common))
     assert isinstance(spec, AnthropicSpec)
-    from inferd.providers.anthropic import AnthropicDeployment
-    return AnthropicDeployment(name=spec.name, base_url=spec.base_url, api_key=spec.api_key(),
-                               model=spec.model, timeouts=timeouts, headers=spec.headers,
-                               version=spec.version)
+    from inferd.providers.anthropic import AnthropicConfig, AnthropicDeployment
+    return AnthropicDeployment(AnthropicConfig(**common, anthropic_version=spec.version))
 
 
 def _cost_per_mtok(spec) -> float | None:

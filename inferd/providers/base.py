@@ -106,7 +106,7 @@ class Timeouts:
     """Seconds; None means no limit. Remote deployments enforce them and raise `TIMEOUT` errors."""
 
     connect: float | None = 10.0
-    first_token: float | None = 60.0     # request sent -> response headers + first chunk (or full body)
+    first_token: float | None = 60.0     # request sent -> first streamed chunk (streams only)
     total: float | None = 600.0          # the whole call
     stream_silence: float | None = 30.0  # longest gap between two streamed chunks
 

@@ -1,0 +1,218 @@
+"""Deployments on the Anthropic Messages API, behind the OpenAI chat wire format.
+
+`AnthropicDeployment` serves the chat endpoint only. It translates the OpenAI chat
+request into a Messages request (`to_messages_request`): system and developer
+messages become `system`, consecutive turns of one role are merged because the API
+wants user and assistant to alternate, text and image content parts become content
+blocks, `max_tokens` defaults to `AnthropicConfig.default_max_tokens` since the API
+requires it, `stop` becomes `stop_sequences`. Answers come back as `chat.completion`
+bodies (`to_chat_completion`) and stream events as `chat.completion.chunk` bodies
+(`ChunkTranslator`), ending with a usage chunk built from `message_start` and
+`message_delta`. Prompt tokens count cache reads and cache writes, and cache reads
+are reported as `prompt_tokens_details.cached_tokens`, as OpenAI does.
+
+Errors: the API's `{"type": "error", "error": {"type", "message"}}` bodies, as
+responses or as `error` events mid-stream, map through `classify_status`;
+`overloaded_error` (HTTP 529) is `OVERLOADED` with status 503, a prompt that is too
+long is `CONTEXT_LENGTH`, output blocked by the content filter is `CONTENT_POLICY`,
+with OpenAI's codes for the last two. Tool calls are not translated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.providers.base import Deployment, Endpoint, ErrorKind, ProviderError, classify_status
+from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
+
+_FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+                   "refusal": "content_filter", "pause_turn": "stop"}
+# the HTTP status of each error type, for errors that arrive as stream events
+_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
+                 "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                 "overloaded_error": 529}
+_OPENAI_CODES = {ErrorKind.CONTEXT_LENGTH: "context_length_exceeded",
+                 ErrorKind.CONTENT_POLICY: "content_policy_violation"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnthropicConfig(RemoteConfig):
+    base_url: str = "https://api.anthropic.com"  # as the Anthropic SDK names it: without /v1
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = 4096
+
+
+def read_anthropic_error(status: int, payload: Any, text: str, retry_after: float | None) -> ProviderError:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    kind, message = (error.get("type"), error.get("message")) if isinstance(error, dict) else (None, None)
+    message = str(message or text or f"the upstream answered HTTP {status}")
+    if status == 529 or kind == "overloaded_error":
+        return ProviderError(ErrorKind.OVERLOADED, message, status=503, code="overloaded_error",
+                             retry_after=retry_after)
+    # the API words its content-filter refusal in a way classify_status does not know
+    code = "content_policy_violation" if "content filtering" in message.lower() else None
+    result = classify_status(status, message, code, retry_after=retry_after)
+    result.code = result.code or _OPENAI_CODES.get(result.kind)
+    return result
+
+
+def _invalid(param: str, message: str) -> ProviderError:
+    return ProviderError(ErrorKind.INVALID_REQUEST, f"{param}: {message}", status=400, param=param)
+
+
+def _content_blocks(content: Any, param: str) -> list[dict]:
+    if content is None or content == "":
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _invalid(param, "must be a string or a list of content parts")
+    blocks = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if part.get("text"):  # the API rejects empty text blocks
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            if url.startswith("data:"):
+                media_type, _, data = url[len("data:"):].partition(";base64,")
+                source = {"type": "base64", "media_type": media_type, "data": data}
+            else:
+                source = {"type": "url", "url": url}
+            blocks.append({"type": "image", "source": source})
+        else:
+            raise _invalid(f"{param}[{i}].type", f"{kind!r} parts are not supported by Anthropic deployments; "
+                           "use text or image_url")
+    return blocks
+
+
+def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict:
+    """The Messages API request for an OpenAI chat request (without `stream`)."""
+    if (body.get("n") or 1) != 1:
+        raise _invalid("n", "Anthropic deployments return one choice; n must be 1")
+    system: list[str] = []
+    messages: list[dict] = []
+    for i, message in enumerate(body.get("messages") or ()):
+        role, param = message.get("role"), f"messages[{i}].content"
+        if role in ("system", "developer"):
+            system.extend(block["text"] for block in _content_blocks(message.get("content"), param)
+                          if block["type"] == "text")
+        elif role in ("user", "assistant"):
+            blocks = _content_blocks(message.get("content"), param)
+            if not blocks:
+                continue
+            if messages and messages[-1]["role"] == role:
+                messages[-1]["content"].extend(blocks)
+            else:
+                messages.append({"role": role, "content": blocks})
+        else:
+            raise _invalid(f"messages[{i}].role", f"{role!r} is not supported by Anthropic deployments; use "
+                           "system, developer, user or assistant")
+    request: dict[str, Any] = {"model": model, "messages": messages, "max_tokens":
+                               body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens}
+    if system:
+        request["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p", "top_k"):
+        if body.get(name) is not None:
+            request[name] = body[name]
+    stop = body.get("stop")
+    if stop:
+        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("user"):
+        request["metadata"] = {"user_id": body["user"]}
+    return request
+
+
+def to_usage(usage: dict) -> dict:
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + cached + (usage.get("cache_creation_input_tokens") or 0)
+    completion = usage.get("output_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def to_chat_completion(message: dict, created: int) -> dict:
+    text = "".join(block.get("text", "") for block in message.get("content") or () if block.get("type") == "text")
+    return {"id": message.get("id", ""), "object": "chat.completion", "created": created,
+            "model": message.get("model", ""),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": _FINISH_REASONS.get(message.get("stop_reason"), "stop")}],
+            "usage": to_usage(message.get("usage") or {})}
+
+
+class ChunkTranslator:
+    """Messages stream events in, `chat.completion.chunk` bodies out (None for events with nothing to say)."""
+
+    def __init__(self, created: int):
+        self._identity = {"id": "", "object": "chat.completion.chunk", "created": created, "model": ""}
+        self._usage: dict = {}
+
+    def translate(self, event: dict, data: str) -> dict | None:
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self._identity.update(id=message.get("id", ""), model=message.get("model", ""))
+            self._usage = dict(message.get("usage") or {})
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            return self._chunk({"content": delta["text"]}) if delta.get("type") == "text_delta" else None
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            return self._chunk({"content": block["text"]}) if block.get("type") == "text" and block.get("text") \
+                else None
+        if kind == "message_delta":
+            # message_delta usage is cumulative and may restate input and cache counts
+            self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            reason = (event.get("delta") or {}).get("stop_reason")
+            return self._chunk({}, _FINISH_REASONS.get(reason, "stop"))
+        if kind == "message_stop":
+            return {**self._identity, "choices": [], "usage": to_usage(self._usage)}
+        if kind == "error":
+            error = event.get("error") or {}
+            raise read_anthropic_error(_ERROR_STATUS.get(error.get("type"), 502), event, data, None)
+        return None  # ping, content_block_stop, thinking and tool-use deltas
+
+    def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        return {**self._identity, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+def _is_stop(event: SSEEvent) -> bool:
+    return event.event == "message_stop"
+
+
+class AnthropicDeployment(Deployment):
+    endpoints = frozenset({"chat"})
+
+    def __init__(self, config: AnthropicConfig):
+        self.name, self.config = config.name, config
+        headers = {"anthropic-version": config.anthropic_version}
+        if config.api_key:
+            headers["x-api-key"] = config.api_key
+        self._http = RemoteClient(config, headers=headers, read_error=read_anthropic_error)
+
+    def _request(self, endpoint: Endpoint, body: dict) -> dict:
+        require_endpoint(self.name, self.endpoints, endpoint)
+        return to_messages_request(body, self.config.model, self.config.default_max_tokens)
+
+    async def request(self, endpoint: Endpoint, body: dict) -> dict:
+        message = await self._http.post_json("/v1/messages", self._request(endpoint, body))
+        return to_chat_completion(message, int(time.time()))
+
+    async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
+        request = {**self._request(endpoint, body), "stream": True}
+        translator = ChunkTranslator(int(time.time()))
+        async with aclosing(self._http.post_sse("/v1/messages", request, is_last=_is_stop,
+                                                last_name="message_stop")) as events:
+            async for event in events:
+                chunk = translator.translate(parse_chunk(self.name, event.data), event.data)
+                if chunk is not None:
+                    yield chunk
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

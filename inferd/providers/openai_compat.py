@@ -1,0 +1,115 @@
+"""Deployments on any server that speaks the OpenAI API (OpenAI, vLLM, llama.cpp, Ollama, another inferd).
+
+`OpenAICompatDeployment` forwards the request body as is, with `model` replaced by
+the configured upstream model, to `{base_url}/chat/completions`, `/completions` or
+`/embeddings`; `base_url` is what the OpenAI SDK calls it, e.g.
+`https://api.openai.com/v1`. HTTP, timeouts and error classification live in
+`providers/http.py`; this module adds the OpenAI error body and the stream's shape.
+
+Streams are sent with `stream: true` and `stream_options.include_usage: true`
+whatever the client asked, and always end with one chunk that has `choices: []`
+and the usage: a usage block that arrives on a chunk with choices is moved to that
+final chunk. Upstreams that ignore `include_usage` send no usage at all; then the
+final chunk carries `"usage": null` rather than failing an answer that arrived in
+full, and the gateway meters such calls as of unknown size. A failure reported
+inside the stream (`data: {"error": {...}}`, as vLLM does) raises like an error
+response, with the status taken from an integer `code` when there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from inferd.providers.base import ENDPOINT_PATHS, Deployment, Endpoint, ErrorKind, ProviderError, classify_status
+from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
+
+_CHUNK_IDENTITY = ("id", "object", "created", "model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenAICompatConfig(RemoteConfig):
+    endpoints: frozenset[str] = frozenset({"chat", "completions"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = self.endpoints - ENDPOINT_PATHS.keys()
+        if unknown or not self.endpoints:
+            raise ValueError(f"endpoints: {sorted(unknown) or 'none given'}; allowed: {sorted(ENDPOINT_PATHS)}")
+
+
+def read_openai_error(status: int, payload: Any, text: str, retry_after: float | None) -> ProviderError:
+    """The `ProviderError` for an OpenAI-style error body, or for whatever else the server sent."""
+    message, code, param = None, None, None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        message, code, param = error.get("message"), error.get("code"), error.get("param")
+    elif isinstance(error, str):
+        message = error
+    elif isinstance(payload, dict):  # vLLM's {"message": ...}, FastAPI's {"detail": ...}
+        message = payload.get("message") or payload.get("detail")
+    message = str(message or text or f"the upstream answered HTTP {status}")
+    # some servers put the HTTP status in `code`; only a string code means something to clients
+    return classify_status(status, message, code if isinstance(code, str) else None,
+                           param=param if isinstance(param, str) else None, retry_after=retry_after)
+
+
+def _in_stream_error(chunk: dict, data: str) -> ProviderError:
+    """vLLM and others report a failure after the headers as a chunk `{"error": {...}}`."""
+    error = chunk["error"]
+    code = error.get("code") if isinstance(error, dict) else None
+    return read_openai_error(code if isinstance(code, int) and 400 <= code < 600 else 502, chunk, data, None)
+
+
+def _is_done(event: SSEEvent) -> bool:
+    return event.data.strip() == "[DONE]"
+
+
+class OpenAICompatDeployment(Deployment):
+    def __init__(self, config: OpenAICompatConfig):
+        self.name, self.endpoints, self.config = config.name, config.endpoints, config
+        auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self._http = RemoteClient(config, headers=auth, read_error=read_openai_error)
+
+    def _path(self, endpoint: Endpoint) -> str:
+        require_endpoint(self.name, self.endpoints, endpoint)
+        return ENDPOINT_PATHS[endpoint].removeprefix("/v1")  # base_url ends where the SDK's does
+
+    async def request(self, endpoint: Endpoint, body: dict) -> dict:
+        path = self._path(endpoint)
+        upstream = {**body, "model": self.config.model}
+        if endpoint != "embeddings":
+            upstream["stream"] = False
+            upstream.pop("stream_options", None)  # OpenAI rejects it on non-streamed calls
+        return await self._http.post_json(path, upstream)
+
+    async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
+        if endpoint == "embeddings":
+            raise ProviderError(ErrorKind.INVALID_REQUEST, "embeddings cannot be streamed", status=400,
+                                param="stream")
+        path = self._path(endpoint)
+        upstream = {**body, "model": self.config.model, "stream": True,
+                    "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        last: dict = {}
+        final: dict | None = None
+        async with aclosing(self._http.post_sse(path, upstream, is_last=_is_done, last_name="[DONE]")) as events:
+            async for event in events:
+                if _is_done(event):
+                    continue  # post_sse ends the iteration once it has read the rest of the body
+                chunk = parse_chunk(self.name, event.data)
+                if "error" in chunk and not chunk.get("choices"):
+                    raise _in_stream_error(chunk, event.data)
+                if chunk.get("usage"):
+                    final = {**chunk, "choices": []}
+                    if not chunk.get("choices"):
+                        continue
+                    chunk = {key: value for key, value in chunk.items() if key != "usage"}
+                last = chunk
+                yield chunk
+        yield final or {**{key: last[key] for key in _CHUNK_IDENTITY if key in last}, "choices": [],
+                        "usage": None}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,150 @@
+"""AnthropicDeployment: request and answer translation, the Messages stream, and its faults."""
+
+from __future__ import annotations
+
+import pytest
+
+from inferd.providers.anthropic import (AnthropicConfig, AnthropicDeployment, ChunkTranslator, to_messages_request,
+                                        to_usage)
+from inferd.providers.base import ErrorKind, ProviderError
+from tests.gateway.mock_upstream import WORDS, Fault
+from tests.providers.conftest import FAST, UPSTREAM_MODEL, collect, fails, run
+
+MESSAGES = [{"role": "system", "content": "be brief"},
+            {"role": "developer", "content": [{"type": "text", "text": "no lists"}]},
+            {"role": "user", "content": "hello there"},
+            {"role": "user", "content": [{"type": "text", "text": "and again"}]},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "three words please"}]
+CHAT = {"model": "public-name", "max_tokens": 3, "messages": MESSAGES}
+REPLY = " ".join(WORDS[:3])
+
+
+def deployment(mock, **config):
+    def make() -> AnthropicDeployment:
+        base = {"name": "claude", "base_url": mock.url, "model": UPSTREAM_MODEL, "api_key": "sk-ant",
+                "timeouts": FAST}
+        return AnthropicDeployment(AnthropicConfig(**{**base, **config}))
+    return make
+
+
+def chat(d):
+    return d.request("chat", CHAT)
+
+
+def stream_chat(d):
+    return collect(d, "chat", CHAT)
+
+
+def test_request_is_translated_both_ways(mock):
+    body = run(deployment(mock), lambda d: d.request("chat", {**CHAT, "stop": "zulu", "temperature": 0.5}))
+    assert body["object"] == "chat.completion" and body["model"] == UPSTREAM_MODEL
+    assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": REPLY},
+                                  "finish_reason": "length"}
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    (received,) = mock.requests
+    assert received.path == "/v1/messages"
+    assert received.headers["x-api-key"] == "sk-ant" and received.headers["anthropic-version"] == "2023-06-01"
+    assert received.body == {
+        "model": UPSTREAM_MODEL, "max_tokens": 3, "system": "be brief\n\nno lists", "temperature": 0.5,
+        "stop_sequences": ["zulu"],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there"},
+                                                  {"type": "text", "text": "and again"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "hi"}]},
+                     {"role": "user", "content": [{"type": "text", "text": "three words please"}]}]}
+
+
+def test_stop_sequence_and_default_max_tokens(mock):
+    body = run(deployment(mock, default_max_tokens=5),
+               lambda d: d.request("chat", {"messages": MESSAGES[2:3], "stop": ["delta"]}))
+    assert mock.requests[0].body["max_tokens"] == 5
+    assert body["choices"][0]["message"]["content"] == REPLY and body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_yields_role_content_finish_then_usage(mock):
+    first, *content, finish, usage = run(deployment(mock), stream_chat)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"]["content"] for c in content) == REPLY
+    assert finish["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    assert {c["model"] for c in (first, usage)} == {UPSTREAM_MODEL}
+    assert mock.requests[0].body["stream"] is True
+
+
+def test_only_chat_is_served(mock):
+    error, _ = fails(deployment(mock), lambda d: d.request("completions", {"prompt": "x"}))
+    assert error.kind is ErrorKind.INVALID_REQUEST and not mock.requests
+
+
+@pytest.mark.parametrize("call", [chat, stream_chat])
+def test_error_bodies_are_classified(mock, call):
+    mock.inject(Fault.error(429, "rate limited", retry_after=3), Fault.error(529, "Overloaded"),
+                Fault.context_length(), Fault.content_policy(), Fault.error(500))
+    expected = [(ErrorKind.RATE_LIMIT, 429, None, 3.0), (ErrorKind.OVERLOADED, 503, "overloaded_error", None),
+                (ErrorKind.CONTEXT_LENGTH, 400, "context_length_exceeded", None),
+                (ErrorKind.CONTENT_POLICY, 400, "content_policy_violation", None),
+                (ErrorKind.SERVER, 500, None, None)]
+    for kind, status, code, retry_after in expected:
+        error, _ = fails(deployment(mock), call)
+        assert (error.kind, error.status, error.code, error.retry_after) == (kind, status, code, retry_after)
+
+
+def test_missing_api_key_is_an_auth_error(mock):
+    error, _ = fails(deployment(mock, api_key=None), chat)
+    assert (error.kind, error.status) == (ErrorKind.AUTH, 401)
+
+
+@pytest.mark.parametrize("fault, kind, code", [
+    (Fault.cut(after=4), ErrorKind.CONNECTION, None),
+    (Fault.no_done(), ErrorKind.CONNECTION, "stream_truncated"),
+    (Fault.malformed(after=4), ErrorKind.SERVER, "malformed_chunk"),
+    (Fault.stall(after=4), ErrorKind.TIMEOUT, "stream_silence_timeout"),
+    (Fault.hang(), ErrorKind.TIMEOUT, "first_token_timeout"),
+    (Fault.reset(), ErrorKind.CONNECTION, None),
+    (Fault.error_event(after=4), ErrorKind.OVERLOADED, "overloaded_error"),
+])
+def test_stream_faults(mock, fault, kind, code):
+    mock.inject(fault)
+    got: list = []
+    error, elapsed = fails(deployment(mock), lambda d: collect(d, "chat", CHAT, got))
+    assert (error.kind, error.code) == (kind, code) and elapsed < 1.5
+    assert all(chunk["choices"] for chunk in got)  # never a usage chunk before the failure
+
+
+def test_usage_counts_cache_reads_and_writes():
+    usage = to_usage({"input_tokens": 5, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20,
+                      "output_tokens": 7})
+    assert usage == {"prompt_tokens": 125, "completion_tokens": 7, "total_tokens": 132,
+                     "prompt_tokens_details": {"cached_tokens": 100}}
+
+
+def test_message_delta_usage_is_merged_into_the_final_chunk():
+    translator = ChunkTranslator(created=1)
+    translator.translate({"type": "message_start", "message": {"id": "m", "model": "c", "usage": {
+        "input_tokens": 4, "cache_read_input_tokens": 8, "output_tokens": 1}}}, "")
+    finish = translator.translate({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                   "usage": {"output_tokens": 9}}, "")
+    assert finish["choices"][0]["finish_reason"] == "stop"
+    final = translator.translate({"type": "message_stop"}, "")
+    assert final["usage"]["prompt_tokens"] == 12 and final["usage"]["completion_tokens"] == 9
+
+
+def test_error_event_mid_stream():
+    with pytest.raises(ProviderError) as info:
+        ChunkTranslator(created=1).translate(
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "")
+    assert info.value.kind is ErrorKind.OVERLOADED
+
+
+def test_images_and_unsupported_roles():
+    request = to_messages_request({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]}, "c", 10)
+    assert [block["source"] for block in request["messages"][0]["content"]] == [
+        {"type": "base64", "media_type": "image/png", "data": "AAAA"}, {"type": "url", "url": "https://x/cat.png"}]
+    with pytest.raises(ProviderError) as info:
+        to_messages_request({"messages": [{"role": "tool", "content": "42"}]}, "c", 10)
+    assert info.value.kind is ErrorKind.INVALID_REQUEST and info.value.param == "messages[0].role"
+    with pytest.raises(ProviderError, match="n must be 1"):
+        to_messages_request({"n": 2, "messages": []}, "c", 10)
