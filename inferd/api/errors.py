@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from inferd.providers.base import ProviderError
+from inferd.providers.base import ErrorKind, ProviderError
 from inferd.providers.openai_schema import validation_error
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,10 @@ def api_error(exc: BaseException) -> APIError:
     """The client-facing error for an exception (500 only for genuine bugs)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ProviderError) and exc.kind is ErrorKind.AUTH:
+        # the upstream refused inferd's own credentials: a server-side problem, not the client's key
+        return APIError(502, f"an upstream provider rejected this server's credentials: {exc.message}",
+                        code="upstream_authentication_error", type="server_error")
     if isinstance(exc, ProviderError):
         headers = {} if exc.retry_after is None else {"Retry-After": str(max(1, round(exc.retry_after)))}
         kind_type = exc.body()["error"]["type"]
