@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--embedding-model", default=None, metavar="MODEL",
+                       help="also serve an embedding model on /v1/embeddings: a sentence-transformers "
+                            "directory, or 'default-embedding' (all-MiniLM-L6-v2)")
     serve.add_argument("--config", default=None,
                        help="gateway config (YAML): model groups, local and remote deployments, routing, "
                             "fallbacks; the engine flags below are the defaults of its local engines")

@@ -61,6 +61,12 @@ class EngineMetrics:
                                       m, registry=r)
         self.prefix_hits = Counter("inferd:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
                                    m, registry=r)
+        self.embed_requests = Counter("inferd:embedding_requests", "Embedding requests served.",
+                                      m, registry=r)
+        self.embed_batches = Counter("inferd:embedding_batches",
+                                     "Dynamic batches the embedding model ran (requests / batches = batch size).",
+                                     m, registry=r)
+        self.embed_tokens = Counter("inferd:embedding_tokens", "Input tokens embedded.", m, registry=r)
         # each core reports totals since start; counters advance by the difference
         self._totals_seen: dict[tuple[str, str], int] = {}
 
@@ -86,9 +92,16 @@ class EngineMetrics:
         self.kv_free.labels(model).set(stats.num_free_blocks)
         self.kv_total.labels(model).set(stats.num_blocks)
         self.healthy.labels(model).set(1 if healthy else 0)
-        for name, counter in (("num_preemptions", self.preemptions),
-                              ("prefix_cache_queries", self.prefix_queries),
-                              ("prefix_cache_hits", self.prefix_hits)):
+        self._advance(model, stats, (("num_preemptions", self.preemptions),
+                                     ("prefix_cache_queries", self.prefix_queries),
+                                     ("prefix_cache_hits", self.prefix_hits)))
+
+    def update_embedder(self, model: str, stats) -> None:
+        self._advance(model, stats, (("num_requests", self.embed_requests), ("num_batches", self.embed_batches),
+                                     ("num_tokens", self.embed_tokens)))
+
+    def _advance(self, model: str, stats, counters) -> None:
+        for name, counter in counters:
             total = getattr(stats, name)
             seen = self._totals_seen.get((model, name), 0)
             if total > seen:

@@ -37,7 +37,7 @@ from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from inferd import __version__
-from inferd.api import routes_generate, routes_tokenize
+from inferd.api import routes_embeddings, routes_generate, routes_tokenize
 from inferd.api.errors import APIError, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
 from inferd.api.protocol import ServerState, json_response, state
@@ -46,7 +46,9 @@ from inferd.gateway.build import start_gateway
 from inferd.gateway.config import GatewayConfig, load_config, single_model_config
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
+from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
+from inferd.providers.local_embeddings import LocalEmbeddingDeployment
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +114,14 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     app.state.inferd = st
     install_error_handlers(app)
     app.include_router(routes_generate.router)
+    app.include_router(routes_embeddings.router)
     app.include_router(routes_tokenize.router)
     app.add_middleware(RequestContextMiddleware, api_key=api_key)
 
     @app.get("/health")
     async def health(request: Request):
-        down = [f"{d.name}: {d.engine.dead_reason or 'shutting down'}"
-                for d in state(request).local_engines() if not d.healthy]
+        down = [f"{h.name}: {h.deployment.unavailable().message}"
+                for h in state(request).gateway.handles() if not h.deployment.healthy]
         if not down:
             return json_response({"status": "ok"})
         return json_response({"status": "unavailable", "reason": "; ".join(down)}, status=503)
@@ -133,6 +136,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         for local in st.local_engines():
             st.engine_metrics.update_engine(local.model_name, local.engine.stats, local.healthy)
         for h in st.gateway.handles():
+            if isinstance(h.deployment, LocalEmbeddingDeployment):
+                st.engine_metrics.update_embedder(h.deployment.model_name, h.deployment.embedder.stats)
             st.gateway_metrics.in_flight.labels(h.name).set(h.stats.in_flight)
             st.gateway_metrics.circuit(h.name, h.breaker.gauge_value)
         body, content_type = render(st.registry)
@@ -198,7 +203,11 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
         config = load_config(args.config)
     else:
         name = args.served_model_name or model_name_from_source(engine_config.model or str(default_model_path()))
-        config = single_model_config(name, engine_config.model)
+        embedding = None
+        if args.embedding_model:
+            source = None if args.embedding_model == DEFAULT_EMBEDDING_MODEL else args.embedding_model
+            embedding = (DEFAULT_EMBEDDING_MODEL_NAME if source is None else model_name_from_source(source), source)
+        config = single_model_config(name, engine_config.model, embedding)
     return asyncio.run(_serve(args, config, engine_config))
 
 

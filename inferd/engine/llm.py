@@ -1,4 +1,9 @@
-"""The offline Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""The offline Python API: `LLM(model).generate(prompts, SamplingParams(...))`.
+
+An embedding model (a BERT-family encoder directory, or "default-embedding") is
+detected from its config.json and served by an `Embedder` instead of the
+generation engine: `LLM("default-embedding").embed(texts)`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from inferd.engine.config import EngineConfig
+from inferd.engine.embed_spec import is_embedding_model
+from inferd.engine.embedder import Embedder, EmbeddingOutput, EmbeddingRequestOutput
 from inferd.engine.llm_engine import LLMEngine
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.sampling_params import SamplingParams
@@ -20,18 +27,49 @@ class LLM:
     `model` is a Hugging Face directory, a .gguf file, or None for the embedded
     default model; other keyword arguments are `EngineConfig` options (dtype,
     kv_cache_bytes, block_size, max_num_seqs, max_num_batched_tokens, ...).
+    For an embedding model (see the module docstring) they are `EmbedConfig`
+    options (dtype, device, num_threads, max_batch_tokens, progress).
     """
 
     def __init__(self, model: str | None = None, **engine_options: Any):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        self.engine: LLMEngine | None = None
+        self.embedder: Embedder | None = None
+        if is_embedding_model(model):
+            self.embedder = Embedder(model, **engine_options)
+        else:
+            self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self._generation_engine().tokenizer
+
+    def _generation_engine(self) -> LLMEngine:
+        if self.engine is None:
+            raise ValueError(f"{self.embedder.model_name} is an embedding model: "
+                             "use LLM.embed(), not generate() or chat()")
+        return self.engine
+
+    def embed(self, prompts: str | Sequence[str] | Sequence[list[int]], *, truncate: bool = False,
+              dimensions: int | None = None) -> list[EmbeddingRequestOutput]:
+        """Embed texts (or token id lists, used as they are), as vLLM's `LLM.embed` does.
+
+        Returns one `EmbeddingRequestOutput` per prompt, in order:
+        `out.outputs.embedding` is a list of floats, `out.prompt_token_ids` the tokens
+        it was computed from. Inputs longer than the model's limit raise
+        `InvalidParameterError` unless `truncate`; `dimensions` cuts Matryoshka models'
+        vectors (other models allow only their own size).
+        """
+        if self.embedder is None:
+            raise ValueError("LLM.embed needs an embedding model (a BERT-family encoder directory, "
+                             "or 'default-embedding'); this one generates text")
+        result = self.embedder.embed(prompts, truncate=truncate, dimensions=dimensions)
+        return [EmbeddingRequestOutput(str(i), EmbeddingOutput(v.tolist()), ids)
+                for i, (v, ids) in enumerate(zip(result.vectors, result.token_ids))]
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
+        self._generation_engine()
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         prompts = list(prompts)

@@ -16,7 +16,7 @@ from inferd.engine.config import EngineConfig
 from inferd.gateway.backoff import RetryPolicy
 from inferd.gateway.circuit_breaker import CircuitBreaker
 from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OpenAISpec,
-                                   local_engine_config)
+                                   local_embed_config, local_engine_config)
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway, Handle, ModelGroup
 from inferd.gateway.stats import DeploymentStats, LoadPredictor
@@ -30,10 +30,10 @@ def _make_deployment(spec, group: str, base: EngineConfig, where: str, max_waiti
     """One deployment; a local one answers under its group's name."""
     if isinstance(spec, LocalSpec):
         waiting = spec.max_waiting_requests if max_waiting is None else max_waiting
-        config = local_engine_config(spec, base, where)
         if spec.task == "embed":
             from inferd.providers.local_embeddings import LocalEmbeddingDeployment
-            return LocalEmbeddingDeployment(spec.name, group, config)
+            return LocalEmbeddingDeployment(spec.name, group, local_embed_config(spec, base, where))
+        config = local_engine_config(spec, base, where)
         from inferd.providers.local import LocalEngineDeployment
         return LocalEngineDeployment(spec.name, group, config, max_waiting_requests=waiting)
     if spec.api_key_env and spec.api_key() is None:

@@ -43,6 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inferd.engine.config import EngineConfig
+from inferd.engine.embed_spec import EmbedConfig
 
 Routing = Literal["weighted_random", "least_in_flight", "lowest_latency", "lowest_cost", "prefix_affinity"]
 FALLBACK_CLASSES = ("default", "rate_limit", "server", "timeout", "context_length")
@@ -214,7 +215,28 @@ def local_engine_config(spec: LocalSpec, base: EngineConfig, where: str) -> Engi
         raise ValueError(f"{where}.engine: {e}") from None
 
 
-def single_model_config(name: str, model: str | None) -> GatewayConfig:
-    """What `inferd serve MODEL` means without a config: one group, one local deployment."""
-    return GatewayConfig(models=[ModelGroupSpec(name=name, deployments=[LocalSpec(provider="local",
-                                                                                   model=model, name=name)])])
+def local_embed_config(spec: LocalSpec, base: EngineConfig, where: str) -> EmbedConfig:
+    """An embedding deployment's options: `EmbedConfig` fields; device and threads default to the CLI's."""
+    known = {f.name for f in dataclasses.fields(EmbedConfig)}
+    unknown = sorted(set(spec.engine) - known)
+    if unknown:
+        raise ValueError(f"{where}.engine: unknown option(s) {', '.join(unknown)} for an embedding model; "
+                         f"allowed: {', '.join(sorted(known - {'model', 'progress'}))}")
+    defaults = {"device": base.device, "num_threads": base.num_threads}
+    if base.dtype != "auto":
+        defaults["dtype"] = base.dtype
+    try:
+        return EmbedConfig(model=spec.model, **{**defaults, **spec.engine})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}.engine: {e}") from None
+
+
+def single_model_config(name: str, model: str | None, embedding: tuple[str, str | None] | None = None
+                        ) -> GatewayConfig:
+    """What `inferd serve MODEL [--embedding-model E]` means without a config: one group per model."""
+    groups = [ModelGroupSpec(name=name, deployments=[LocalSpec(provider="local", model=model, name=name)])]
+    if embedding is not None:
+        ename, emodel = embedding
+        groups.append(ModelGroupSpec(name=ename, deployments=[LocalSpec(provider="local", task="embed",
+                                                                        model=emodel, name=ename)]))
+    return GatewayConfig(models=groups)

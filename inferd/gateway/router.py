@@ -124,10 +124,10 @@ class Gateway:
 
     # -- lookup -----------------------------------------------------------------------------
 
-    def resolve(self, model: str | None) -> ModelGroup:
-        """The group a request's `model` names (the first group when it names none)."""
+    def resolve(self, model: str | None, endpoint: str | None = None) -> ModelGroup:
+        """The group a request's `model` names (without one: the first group serving `endpoint`)."""
         if not model:
-            return self.groups[0]
+            return next((g for g in self.groups if endpoint is None or g.serves(endpoint)), self.groups[0])
         group = self._by_name.get(model)
         if group is None:
             served = ", ".join(repr(g.name) for g in self.groups)
@@ -171,7 +171,7 @@ class Gateway:
         from inferd.gateway.admission import admit  # imported here: admission reads Gateway
 
         deadline = self.clock() + self.max_total_s
-        first = self.resolve(body.get("model"))
+        first = self.resolve(body.get("model"), endpoint)
         group = admit(self, first, route)
         tried: set[str] = set()
         while True:

@@ -55,7 +55,7 @@ def engine_error(exc: Exception) -> ProviderError | None:
 
 
 @contextlib.contextmanager
-def _classified():
+def classified():
     try:
         yield
     except Exception as e:
@@ -105,11 +105,11 @@ class LocalEngineDeployment(Deployment):
         return run(self.engine, schema.model_validate(body), self.model_name)
 
     async def request(self, endpoint: Endpoint, body: dict) -> dict:
-        with _classified():
+        with classified():
             return await self._run(endpoint, body).response()
 
     async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
-        with _classified():
+        with classified():
             chunks = self._run(endpoint, body).stream()
             try:
                 async for chunk in chunks:

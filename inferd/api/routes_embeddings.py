@@ -1,0 +1,25 @@
+"""POST /v1/embeddings: routed like every other request, answered in one JSON body.
+
+The body goes to the gateway as is (a remote OpenAI-compatible deployment gets it
+untouched); a local embedding deployment validates it, batches it with other
+clients' inputs in its own process, and answers in OpenAI's format. The response
+carries the same `x-inferd-*` headers as chat and completions.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from inferd.api.protocol import cancel_on_disconnect, json_response, read_json, state
+from inferd.gateway.router import Route
+
+router = APIRouter()
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(request: Request):
+    body = await read_json(request)
+    route = Route(body.get("model"), "embeddings")
+    request.state.route = route
+    answer = await cancel_on_disconnect(request, state(request).gateway.request("embeddings", body, route))
+    return json_response(answer, headers=route.headers())
