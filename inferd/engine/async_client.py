@@ -1,23 +1,26 @@
 """`AsyncEngine`: the API process's handle on an engine core running in its own process.
 
 It mirrors `LLMEngine` across a process boundary. `start()` spawns
-`core_process.run_core`, binds two ZMQ ipc sockets in a private temp dir (PUSH to
-the core, PULL from it) and waits for `Ready`, which carries the `TokenizerSpec`
-and model facts, so the weights are loaded once, in the core. The API side owns
-the `Tokenizer` and the `OutputProcessor`: detokenization, stop strings (their
-`to_abort` ids go back to the core as `Abort`) and request timings happen here,
-off the core's hot loop, and never block on the model.
+`core_process.run_core` through a `ProcessLink` (engine/process_link.py: two ZMQ
+ipc sockets, PUSH to the core and PULL from it) and waits for `Ready`, which
+carries the `TokenizerSpec` and model facts, so the weights are loaded once, in
+the core. The API side owns the `Tokenizer` and the `OutputProcessor`:
+detokenization, stop strings (their `to_abort` ids go back to the core as
+`Abort`) and request timings happen here, off the core's hot loop, and never
+block on the model.
 
 `generate()` is an async iterator of `RequestOutput`s. Each request has a small
 mailbox (`_Stream`) that merges deltas the consumer has not taken yet, so a slow
 reader loses nothing. Leaving the iterator early (a client disconnect) aborts the
 request in the core, which frees its KV blocks at once.
 
-Failure is explicit: if the core process exits (a watcher thread waits on its
-sentinel) or reports `Fatal`, every request in flight fails with
-`EngineDeadError` and `is_healthy` turns False; new requests fail at once. A
-bounded number of requests in flight (`max_num_seqs + max_waiting_requests`)
-turns overload into `EngineOverloadedError` with a retry hint.
+Failure is explicit: if the core process exits (the link watches its sentinel)
+or reports `Fatal`, every request in flight fails with `EngineDeadError` and
+`is_healthy` turns False; new requests fail at once. A bounded number of
+requests in flight (`max_num_seqs + max_waiting_requests`) turns overload into
+`EngineOverloadedError` with a retry hint. `EngineDeadError` and
+`RequestAbortedError` are defined with the link, as the embedding client raises
+them too; they are importable from here as well.
 """
 
 from __future__ import annotations
@@ -25,42 +28,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing
-import multiprocessing.connection
-import os
-import shutil
-import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-
-import msgspec
-import zmq
-import zmq.asyncio
 
 from inferd.engine import core_process as cp
 from inferd.engine.config import EngineConfig
 from inferd.engine.output_processor import OutputProcessor
 from inferd.engine.outputs import RequestOutput
+from inferd.engine.process_link import EngineDeadError, ProcessLink, RequestAbortedError
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
 from inferd.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine core process is gone; nothing can be generated until a restart."""
-
-
 class EngineOverloadedError(RuntimeError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class RequestAbortedError(RuntimeError):
-    """The server ended the request (shutdown) before it finished."""
 
 
 class RequestRejectedError(ValueError):
@@ -137,79 +123,21 @@ class AsyncEngine:
         self.info: cp.Ready | None = None  # model facts from the core, once started
         self.tokenizer: Tokenizer | None = None
         self.stats = cp.Stats()
-        self.dead_reason: str | None = None
         self._draining = False
-        self._closing = False
         self._streams: dict[str, _Stream] = {}
-        self._encoder = msgspec.msgpack.Encoder()
-        self._proc: multiprocessing.process.BaseProcess | None = None
-        self._push = self._pull = self._ctx = self._actx = self._tmpdir = self._out_task = None
+        self._link = ProcessLink("engine core", "engine", cp.FromCore, on_message=self._on_message,
+                                 fail_all=self._fail_all, log=log)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self, timeout: float = 900.0) -> cp.Ready:
         """Spawn the core and wait until it has loaded the model."""
-        self._loop = asyncio.get_running_loop()
-        self._tmpdir = tempfile.mkdtemp(prefix="inferd-")
-        to_core, from_core = f"ipc://{self._tmpdir}/in", f"ipc://{self._tmpdir}/out"
-        # sends are sync and NOBLOCK (no high-water mark: they fail only without a peer);
-        # receives are awaited on the event loop
-        self._ctx, self._actx = zmq.Context(), zmq.asyncio.Context()
-        self._push, self._pull = self._ctx.socket(zmq.PUSH), self._actx.socket(zmq.PULL)
-        self._push.sndhwm = self._push.linger = self._pull.linger = 0
-        self._push.bind(to_core)
-        self._pull.bind(from_core)
-        self._decoder = msgspec.msgpack.Decoder(cp.FromCore)
-        self._proc = multiprocessing.get_context("spawn").Process(
-            target=cp.run_core, name="inferd-engine-core", daemon=True,
-            args=(self.config, to_core, from_core, os.getpid(), logging.getLogger().getEffectiveLevel()))
-        self._proc.start()
-        self._exited = asyncio.Event()
-        threading.Thread(target=self._watch, args=(self._proc,), daemon=True,
-                         name="inferd-engine-watch").start()
-        try:
-            self.info = ready = await self._wait_ready(timeout)
-        except BaseException:
-            await self.shutdown()
-            raise
+        self.info = ready = await self._link.start(cp.run_core, self.config, cp.Ready, timeout)
         self.tokenizer = Tokenizer(ready.tokenizer)
         self._processor = OutputProcessor(self.tokenizer)
         self.stats = cp.Stats(num_free_blocks=ready.num_blocks, num_blocks=ready.num_blocks)
-        self._out_task = asyncio.create_task(self._output_loop(), name="inferd-engine-outputs")
+        self._link.listen()
         return self.info
-
-    async def _wait_ready(self, timeout: float) -> cp.Ready:
-        deadline = time.monotonic() + timeout
-        while not await self._pull.poll(200):
-            if self._exited.is_set():
-                raise RuntimeError(f"engine core exited during startup (exit code {self._proc.exitcode})")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"engine core did not start within {timeout:.0f}s")
-        msg = self._decoder.decode(await self._pull.recv())
-        if isinstance(msg, cp.StartupFailed):
-            raise ValueError(f"engine core failed to start: {msg.error}")
-        assert isinstance(msg, cp.Ready), msg
-        return msg
-
-    def _watch(self, proc) -> None:
-        # only wait on the sentinel here: reaping (exitcode) stays on the loop thread
-        multiprocessing.connection.wait([proc.sentinel])
-        try:
-            self._loop.call_soon_threadsafe(self._on_core_exit)
-        except RuntimeError:
-            pass  # the event loop is already closed: we are exiting anyway
-
-    def _on_core_exit(self) -> None:
-        self._exited.set()
-        if not self._closing:
-            self._mark_dead("the engine core process exited unexpectedly "
-                            f"(exit code {self._proc.exitcode})")
-
-    def _mark_dead(self, reason: str) -> None:
-        if self.dead_reason is None:
-            log.error("engine is dead: %s", reason)
-            self.dead_reason = reason
-        self._fail_all(EngineDeadError(self.dead_reason))
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, stream in list(self._streams.items()):
@@ -217,9 +145,12 @@ class AsyncEngine:
             stream.fail(error)
 
     @property
+    def dead_reason(self) -> str | None:
+        return self._link.dead_reason
+
+    @property
     def is_healthy(self) -> bool:
-        return (self.info is not None and self.dead_reason is None
-                and not self._draining and not self._closing)
+        return self._link.healthy and not self._draining
 
     @property
     def num_requests(self) -> int:
@@ -238,53 +169,13 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the core process (politely, then by force) and release the sockets."""
-        if self._closing:
-            return
-        self._closing = True
-        self._fail_all(RequestAbortedError("the server is shutting down; the request was aborted"))
-        proc = self._proc
-        if proc is not None and not self._exited.is_set():
-            self._send(cp.Shutdown())
-            if not await self._wait_exit(timeout):
-                log.warning("engine core did not stop in %.0fs; terminating it", timeout)
-                proc.terminate()
-                if not await self._wait_exit(2.0):
-                    proc.kill()
-                    await self._wait_exit(2.0)
-            proc.join(0)  # reap it
-        if self._out_task is not None:
-            self._out_task.cancel()
-        for closable in (self._push, self._pull):
-            if closable is not None:
-                closable.close(linger=0)
-        for ctx in (self._ctx, self._actx):
-            if ctx is not None:
-                ctx.term()
-        if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        await self._link.close(timeout)
 
     # -- requests -------------------------------------------------------------------------
 
-    async def _wait_exit(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._exited.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
-
-    def _send(self, msg) -> bool:
-        try:
-            self._push.send(self._encoder.encode(msg), zmq.NOBLOCK)
-            return True
-        except (zmq.Again, zmq.ZMQError):
-            return False
-
     def check_accepting(self, n: int = 1) -> None:
         """Raise the error a new request for `n` samples would get now, if any."""
-        if self.dead_reason is not None:
-            raise EngineDeadError(self.dead_reason)
-        if self._draining or self._closing or self.info is None:
-            raise RequestAbortedError("the server is shutting down; no new requests are accepted")
+        self._link.check_open(self._draining)
         limit = self.info.max_num_seqs + self.max_waiting_requests
         if self.num_requests + n > limit:
             retry = max(1, min(30, round(self.stats.waiting / max(1, self.info.max_num_seqs))))
@@ -299,9 +190,9 @@ class AsyncEngine:
         metrics = RequestMetrics(time.monotonic(), len(prompt_ids))
         children = self._processor.add_request(request_id, prompt_text, list(prompt_ids), params)
         stream = self._streams[request_id] = _Stream(params.n, metrics)
-        if not self._send(cp.AddRequest(request_id, list(prompt_ids), children)):
+        if not self._link.send(cp.AddRequest(request_id, list(prompt_ids), children)):
             self._forget(request_id, None)
-            self._mark_dead("the engine core process is not reachable")
+            self._link.mark_dead("the engine core process is not reachable")
             raise EngineDeadError(self.dead_reason)
         finished = False
         try:
@@ -324,7 +215,7 @@ class AsyncEngine:
             return None
         cids = self._processor.child_ids(request_id)
         if self.dead_reason is None and cids:
-            self._send(cp.Abort(cids))
+            self._link.send(cp.Abort(cids))
         self._processor.abort(request_id)
         if reason is not None:
             stream.metrics.finish_reasons = [reason] * stream.n
@@ -339,28 +230,16 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - metrics must never break a request
                 log.exception("on_request_done failed")
 
-    # -- the output loop ------------------------------------------------------------------
+    # -- what the core sends --------------------------------------------------------------
 
-    async def _output_loop(self) -> None:
-        try:
-            while True:
-                msg = self._decoder.decode(await self._pull.recv())
-                if isinstance(msg, cp.Outputs):
-                    self.stats = msg.stats
-                    self._on_outputs(msg)
-                elif isinstance(msg, cp.Stats):
-                    self.stats = msg
-                elif isinstance(msg, cp.Rejected):
-                    self._on_rejected(msg)
-                elif isinstance(msg, cp.Fatal):
-                    self._mark_dead(f"the engine core failed: {msg.error.strip().splitlines()[-1]}")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a broken loop would hang every request
-            log.exception("engine output loop failed")
-            self._mark_dead(f"the engine output loop failed: {e}")
-            if self._proc is not None and not self._exited.is_set():
-                self._proc.kill()
+    def _on_message(self, msg) -> None:
+        if isinstance(msg, cp.Outputs):
+            self.stats = msg.stats
+            self._on_outputs(msg)
+        elif isinstance(msg, cp.Stats):
+            self.stats = msg
+        elif isinstance(msg, cp.Rejected):
+            self._on_rejected(msg)
 
     def _on_outputs(self, msg: cp.Outputs) -> None:
         now = time.monotonic()
@@ -370,7 +249,7 @@ class AsyncEngine:
                 stream.metrics.scheduled = t
         outputs, to_abort = self._processor.process(msg.outputs)
         if to_abort:
-            self._send(cp.Abort(to_abort))
+            self._link.send(cp.Abort(to_abort))
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:

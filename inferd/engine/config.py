@@ -1,4 +1,9 @@
-"""Engine options: one validated object, shared by the Python API and the CLI."""
+"""Engine options: one validated object, shared by the Python API and the CLI.
+
+`DeviceOptions` is the part the embedder's options (`EmbedConfig`,
+engine/embed_spec.py) share with `EngineConfig`: how `dtype`, `device` and
+`num_threads` are checked and resolved. Only the dtype `auto` picks differs.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +38,42 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+class DeviceOptions:
+    """Checking and resolving `dtype`, `device` and `num_threads` for a config dataclass.
+
+    A mixin rather than a base dataclass, so each config declares these fields
+    itself, in the order its callers pass them. Each config supplies
+    `_auto_dtype`, the one rule that differs between them."""
+
+    dtype: str
+    device: str
+    num_threads: int | None
+
+    def _check_device_options(self) -> None:
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda was asked for but no CUDA device is available")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        return _DTYPES[self.dtype] if self.dtype != "auto" else self._auto_dtype(device)
+
+    def _auto_dtype(self, device: torch.device) -> torch.dtype:
+        raise NotImplementedError
+
+    def threads(self) -> int:
+        return self.num_threads or int(os.environ.get("INFERD_NUM_THREADS", 0)) or os.cpu_count() or 1
+
+
 @dataclass
-class EngineConfig:
+class EngineConfig(DeviceOptions):
     model: str | None = None
     dtype: str = "auto"                 # auto | float32 | bfloat16 | float16
     device: str = "auto"                # auto | cpu | cuda
@@ -51,10 +90,7 @@ class EngineConfig:
 
     def __post_init__(self):
         self.kv_cache_bytes = parse_size(self.kv_cache_bytes)
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda")
+        self._check_device_options()
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -63,19 +99,7 @@ class EngineConfig:
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: cuda was asked for but no CUDA device is available")
-        return torch.device(self.device)
-
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+    def _auto_dtype(self, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-    def threads(self) -> int:
-        return self.num_threads or int(os.environ.get("INFERD_NUM_THREADS", 0)) or os.cpu_count() or 1

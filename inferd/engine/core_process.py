@@ -14,27 +14,27 @@ it blocks on its inbox and sends a `Stats` heartbeat now and then. A rejected
 request gets `Rejected`; an exception in a step is fatal: the core sends `Fatal`
 and exits, and the API side fails every request in flight. The core also exits
 when its parent process is gone, so it never outlives the server.
+
+The process plumbing (sockets, startup failure, parent watch, `Fatal`) and the
+messages every model process shares (`Shutdown`, `StartupFailed`, `Fatal`) live
+in engine/process_link.py; this module holds the core's own protocol and loop.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
-import traceback
 
 import msgspec
-import zmq
 
 from inferd.engine.config import EngineConfig
+from inferd.engine.process_link import HEARTBEAT_S, Fatal, ParentLink, Shutdown, StartupFailed, run_child
 from inferd.engine.sampling_params import SamplingParams
 from inferd.engine.scheduler import EngineCoreOutput
 from inferd.models.checkpoint import TokenizerSpec
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_S = 0.5  # stats cadence while idle; also how often an idle core checks its parent
 
 
 # -- API process -> core ------------------------------------------------------------------
@@ -47,10 +47,6 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
     request_ids: list[str]
-
-
-class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
-    pass
 
 
 ToCore = AddRequest | Abort | Shutdown
@@ -67,10 +63,6 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
     block_size: int
     max_num_seqs: int
     pid: int
-
-
-class StartupFailed(msgspec.Struct, tag="startup_failed", array_like=True):
-    error: str
 
 
 class Stats(msgspec.Struct, tag="stats", array_like=True):
@@ -96,10 +88,6 @@ class Rejected(msgspec.Struct, tag="rejected", array_like=True):
     message: str
 
 
-class Fatal(msgspec.Struct, tag="fatal", array_like=True):
-    error: str
-
-
 FromCore = Ready | StartupFailed | Stats | Outputs | Rejected | Fatal
 
 
@@ -108,34 +96,8 @@ FromCore = Ready | StartupFailed | Stats | Outputs | Rejected | Fatal
 def run_core(config: EngineConfig, input_addr: str, output_addr: str, parent_pid: int,
              log_level: int = logging.INFO) -> None:
     """Process entry point (spawn target)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
-    # Ctrl-C reaches the whole process group; the API process shuts us down in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.connect(input_addr)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.LINGER, 2000)
-    outbox.connect(output_addr)
-    encoder = msgspec.msgpack.Encoder()
-    try:
-        core, spec, source = _build_core(config)
-    except Exception as e:  # noqa: BLE001 - reported to the API process, which exits cleanly
-        if isinstance(e, (ValueError, OSError)):
-            log.error("engine core failed to start: %s", e)  # a bad model argument: no traceback
-        else:
-            log.exception("engine core failed to start")
-        outbox.send(encoder.encode(StartupFailed(f"{type(e).__name__}: {e}")))
-        inbox.close(linger=0)
-        outbox.close()
-        ctx.term()
-        return
-    try:
-        _CoreLoop(core, inbox, outbox, encoder, parent_pid).run(spec, source)
-    finally:
-        inbox.close(linger=0)
-        outbox.close()
-        ctx.term()
+    run_child(lambda link: _CoreLoop(link, *_build_core(config)), ToCore, input_addr, output_addr,
+              parent_pid, log_level, tag="core", failed="engine core failed to start", log=log)
 
 
 def _build_core(config: EngineConfig):
@@ -149,33 +111,27 @@ def _build_core(config: EngineConfig):
 
 
 class _CoreLoop:
-    def __init__(self, core, inbox: zmq.Socket, outbox: zmq.Socket,
-                 encoder: msgspec.msgpack.Encoder, parent_pid: int):
-        self.core = core
-        self.inbox, self.outbox, self.encoder = inbox, outbox, encoder
-        self.decoder = msgspec.msgpack.Decoder(ToCore)
-        self.parent_pid = parent_pid
+    def __init__(self, link: ParentLink, core, spec: TokenizerSpec, source: str):
+        self.link, self.core = link, core
+        self.spec, self.source = spec, source
         self.queued: dict[str, str] = {}  # never scheduled yet: core id -> user's request id
         self.running = True
-
-    def send(self, msg) -> None:
-        self.outbox.send(self.encoder.encode(msg), copy=False)
 
     def stats(self) -> Stats:
         s, kv = self.core.scheduler, self.core.kv
         return Stats(len(s.running), len(s.waiting), kv.usage, kv.num_free_blocks, kv.num_blocks,
                      s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
 
-    def run(self, spec: TokenizerSpec, source: str) -> None:
+    def run(self) -> None:
         core = self.core
-        self.send(Ready(spec, source, core.max_model_len, core.model_config.vocab_size,
-                        core.kv.num_blocks, core.kv.block_size, core.config.max_num_seqs, os.getpid()))
+        self.link.send(Ready(self.spec, self.source, core.max_model_len, core.model_config.vocab_size,
+                             core.kv.num_blocks, core.kv.block_size, core.config.max_num_seqs, os.getpid()))
         last_stats, last_sent = None, 0.0
         while self.running:
             busy = core.has_unfinished
-            if self.inbox.poll(0 if busy else int(HEARTBEAT_S * 1000)):
+            if self.link.poll(0 if busy else int(HEARTBEAT_S * 1000)):
                 self.drain_inbox()
-            if not self.running or os.getppid() != self.parent_pid:
+            if not self.running or not self.link.parent_alive():
                 break
             if core.has_unfinished:
                 self.step()
@@ -183,16 +139,11 @@ class _CoreLoop:
             stats = self.stats()  # idle: report changes at once, otherwise a heartbeat
             now = time.monotonic()
             if stats != last_stats or now - last_sent >= HEARTBEAT_S:
-                self.send(stats)
+                self.link.send(stats)
                 last_stats, last_sent = stats, now
 
     def drain_inbox(self) -> None:
-        while self.running:
-            try:
-                raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            msg = self.decoder.decode(raw.buffer)
+        while self.running and (msg := self.link.receive()) is not None:
             if isinstance(msg, AddRequest):
                 self.add(msg)
             elif isinstance(msg, Abort):
@@ -212,7 +163,7 @@ class _CoreLoop:
             for cid in added:
                 self.core.abort(cid)
             message = str(e) if not hasattr(e, "param") else str(e).removeprefix(f"{e.param}: ")
-            self.send(Rejected(msg.request_id, getattr(e, "param", None), message))
+            self.link.send(Rejected(msg.request_id, getattr(e, "param", None), message))
             return
         self.queued.update((cid, msg.request_id) for cid in added)
 
@@ -221,9 +172,7 @@ class _CoreLoop:
         try:
             outputs = self.core.step()
         except Exception:  # noqa: BLE001 - state is unknown now: report and exit
-            err = traceback.format_exc()
-            log.error("engine core step failed:\n%s", err)
-            self.send(Fatal(err))
+            self.link.report_fatal("engine core step failed")
             self.running = False
             return
         scheduled = []
@@ -231,4 +180,4 @@ class _CoreLoop:
             waiting = {r.request_id for r in self.core.scheduler.waiting}
             for cid in [c for c in self.queued if c not in waiting]:
                 scheduled.append((self.queued.pop(cid), started))
-        self.send(Outputs(outputs, scheduled, self.stats()))
+        self.link.send(Outputs(outputs, scheduled, self.stats()))

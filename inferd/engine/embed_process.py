@@ -15,23 +15,23 @@ token goal stay queued for the next batch, in arrival order. An exception in a
 batch is fatal, as in the generation core: inputs are checked before they get
 here, so it means a broken state; the core sends `Fatal` and exits. It also exits
 when its parent process is gone.
+
+The process plumbing and the shared messages (`Shutdown`, `StartupFailed`,
+`Fatal`) are engine/process_link.py's, as for the generation core.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
-import traceback
 from collections import deque
 
 import msgspec
 import numpy as np
-import zmq
 
-from inferd.engine.core_process import HEARTBEAT_S, StartupFailed
 from inferd.engine.embed_spec import EmbedConfig, EmbedSpec
+from inferd.engine.process_link import HEARTBEAT_S, Fatal, ParentLink, Shutdown, StartupFailed, run_child
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 class EmbedRequest(msgspec.Struct, tag="embed", array_like=True):
     request_id: int
     token_ids: list[list[int]]
-
-
-class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
-    pass
 
 
 ToCore = EmbedRequest | Shutdown
@@ -79,11 +75,6 @@ class Embeddings(msgspec.Struct, tag="embeddings", array_like=True):
     stats: EmbedStats
 
 
-class Fatal(msgspec.Struct, tag="fatal", array_like=True):
-    error: str
-
-
-# StartupFailed is the generation core's message: the same meaning, one definition
 FromCore = Ready | StartupFailed | Embeddings | Fatal
 
 
@@ -92,61 +83,30 @@ FromCore = Ready | StartupFailed | Embeddings | Fatal
 def run_embed_core(config: EmbedConfig, input_addr: str, output_addr: str, parent_pid: int,
                    log_level: int = logging.INFO) -> None:
     """Process entry point (spawn target)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[embed]: %(message)s")
-    # Ctrl-C reaches the whole process group; the API process shuts us down in order.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.connect(input_addr)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.LINGER, 2000)
-    outbox.connect(output_addr)
-    encoder = msgspec.msgpack.Encoder()
-    try:
-        from inferd.engine.embedder import Embedder
-        embedder = Embedder(config)
-    except Exception as e:  # noqa: BLE001 - reported to the API process, which exits cleanly
-        if isinstance(e, (ValueError, OSError)):
-            log.error("embedding model failed to load: %s", e)  # a bad model argument: no traceback
-        else:
-            log.exception("embedding model failed to load")
-        outbox.send(encoder.encode(StartupFailed(f"{type(e).__name__}: {e}")))
-        inbox.close(linger=0)
-        outbox.close()
-        ctx.term()
-        return
-    try:
-        _EmbedLoop(embedder, config, inbox, outbox, encoder, parent_pid).run()
-    finally:
-        inbox.close(linger=0)
-        outbox.close()
-        ctx.term()
+    run_child(lambda link: _EmbedLoop(link, config), ToCore, input_addr, output_addr, parent_pid,
+              log_level, tag="embed", failed="embedding model failed to load", log=log)
 
 
 class _EmbedLoop:
-    def __init__(self, embedder, config: EmbedConfig, inbox: zmq.Socket, outbox: zmq.Socket,
-                 encoder: msgspec.msgpack.Encoder, parent_pid: int):
-        self.embedder = embedder
+    def __init__(self, link: ParentLink, config: EmbedConfig):
+        from inferd.engine.embedder import Embedder  # model code: needed in this process only
+
+        self.embedder = Embedder(config)
+        self.link = link
         self.max_batch_tokens = config.max_batch_tokens
         self.max_wait_s = config.max_wait_ms / 1000
-        self.inbox, self.outbox, self.encoder = inbox, outbox, encoder
-        self.decoder = msgspec.msgpack.Decoder(ToCore)
-        self.parent_pid = parent_pid
         self.queue: deque[EmbedRequest] = deque()
         self.queued_tokens = 0
         self.stats = EmbedStats()
         self.running = True
 
-    def send(self, msg) -> None:
-        self.outbox.send(self.encoder.encode(msg), copy=False)
-
     def run(self) -> None:
-        self.send(Ready(self.embedder.spec, os.getpid()))
+        self.link.send(Ready(self.embedder.spec, os.getpid()))
         while self.running:
             if not self.queue:
-                if self.inbox.poll(int(HEARTBEAT_S * 1000)):
+                if self.link.poll(int(HEARTBEAT_S * 1000)):
                     self.drain_inbox()
-                if os.getppid() != self.parent_pid:
+                if not self.link.parent_alive():
                     break
                 continue
             self.wait_for_more()
@@ -154,12 +114,7 @@ class _EmbedLoop:
                 self.run_batch(self.take_batch())
 
     def drain_inbox(self) -> None:
-        while self.running:
-            try:
-                raw = self.inbox.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            msg = self.decoder.decode(raw.buffer)
+        while self.running and (msg := self.link.receive()) is not None:
             if isinstance(msg, EmbedRequest):
                 self.queue.append(msg)
                 self.queued_tokens += sum(map(len, msg.token_ids))
@@ -172,7 +127,7 @@ class _EmbedLoop:
         deadline = time.monotonic() + self.max_wait_s
         while self.running and self.queued_tokens < self.max_batch_tokens:
             left_ms = (deadline - time.monotonic()) * 1000
-            if left_ms <= 0 or not self.inbox.poll(max(1, round(left_ms))):
+            if left_ms <= 0 or not self.link.poll(max(1, round(left_ms))):
                 return
             self.drain_inbox()
 
@@ -194,9 +149,7 @@ class _EmbedLoop:
         try:
             vectors = self.embedder.embed_ids(seqs)
         except Exception:  # noqa: BLE001 - state is unknown now: report and exit
-            err = traceback.format_exc()
-            log.error("embedding batch failed:\n%s", err)
-            self.send(Fatal(err))
+            self.link.report_fatal("embedding batch failed")
             self.running = False
             return
         s = self.stats
@@ -209,4 +162,4 @@ class _EmbedLoop:
         for req in batch:
             rows = vectors[row:row + len(req.token_ids)]
             row += len(req.token_ids)
-            self.send(Embeddings(req.request_id, np.ascontiguousarray(rows).tobytes(), s))
+            self.link.send(Embeddings(req.request_id, np.ascontiguousarray(rows).tobytes(), s))

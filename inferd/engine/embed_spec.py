@@ -1,10 +1,12 @@
 """What an embedding model directory says, and the options an embedder runs with.
 
 `EmbedConfig` holds the run options (one validated object, as `EngineConfig` is
-for generation). `EmbedSpec` is what a model directory declares: tokenizer,
+for generation; both check and resolve device, dtype and threads through
+`DeviceOptions`). `EmbedSpec` is what a model directory declares: tokenizer,
 maximum length, output size, pooling, normalization and the output sizes it
 allows. It is read once by `load_spec` and travels as it is from the embedding
-process to the API process, so both sides apply the same rules.
+process to the API process, so both sides apply the same rules; `SpecFacts`
+gives both embedders (`Embedder`, `AsyncEmbedder`) the same view of it.
 
 The sentence-transformers files, when present, decide the recipe, as
 `SentenceTransformer` would: `modules.json` lists the modules (Transformer,
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inferd.engine.config import DeviceOptions
 from inferd.engine.sampling_params import InvalidParameterError
 from inferd.models.default_embedding_model import is_default_embedding
 
@@ -44,11 +47,10 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_lasttoken": "lasttoken",
 }
 ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class EmbedConfig:
+class EmbedConfig(DeviceOptions):
     model: str | None = None            # a model directory, or None / "default-embedding"
     dtype: str = "float32"              # float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)
     device: str = "auto"                # auto | cpu | cuda
@@ -59,31 +61,16 @@ class EmbedConfig:
     progress: bool = False              # a progress bar while loading weights
 
     def __post_init__(self):
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda")
+        self._check_device_options()
         for name in ("max_batch_tokens", "max_pending_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms: must not be negative, got {self.max_wait_ms}")
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device: cuda was asked for but no CUDA device is available")
-        return torch.device(self.device)
-
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+    def _auto_dtype(self, device: torch.device) -> torch.dtype:
         # embeddings are compared by cosine similarity: keep full precision on CPU
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-    def threads(self) -> int:
-        return self.num_threads or int(os.environ.get("INFERD_NUM_THREADS", 0)) or os.cpu_count() or 1
 
 
 @dataclass
@@ -127,6 +114,24 @@ class EmbedSpec:
         if self.normalize:
             cut = cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(cut, dtype=np.float32)
+
+
+class SpecFacts:
+    """`model_name`, `dimension` and `max_len` of an embedder that holds its model's `spec`."""
+
+    spec: EmbedSpec | None
+
+    @property
+    def model_name(self) -> str:
+        return self.spec.model_name
+
+    @property
+    def dimension(self) -> int:
+        return self.spec.dimension
+
+    @property
+    def max_len(self) -> int:
+        return self.spec.max_len
 
 
 def _read_json(path: Path) -> Any:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inferd.engine.embed_spec import EmbedConfig, EmbedSpec, encoder_dir, is_encoder_config, load_spec
+from inferd.engine.embed_spec import (EmbedConfig, EmbedSpec, SpecFacts, encoder_dir, is_encoder_config,
+                                      load_spec)
 from inferd.engine.embed_tokenizer import EmbedInputs, EmbedTokenizer
 from inferd.models.bert import build_bert
 from inferd.models.default_embedding_model import resolve_embedding_model
@@ -67,7 +68,7 @@ class EmbeddingRequestOutput:
     finished: bool = True
 
 
-class Embedder:
+class Embedder(SpecFacts):
     """An embedding model loaded in this process.
 
     `Embedder(model, **options)` takes `EmbedConfig` options (dtype, device,
@@ -90,18 +91,6 @@ class Embedder:
         self.model = build_bert(ckpt.config, ckpt.tensors, self.dtype, self.device)
         self.pad_id = self.model.cfg.pad_token_id
         self.num_forward_passes = 0  # since start: padded batches run through the encoder
-
-    @property
-    def dimension(self) -> int:
-        return self.spec.dimension
-
-    @property
-    def max_len(self) -> int:
-        return self.spec.max_len
-
-    @property
-    def model_name(self) -> str:
-        return self.spec.model_name
 
     def embed(self, inputs: EmbedInputs, *, truncate: bool = False,
               dimensions: int | None = None) -> EmbedResult:

