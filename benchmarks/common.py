@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: machine info, seeded random prompts, results and docs sections."""
+"""Shared benchmark plumbing: machine info, seeded random prompts, results and docs sections, and
+server processes started on loopback for a run."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 import os
 import platform
 import re
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,3 +66,43 @@ def write_doc_section(key: str, markdown: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
+
+
+class Server:
+    """A server process on loopback, its output in a log file."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, health: str = "/health"):
+        self.name, self.cmd, self.port, self.health = name, cmd, port, health
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 180.0) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+            try:
+                if httpx.get(self.url + self.health, timeout=2, trust_env=False).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        output = self.output()
+        self.stop()
+        raise TimeoutError(f"{self.name} did not become healthy:\n{output[-3000:]}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)

@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS, ROOT, machine_info, save_json, write_doc_section  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, Server, machine_info, save_json, write_doc_section  # noqa: E402
 
 LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "bin" / "llama-server"
 ENGINES = ("inferd", "llama.cpp")
@@ -55,46 +52,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class Server:
-    """A server process on loopback, its output in a log file."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None):
-        self.name, self.cmd, self.port = name, cmd, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **(env or {})})
-
-    def wait_ready(self, timeout: float = 180.0) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2, trust_env=False).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        output = self.output()
-        self.stop()
-        raise TimeoutError(f"{self.name} did not become healthy:\n{output[-3000:]}")
-
-    def output(self) -> str:
-        return Path(self.log.name).read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
 
 
 def start_inferd(gguf: Path, threads: int) -> Server:
