@@ -48,6 +48,7 @@ from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
+from inferd.providers.local import LocalEngineDeployment
 from inferd.providers.local_embeddings import LocalEmbeddingDeployment
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         card = {"id": group.name, "object": "model", "created": st.created, "owned_by": "inferd"}
         if group.aliases:
             card["aliases"] = group.aliases
-        local = next((h.deployment for h in group.handles if h.deployment in st.local_engines()), None)
+        local = next((h.deployment for h in group.handles if isinstance(h.deployment, LocalEngineDeployment)),
+                     None)
         if local is not None:
             card.update(root=local.engine.info.source, max_model_len=local.engine.info.max_model_len)
         return card

@@ -76,8 +76,7 @@ async def start_gateway(config: GatewayConfig, base: EngineConfig, metrics: Gate
         made.append([_make_deployment(d, g.name, base, f"models[{i}].deployments[{j}]", max_waiting_requests)
                      for j, d in enumerate(g.deployments)])
     everything = [d for ds in made for d in ds]
-    starts = [d.start() for d in everything if hasattr(d, "start")]
-    results = await asyncio.gather(*starts, return_exceptions=True)
+    results = await asyncio.gather(*(d.start() for d in everything), return_exceptions=True)
     failed = next((r for r in results if isinstance(r, BaseException)), None)
     if failed is not None:
         await asyncio.gather(*(d.aclose() for d in everything), return_exceptions=True)

@@ -202,33 +202,34 @@ def load_config(path: str | Path) -> GatewayConfig:
     return parse_config(data, str(path))
 
 
-def local_engine_config(spec: LocalSpec, base: EngineConfig, where: str) -> EngineConfig:
-    """The CLI's engine options overridden by the deployment's `engine:` block."""
-    known = {f.name for f in dataclasses.fields(EngineConfig)}
+def _engine_block(cls, spec: LocalSpec, where: str, make, what: str = ""):
+    """`make()` an options object of dataclass `cls` from the deployment's `engine:` block; every
+    problem (an unknown key, a bad value) is a ValueError naming `<where>.engine`."""
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(spec.engine) - known)
     if unknown:
-        raise ValueError(f"{where}.engine: unknown option(s) {', '.join(unknown)}; "
+        raise ValueError(f"{where}.engine: unknown option(s) {', '.join(unknown)}{what}; "
                          f"allowed: {', '.join(sorted(known - {'model', 'progress'}))}")
     try:
-        return dataclasses.replace(base, model=spec.model, **spec.engine)
+        return make()
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}.engine: {e}") from None
+
+
+def local_engine_config(spec: LocalSpec, base: EngineConfig, where: str) -> EngineConfig:
+    """The CLI's engine options overridden by the deployment's `engine:` block."""
+    return _engine_block(EngineConfig, spec, where,
+                         lambda: dataclasses.replace(base, model=spec.model, **spec.engine))
 
 
 def local_embed_config(spec: LocalSpec, base: EngineConfig, where: str) -> EmbedConfig:
     """An embedding deployment's options: `EmbedConfig` fields; device and threads default to the CLI's."""
-    known = {f.name for f in dataclasses.fields(EmbedConfig)}
-    unknown = sorted(set(spec.engine) - known)
-    if unknown:
-        raise ValueError(f"{where}.engine: unknown option(s) {', '.join(unknown)} for an embedding model; "
-                         f"allowed: {', '.join(sorted(known - {'model', 'progress'}))}")
     defaults = {"device": base.device, "num_threads": base.num_threads}
     if base.dtype != "auto":
         defaults["dtype"] = base.dtype
-    try:
-        return EmbedConfig(model=spec.model, **{**defaults, **spec.engine})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}.engine: {e}") from None
+    return _engine_block(EmbedConfig, spec, where,
+                         lambda: EmbedConfig(model=spec.model, **{**defaults, **spec.engine}),
+                         " for an embedding model")
 
 
 def single_model_config(name: str, model: str | None, embedding: tuple[str, str | None] | None = None

@@ -1,7 +1,8 @@
 """Gateway metrics for /metrics: what happened to each attempt on each deployment, and why.
 
 Per deployment: attempts by HTTP status (200 for an answer), attempt latency, the
-circuit breaker's state (0 closed, 1 open, 2 half-open) and requests in flight;
+circuit breaker's state (0 closed, 1 open, 2 half-open) and requests in flight (the last two
+refreshed at scrape time, so a circuit that turned half-open while idle shows it);
 per group: fallbacks (from, to, error class), degradations (from, to) and requests
 refused because nothing could take them in time. They live in the app's registry
 beside the engine metrics.
@@ -34,10 +35,9 @@ class GatewayMetrics:
         self._refused = Counter("inferd:gateway_refused", "Requests refused with 503: nothing could "
                                 "take them within the SLO.", ["group"], registry=registry)
 
-    def attempt(self, deployment: str, status: str, seconds: float, circuit_state: int) -> None:
+    def attempt(self, deployment: str, status: str, seconds: float) -> None:
         self._attempts.labels(deployment, status).inc()
         self._latency.labels(deployment).observe(seconds)
-        self._circuit.labels(deployment).set(circuit_state)
 
     def circuit(self, deployment: str, state: int) -> None:
         self._circuit.labels(deployment).set(state)

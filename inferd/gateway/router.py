@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from inferd.gateway.admission import admit
 from inferd.gateway.backoff import RetryPolicy, retry_delay
 from inferd.gateway.circuit_breaker import CircuitBreaker
 from inferd.gateway.metrics import GatewayMetrics
@@ -168,8 +169,6 @@ class Gateway:
     # -- routing ------------------------------------------------------------------------------
 
     async def _route(self, endpoint: Endpoint, body: dict, route: Route, call: Call):
-        from inferd.gateway.admission import admit  # imported here: admission reads Gateway
-
         deadline = self.clock() + self.max_total_s
         first = self.resolve(body.get("model"), endpoint)
         group = admit(self, first, route)
@@ -210,7 +209,7 @@ class Gateway:
         if not candidates:
             raise ProviderError(ErrorKind.INVALID_REQUEST, f"the model {group.name!r} does not serve "
                                 f"this endpoint", status=400, param="model")
-        key = routing_key_for(body, endpoint)
+        key = routing_key_for(body, endpoint) if group.strategy.uses_routing_key else None
         last: ProviderError | None = None
         for h in group.strategy.order(candidates, key):
             if not h.deployment.healthy:
@@ -274,7 +273,7 @@ class Gateway:
 
     def _observe(self, h: Handle, status: str, seconds: float) -> None:
         if self.metrics:
-            self.metrics.attempt(h.name, status, seconds, h.breaker.gauge_value)
+            self.metrics.attempt(h.name, status, seconds)
 
     def stream_ended(self, h: Handle, started: float, error: ProviderError | None, complete: bool) -> None:
         """Account a stream that had its first chunk: broke (the deployment's fault), ended or was left."""

@@ -49,6 +49,7 @@ C = TypeVar("C", bound=Candidate)
 
 class RoutingStrategy(Protocol):
     name: str
+    uses_routing_key: bool  # whether `order` reads the key (the router derives it only then)
 
     def order(self, candidates: Sequence[C], routing_key: str | None = None) -> list[C]: ...
 
@@ -57,6 +58,7 @@ class _RandomTies:
     """Base of the strategies that sort by a key and break ties at random."""
 
     name = ""
+    uses_routing_key = False
 
     def __init__(self, rng: random.Random):
         self.rng = rng
@@ -125,6 +127,7 @@ class PrefixAffinity(_RandomTies):
     """
 
     name = "prefix_affinity"
+    uses_routing_key = True
 
     def __init__(self, rng: random.Random, load_factor: float = 2.0, load_slack: int = 4):
         super().__init__(rng)

@@ -137,6 +137,9 @@ class Deployment(ABC):
     def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
         """Chunk bodies of a streamed request, ending with a usage chunk; raises `ProviderError`."""
 
+    async def start(self) -> None:
+        """Start what the deployment runs itself (a local engine's process); remote ones have nothing to start."""
+
     @property
     def healthy(self) -> bool:
         """False while the deployment cannot take work at all (a dead or draining engine)."""

@@ -54,6 +54,15 @@ def engine_error(exc: Exception) -> ProviderError | None:
     return None
 
 
+def refusal(check_accepting) -> ProviderError | None:
+    """Why a client's `check_accepting()` would refuse a request now, classified (None: it would not)."""
+    try:
+        check_accepting()
+    except Exception as e:  # noqa: BLE001 - it says why the client takes nothing
+        return engine_error(e)
+    return None
+
+
 @contextlib.contextmanager
 def classified():
     try:
@@ -86,11 +95,7 @@ class LocalEngineDeployment(Deployment):
         return self.engine.is_healthy
 
     def unavailable(self) -> ProviderError:
-        try:
-            self.engine.check_accepting()
-        except Exception as e:  # noqa: BLE001 - it says why the engine takes nothing
-            return engine_error(e) or super().unavailable()
-        return super().unavailable()
+        return refusal(self.engine.check_accepting) or super().unavailable()
 
     @property
     def capacity(self) -> int:

@@ -19,7 +19,7 @@ from pydantic import Field
 from inferd.engine.embed_client import AsyncEmbedder
 from inferd.engine.embed_spec import EmbedConfig
 from inferd.providers.base import Deployment, Endpoint, ErrorKind, ModelInfo, ProviderError
-from inferd.providers.local import classified, engine_error
+from inferd.providers.local import classified, refusal
 from inferd.providers.openai_schema import WireModel
 
 _I32 = 2**31 - 1
@@ -62,11 +62,7 @@ class LocalEmbeddingDeployment(Deployment):
         return self.embedder.is_healthy
 
     def unavailable(self) -> ProviderError:
-        try:
-            self.embedder.check_accepting()
-        except Exception as e:  # noqa: BLE001 - it says why the embedder takes nothing
-            return engine_error(e) or super().unavailable()
-        return super().unavailable()
+        return refusal(self.embedder.check_accepting) or super().unavailable()
 
     @property
     def info(self) -> ModelInfo:
