@@ -1,0 +1,1 @@
+"""Tenancy, limits, budgets, prices, the usage ledger and showback: what inferd knows about who spends what."""
