@@ -1,4 +1,4 @@
-"""Command line: `inferd serve | generate | bench`.
+"""Command line: `inferd serve | generate | bench | keys | teams | usage`.
 
 Engine options are shared by every command that loads a model, so `serve` and
 `generate` accept the same flags with the same meaning.
@@ -94,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None,
                        help="gateway config (YAML): model groups, local and remote deployments, routing, "
                             "fallbacks; the engine flags below are the defaults of its local engines")
-    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--api-key", default=None,
+                       help="the admin key (default: $INFERD_API_KEY); keys made with `inferd keys create` "
+                            "are checked as well; with neither, the server is open")
+    serve.add_argument("--store", default=None,
+                       help="where keys, limits and the usage ledger live: sqlite:///PATH or "
+                            "postgresql://USER@HOST/DB (default: $INFERD_STORE or a SQLite file in the "
+                            "user data directory)")
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="requests queued beyond --max-num-seqs before 503 + Retry-After "
                             "(default 256, or each local deployment's max_waiting_requests)")
@@ -104,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     from inferd.bench.cli import add_bench_parser
+    from inferd.platform.keys_cli import add_keys_parsers
+    from inferd.platform.usage_cli import add_usage_parser
     add_bench_parser(sub)  # inferd bench throughput | serve
+    add_keys_parsers(sub)  # inferd keys ... | teams ...
+    add_usage_parser(sub)  # inferd usage
     return parser
 
 

@@ -12,6 +12,7 @@ of ending like a success.
 from __future__ import annotations
 
 import logging
+import math
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -19,12 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from inferd.platform.quota import QuotaExceeded
 from inferd.providers.base import ErrorKind, ProviderError
 from inferd.providers.openai_schema import validation_error
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_quota",
+          403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
 
@@ -51,6 +54,10 @@ def api_error(exc: BaseException) -> APIError:
     """The client-facing error for an exception (500 only for genuine bugs)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, QuotaExceeded):
+        headers = {} if exc.retry_after is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+        return APIError(exc.status, exc.message, code=exc.code, headers=headers,
+                        type="insufficient_quota" if exc.status == 402 else "rate_limit_error")
     if isinstance(exc, ProviderError) and exc.kind is ErrorKind.AUTH:
         # the upstream refused inferd's own credentials: a server-side problem, not the client's key
         return APIError(502, f"an upstream provider rejected this server's credentials: {exc.message}",
@@ -90,5 +97,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (APIError, ProviderError, Exception):
+    for cls in (APIError, ProviderError, QuotaExceeded, Exception):
         app.add_exception_handler(cls, on_error)

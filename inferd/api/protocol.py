@@ -1,7 +1,8 @@
 """What the API routes share: the server state, JSON and SSE framing, and client disconnects.
 
 `ServerState` is what routes need from the app: the gateway (every model group and
-its deployments), the metrics and the API key. `sse()` frames one event (escaping
+its deployments), the metrics, metering and the authenticator; `principal()` is who
+is calling. `sse()` frames one event (escaping
 the characters splitlines-based readers would cut it at); `cancel_on_disconnect`
 abandons the work of a client that went away, which aborts its engine requests.
 """
@@ -16,13 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inferd.api.errors import APIError
+from inferd.api.auth import Authenticator
+from inferd.api.errors import APIError, api_error
 from inferd.api.metrics import EngineMetrics
 from inferd.gateway.metrics import GatewayMetrics
-from inferd.gateway.router import Gateway
+from inferd.gateway.router import Gateway, Route
+from inferd.platform.keys import Principal
+from inferd.platform.metering import Metering, RequestMeter
 from inferd.providers.local import LocalEngineDeployment
 
 
@@ -32,7 +37,8 @@ class ServerState:
     engine_metrics: EngineMetrics
     gateway_metrics: GatewayMetrics
     registry: Any
-    api_key: str | None = None
+    metering: Metering
+    authenticator: Authenticator
     created: int = field(default_factory=lambda: int(time.time()))
 
     def local_engines(self) -> list[LocalEngineDeployment]:
@@ -52,10 +58,16 @@ def state(request: Request) -> ServerState:
     return request.app.state.inferd
 
 
-def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def principal(request: Request) -> Principal | None:
+    """Who is calling (None on an open server); set by the request middleware."""
+    return request.state.principal
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None,
+                  background: BackgroundTask | None = None) -> Response:
     # msgspec writes non-finite floats as null, so the body is always valid JSON
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json",
-                    headers=headers)
+                    headers=headers, background=background)
 
 
 async def read_json(request: Request) -> dict:
@@ -112,3 +124,24 @@ async def cancel_on_disconnect(request: Request, work: Awaitable) -> Any:
         await asyncio.gather(task, return_exceptions=True)
         raise APIError(499, "the client closed the request", type="client_closed_request")
     return task.result()
+
+
+_background: set[asyncio.Task] = set()
+
+
+def spawn(coro: Awaitable) -> None:
+    """Run `coro` to the end on its own task, whatever happens to the caller's."""
+    task = asyncio.ensure_future(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def metered(meter: RequestMeter, route: Route, work: Awaitable) -> Any:
+    """Await the gateway's work; if it fails (or the client leaves), settle the meter with that status."""
+    try:
+        return await work
+    except BaseException as e:
+        error = api_error(e) if isinstance(e, Exception) else None
+        status = error.status if error is not None else 499
+        await meter.finish(status, route, cancelled=status == 499)
+        raise

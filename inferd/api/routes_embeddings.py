@@ -3,14 +3,15 @@
 The body goes to the gateway as is (a remote OpenAI-compatible deployment gets it
 untouched); a local embedding deployment validates it, batches it with other
 clients' inputs in its own process, and answers in OpenAI's format. The response
-carries the same `x-inferd-*` headers as chat and completions.
+carries the same `x-inferd-*` headers as chat and completions, and is metered like them.
 """
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.background import BackgroundTask
 
-from inferd.api.protocol import cancel_on_disconnect, json_response, read_json, state
+from inferd.api.protocol import cancel_on_disconnect, json_response, metered, principal, read_json, state
 from inferd.gateway.router import Route
 
 router = APIRouter()
@@ -19,7 +20,12 @@ router = APIRouter()
 @router.post("/v1/embeddings")
 async def create_embeddings(request: Request):
     body = await read_json(request)
+    st = state(request)
+    group = st.gateway.resolve(body.get("model"), "embeddings")
+    meter = await st.metering.begin(principal(request), "embeddings", group.name, body,
+                                    request_id=request.state.request_id)
     route = Route(body.get("model"), "embeddings")
     request.state.route = route
-    answer = await cancel_on_disconnect(request, state(request).gateway.request("embeddings", body, route))
-    return json_response(answer, headers=route.headers())
+    answer = await metered(meter, route, cancel_on_disconnect(request, st.gateway.request("embeddings", body, route)))
+    meter.usage(answer.get("usage"))
+    return json_response(answer, headers=route.headers(), background=BackgroundTask(meter.finish, 200, route))

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from inferd.api.errors import api_error
-from inferd.api.protocol import SSE_DONE, SSE_HEADERS, cancel_on_disconnect, json_response, read_json, sse, state
+from inferd.api.protocol import (SSE_DONE, SSE_HEADERS, cancel_on_disconnect, json_response, metered, principal,
+                                 read_json, spawn, sse, state)
 from inferd.gateway.router import OpenStream, Route
+from inferd.platform.metering import RequestMeter
 from inferd.providers.base import ProviderError
 from inferd.providers.openai_schema import ChatCompletionRequest, CompletionRequest, validation_error
 
@@ -46,31 +49,56 @@ async def _serve(request: Request, endpoint: str, schema, id_prefix: str):
         parsed = schema.model_validate(body)
     except ValidationError as e:
         raise validation_error(e) from None
-    gateway = state(request).gateway
+    st = state(request)
+    group = st.gateway.resolve(body.get("model"), endpoint)
+    meter = await st.metering.begin(principal(request), endpoint, group.name, body,
+                                    request_id=request.state.request_id, stream=parsed.stream)
     route = Route(body.get("model"), endpoint)
     request.state.route = route
     response_id = f"{id_prefix}-{request.state.request_id}"
     if not parsed.stream:
-        answer = await cancel_on_disconnect(request, gateway.request(endpoint, body, route))
+        answer = await metered(meter, route, cancel_on_disconnect(request, st.gateway.request(endpoint, body, route)))
         answer["id"] = response_id
-        return json_response(answer, headers=route.headers())
-    stream = await cancel_on_disconnect(request, gateway.open_stream(endpoint, body, route))
-    return StreamingResponse(_events(stream, response_id, parsed.include_usage), media_type="text/event-stream",
-                             headers={**SSE_HEADERS, **route.headers()})
+        meter.usage(answer.get("usage"))
+        return json_response(answer, headers=route.headers(), background=BackgroundTask(meter.finish, 200, route))
+    stream = await metered(meter, route, cancel_on_disconnect(request, st.gateway.open_stream(endpoint, body, route)))
+    events = _Events(stream, meter, response_id, parsed.include_usage, parsed.continuous_usage)
+    return StreamingResponse(events.run(), media_type="text/event-stream",
+                             headers={**SSE_HEADERS, **route.headers()}, background=BackgroundTask(events.finish))
 
 
-async def _events(stream: OpenStream, response_id: str, include_usage: bool):
-    try:
-        async for chunk in stream:
-            is_usage = not chunk.get("choices") and "usage" in chunk
-            if is_usage and not include_usage:
-                continue
-            chunk["id"] = response_id
-            if include_usage:
-                chunk.setdefault("usage", None)
-            yield sse(chunk)
-        yield SSE_DONE
-    except ProviderError as e:  # after the first chunk: the stream says why it ends, never a clean finish
-        yield sse(api_error(e).body())
-    finally:
-        await stream.aclose()
+class _Events:
+    """A stream's SSE events, and its settlement however it ends (done, broken, or the client left)."""
+
+    def __init__(self, stream: OpenStream, meter: RequestMeter, response_id: str, include_usage: bool,
+                 continuous_usage: bool):
+        self.stream, self.meter, self.response_id = stream, meter, response_id
+        self.include_usage, self.continuous_usage = include_usage, continuous_usage
+        self.status: int | None = None  # None until the stream ends: the client went away
+
+    async def run(self):
+        try:
+            async for chunk in self.stream:
+                self.meter.chunk(chunk)
+                if chunk.get("choices"):
+                    if not self.continuous_usage:  # local deployments count as they go
+                        chunk.pop("usage", None)
+                elif "usage" in chunk and not self.include_usage:
+                    continue
+                chunk["id"] = self.response_id
+                if self.include_usage:
+                    chunk.setdefault("usage", None)
+                yield sse(chunk)
+            self.status = 200
+            yield SSE_DONE
+        except ProviderError as e:  # after the first chunk: the stream says why it ends, never a clean finish
+            error = api_error(e)
+            self.status = error.status
+            yield sse(error.body())
+        finally:
+            # the settlement must not be cut short by the cancellation that may be running through here
+            spawn(self.finish())
+
+    async def finish(self) -> None:
+        await self.stream.aclose()
+        await self.meter.finish(self.status or 499, self.stream.route, cancelled=self.status is None)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hmac
+import os
 import logging
 import re
 import socket
@@ -37,7 +37,8 @@ from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from inferd import __version__
-from inferd.api import routes_embeddings, routes_generate, routes_tokenize
+from inferd.api import routes_admin, routes_embeddings, routes_generate, routes_tokenize, routes_usage
+from inferd.api.auth import Authenticator
 from inferd.api.errors import APIError, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
 from inferd.api.protocol import ServerState, json_response, state
@@ -49,7 +50,10 @@ from inferd.gateway.router import Gateway
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
 from inferd.providers.local import LocalEngineDeployment
+from inferd.platform.metering import Metering
+from inferd.platform.prices import PriceBook
 from inferd.providers.local_embeddings import LocalEmbeddingDeployment
+from inferd.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +61,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
 class RequestContextMiddleware:
-    """X-Request-Id and the overhead header on every response; API key check on /v1 routes."""
+    """X-Request-Id and the overhead header on every response; who is calling, on /v1 and /admin routes."""
 
-    def __init__(self, app, api_key: str | None = None):
+    def __init__(self, app, authenticator: Authenticator):
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        self.authenticator = authenticator
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -85,18 +89,13 @@ class RequestContextMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
-            err = APIError(401, "invalid or missing API key; send it as 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-            return await err.response()(scope, receive, send_with_id)
+        request_state["principal"] = None
+        if self.authenticator.protects(scope["path"]):
+            try:
+                request_state["principal"] = await self.authenticator.principal(scope["path"], headers)
+            except APIError as err:
+                return await err.response()(scope, receive, send_with_id)
         await self.app(scope, receive, send_with_id)
-
-    def _authorized(self, headers: Headers) -> bool:
-        auth = headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer":
-            token = headers.get("x-api-key", "")
-        return hmac.compare_digest(token.strip().encode(), self.api_key)
 
 
 def model_name_from_source(source: str) -> str:
@@ -105,11 +104,11 @@ def model_name_from_source(source: str) -> str:
 
 
 def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics: GatewayMetrics,
-              api_key: str | None = None) -> FastAPI:
+              metering: Metering, authenticator: Authenticator) -> FastAPI:
     """The API app around a started gateway."""
     app = FastAPI(title="inferd", version=__version__, docs_url=None, redoc_url=None)
     engine_metrics = EngineMetrics(registry)
-    st = ServerState(gateway, engine_metrics, gateway_metrics, registry, api_key)
+    st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator)
     for local in st.local_engines():
         local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
     app.state.inferd = st
@@ -117,7 +116,9 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     app.include_router(routes_generate.router)
     app.include_router(routes_embeddings.router)
     app.include_router(routes_tokenize.router)
-    app.add_middleware(RequestContextMiddleware, api_key=api_key)
+    app.include_router(routes_admin.router)
+    app.include_router(routes_usage.router)
+    app.add_middleware(RequestContextMiddleware, authenticator=authenticator)
 
     @app.get("/health")
     async def health(request: Request):
@@ -222,14 +223,22 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
     sock = _bind(args.host, args.port)  # fail fast, before the models load
     registry = CollectorRegistry()
     gateway_metrics = GatewayMetrics(registry)
+    store: Store | None = None
     try:
+        store = open_store(args.store)
         gateway = await start_gateway(config, engine_config, gateway_metrics,
                                       max_waiting_requests=args.max_waiting_requests)
     except BaseException:
         sock.close()
+        if store is not None:
+            store.close()
         raise
     try:
-        app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, api_key=args.api_key)
+        metering = Metering(store, PriceBook.from_config(config), max_output_tokens(gateway))
+        authenticator = Authenticator(store, admin_key=args.api_key or os.environ.get("INFERD_API_KEY"))
+        app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, metering=metering,
+                        authenticator=authenticator)
+        log.info("store: %s", store.redacted_url())
         for g in gateway.groups:
             log.info("model %s: %s", g.name, ", ".join(h.name for h in g.handles))
         log.info("serving on http://%s:%d", args.host, args.port)
@@ -251,4 +260,16 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
             await task
     finally:
         await asyncio.gather(*(h.deployment.aclose() for h in gateway.handles()), return_exceptions=True)
+        store.close()
     return 0 if server.started else 1
+
+
+def max_output_tokens(gateway: Gateway) -> dict[str, int]:
+    """Per group, the most tokens a request without max_tokens may generate: its local context length."""
+    out = {}
+    for g in gateway.groups:
+        lengths = [h.deployment.engine.info.max_model_len for h in g.handles
+                   if isinstance(h.deployment, LocalEngineDeployment)]
+        if lengths:
+            out[g.name] = max(lengths)
+    return out

@@ -15,7 +15,7 @@ import random
 from inferd.engine.config import EngineConfig
 from inferd.gateway.backoff import RetryPolicy
 from inferd.gateway.circuit_breaker import CircuitBreaker
-from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OpenAISpec,
+from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OpenAISpec, PriceSpec,
                                    local_embed_config, local_engine_config)
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway, Handle, ModelGroup
@@ -49,9 +49,12 @@ def _make_deployment(spec, group: str, base: EngineConfig, where: str, max_waiti
     return AnthropicDeployment(AnthropicConfig(**common, anthropic_version=spec.version))
 
 
-def _cost_per_mtok(spec) -> float | None:
+def _cost_per_mtok(price: PriceSpec | None) -> float | None:
     # one number to rank by: a typical request reads more than it writes (3:1)
-    return None if spec.price is None else (3 * spec.price.input + spec.price.output) / 4
+    if price is None:
+        return None
+    inp, _, out = price.per_million()
+    return (3 * inp + out) / 4
 
 
 def _group(g: ModelGroupSpec, deployments: list[Deployment], rng: random.Random) -> ModelGroup:
@@ -60,7 +63,7 @@ def _group(g: ModelGroupSpec, deployments: list[Deployment], rng: random.Random)
         capacity = getattr(dep, "capacity", None)
         predictor = LoadPredictor(capacity) if capacity else None
         breaker = CircuitBreaker(g.circuit_breaker.failure_threshold, g.circuit_breaker.cooldown_s)
-        handles.append(Handle(dep, weight=spec.weight, cost_per_mtok=_cost_per_mtok(spec),
+        handles.append(Handle(dep, weight=spec.weight, cost_per_mtok=_cost_per_mtok(spec.price or g.price),
                               stats=DeploymentStats(predictor=predictor), breaker=breaker))
     return ModelGroup(name=g.name, handles=handles, strategy=make_strategy(g.routing, rng), aliases=g.aliases,
                       fallbacks=dict(g.fallbacks), degrade_to=g.degrade_to,

@@ -54,12 +54,42 @@ class _Spec(BaseModel):
 
 
 class PriceSpec(_Spec):
-    """USD per million tokens."""
+    """What tokens cost, in one of two forms.
 
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
+    A price list (remote providers): `input`, `output` and `cached_input` in USD per
+    million tokens. Or a running cost (self-hosted): `hourly_usd` for the machine and
+    the `tokens_per_s` it processes (from `inferd bench throughput`), which prices
+    every computed token, prompt or output, at hourly_usd / 3600 / tokens_per_s;
+    prompt tokens served from the prefix cache are not computed and cost nothing.
+    """
+
+    input: float | None = Field(None, ge=0)
+    output: float | None = Field(None, ge=0)
     cached_input: float | None = Field(None, ge=0)
+    hourly_usd: float | None = Field(None, ge=0)
+    tokens_per_s: float | None = Field(None, gt=0)
     batch_discount: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> PriceSpec:
+        listed = self.input is not None or self.output is not None or self.cached_input is not None
+        running = self.hourly_usd is not None or self.tokens_per_s is not None
+        if listed == running:
+            raise ValueError("give either input and output (USD per million tokens) or hourly_usd and "
+                             "tokens_per_s")
+        if listed and (self.input is None or self.output is None):
+            raise ValueError("a price list needs both input and output")
+        if running and (self.hourly_usd is None or self.tokens_per_s is None):
+            raise ValueError("a running cost needs both hourly_usd and tokens_per_s")
+        return self
+
+    def per_million(self) -> tuple[float, float, float]:
+        """(input, cached input, output) in USD per million tokens."""
+        if self.hourly_usd is not None:
+            per_token = self.hourly_usd / 3600.0 / self.tokens_per_s
+            return per_token * 1e6, 0.0, per_token * 1e6
+        cached = self.cached_input if self.cached_input is not None else self.input
+        return self.input, cached, self.output
 
 
 class TimeoutsSpec(_Spec):
@@ -129,6 +159,7 @@ class ModelGroupSpec(_Spec):
     slo_ttft_ms: float | None = Field(None, gt=0)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     circuit_breaker: BreakerSpec = Field(default_factory=BreakerSpec)
+    price: PriceSpec | None = None  # for its deployments that name no price of their own
 
 
 class GatewayConfig(_Spec):

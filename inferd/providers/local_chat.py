@@ -123,12 +123,13 @@ class LocalChat:
         streams = self._start()
         firsts = await first_outputs(streams)  # admission errors raise here, before any chunk
         finished: set[int] = set()
-        completion_tokens = cached_tokens = 0
+        completion_tokens = cached_tokens = generated = 0
         yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                            "logprobs": None, "finish_reason": None} for i in range(body.n)])
         async for _, out in merge(streams, firsts):
             choices = []
             for o in out.outputs:
+                generated += len(o.token_ids_delta)
                 finish = o.finish_reason if o.finished and o.index not in finished else None
                 if finish:
                     finished.add(o.index)
@@ -143,6 +144,7 @@ class LocalChat:
             if out.finished:
                 completion_tokens = sum(len(o.token_ids) for o in out.outputs)
                 cached_tokens = out.num_cached_tokens
-            if choices:
-                yield self.chunk(choices)
+            if choices:  # the running count: what metering bills if the client leaves mid-stream
+                yield {**self.chunk(choices),
+                       "usage": usage(len(self.prompt_ids), generated, out.num_cached_tokens)}
         yield {**self.chunk([]), "usage": usage(len(self.prompt_ids), completion_tokens, cached_tokens)}

@@ -124,9 +124,12 @@ class LocalCompletion:
         offsets: dict[int, int] = {}
         completion_tokens = [0] * len(self.prompts)
         cached_tokens = [0] * len(self.prompts)
+        generated = [0] * len(self.prompts)
+        prompt_tokens = sum(len(ids) for _, ids in self.prompts)
         async for i, out in merge(streams, firsts):
             choices = []
             for o in out.outputs:
+                generated[i] += len(o.token_ids_delta)
                 idx = i * self.n + o.index
                 text = o.text_delta
                 entries = list(zip(o.token_ids_delta, o.logprobs_delta)) if body.logprobs is not None else []
@@ -152,8 +155,7 @@ class LocalCompletion:
                 choices.append(choice)
             if out.finished:
                 completion_tokens[i] = sum(len(o.token_ids) for o in out.outputs)
-                cached_tokens[i] = out.num_cached_tokens
-            if choices:
-                yield self.chunk(choices)
-        prompt_tokens = sum(len(ids) for _, ids in self.prompts)
+            cached_tokens[i] = out.num_cached_tokens
+            if choices:  # the running count: what metering bills if the client leaves mid-stream
+                yield {**self.chunk(choices), "usage": usage(prompt_tokens, sum(generated), sum(cached_tokens))}
         yield {**self.chunk([]), "usage": usage(prompt_tokens, sum(completion_tokens), sum(cached_tokens))}

@@ -37,6 +37,7 @@ class WireModel(BaseModel):
 
 class StreamOptions(WireModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: the running usage in every chunk
 
 
 class _SamplingRequest(WireModel):
@@ -87,6 +88,11 @@ class _SamplingRequest(WireModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage
+                    and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_SamplingRequest):

@@ -53,8 +53,10 @@ class ServerProc:
                 "--num-threads", "1", *extra]
         if api_key:
             argv += ["--api-key", api_key]
-        cmd = [sys.executable, "-m", "inferd.cli", *argv]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="inferd-server-", suffix=".log", delete=False)
+        if "--store" not in extra:  # each server its own ledger, never the user's
+            argv += ["--store", f"sqlite:///{self.log.name}.db"]
+        cmd = [sys.executable, "-m", "inferd.cli", *argv]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 

@@ -1,0 +1,94 @@
+"""Who is calling: the API key on /v1 and /admin routes, resolved to a `Principal`.
+
+Keys come as `Authorization: Bearer <key>` (or `x-api-key`). The admin key given
+at start-up (`--api-key` / `INFERD_API_KEY`) is an admin principal of its own;
+every other key is looked up by its hash in the store. Lookups are cached for
+`ttl_s` seconds (a revoked key stops working within that time on every replica;
+at once on the replica that revoked it), unknown keys included, so a flood of
+bad keys does not become a flood of queries.
+
+A server with no admin key and no live key in its store is open, as before
+keys existed: any key or none is accepted, requests carry no principal and are
+metered without one. Once a
+key exists, every /v1 and /admin request needs one; /admin needs an admin key.
+Secrets never appear in errors or logs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+
+from inferd.api.errors import APIError
+from inferd.platform import keys
+from inferd.platform.keys import Principal
+from inferd.store.base import Store
+
+ADMIN = Principal(key_id="admin", team=None, is_admin=True)
+_CACHE_LIMIT = 10_000
+
+
+def presented_key(headers: Headers) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        token = headers.get("x-api-key", "")
+    return token.strip() or None
+
+
+class Authenticator:
+    def __init__(self, store: Store, admin_key: str | None = None, ttl_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.store, self.ttl_s, self.clock = store, ttl_s, clock
+        self._admin_key = admin_key.encode() if admin_key else None
+        self._principals: dict[str, tuple[Principal | None, float]] = {}
+        self._open: tuple[bool, float] | None = None
+
+    def protects(self, path: str) -> bool:
+        return path.startswith(("/v1/", "/admin/")) or path in ("/v1", "/admin")
+
+    async def principal(self, path: str, headers: Headers) -> Principal | None:
+        """The caller of a protected path; None on an open server; APIError 401/403 otherwise."""
+        token = presented_key(headers)
+        if self._admin_key is not None and token is not None and hmac.compare_digest(token.encode(),
+                                                                                     self._admin_key):
+            who = ADMIN
+        else:
+            who = None if token is None else await self._lookup(token)
+        if who is None:
+            # an open server takes any key or none, as clients that must send one send "EMPTY"
+            if self._admin_key is None and await self._is_open():
+                return None
+            if token is None:
+                raise APIError(401, "this server needs an API key; send it as 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+            raise APIError(401, "the API key is not valid (unknown or revoked)", code="invalid_api_key")
+        if path.startswith("/admin") and not who.is_admin:
+            raise APIError(403, "this endpoint needs an admin key", code="admin_key_required")
+        return who
+
+    def forget(self) -> None:
+        """Drop cached lookups (after a key was created or revoked here)."""
+        self._principals.clear()
+        self._open = None
+
+    async def _is_open(self) -> bool:
+        now = self.clock()
+        if self._open is None or self._open[1] <= now:
+            has = await self.store.run(keys.has_keys)
+            self._open = (not has, now + self.ttl_s)
+        return self._open[0]
+
+    async def _lookup(self, token: str) -> Principal | None:
+        digest = keys.hash_key(token)
+        now = self.clock()
+        cached = self._principals.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        who = await self.store.run(lambda tx: keys.find_principal(tx, digest))
+        if len(self._principals) >= _CACHE_LIMIT:
+            self._principals.clear()
+        self._principals[digest] = (who, now + self.ttl_s)
+        return who

@@ -1,0 +1,54 @@
+"""The most tokens a request could use, before it runs: what rate limits and budgets reserve.
+
+The prompt bound is the UTF-8 byte count of its text (a byte-level BPE token
+covers at least one byte) plus a few tokens per chat message for the template,
+or the exact count for prompts given as token ids. The output bound is
+`max_tokens` (or `max_completion_tokens`) times `n`, or, when the client set no
+limit, the group's default: its local engine's context length, else 4096.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DEFAULT_MAX_OUTPUT = 4096
+_PER_MESSAGE = 8  # role markers and separators a chat template adds
+
+
+def _text_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):  # content parts, or token ids
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(_text_bytes(v.get("text", "") if isinstance(v, dict) else v) for v in value)
+    return 0
+
+
+def prompt_bound(endpoint: str, body: dict) -> int:
+    if endpoint == "chat":
+        messages = body.get("messages") or []
+        tokens = sum(_text_bytes(m.get("content")) + _PER_MESSAGE for m in messages if isinstance(m, dict))
+        if body.get("tools"):
+            tokens += len(json.dumps(body["tools"]).encode())
+        return tokens
+    if endpoint == "completions":
+        return _text_bytes(body.get("prompt"))
+    return _text_bytes(body.get("input"))
+
+
+def _num_prompts(body: dict) -> int:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        return len(prompt)
+    return 1
+
+
+def output_bound(endpoint: str, body: dict, default_max_output: int = DEFAULT_MAX_OUTPUT) -> int:
+    if endpoint == "embeddings":
+        return 0
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_output
+    n = body.get("n") or 1
+    count = _num_prompts(body) if endpoint == "completions" else 1
+    return int(limit) * int(n) * count

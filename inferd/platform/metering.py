@@ -1,0 +1,114 @@
+"""Metering one request from admission to its ledger row.
+
+`Metering.begin` estimates the request's worst case (tokens, and cost at the
+dearest deployment that could answer), admits it against the key's and team's
+limits (`quota.admit`, in the store) and returns a `RequestMeter`. The route
+feeds the meter what the client is given: the usage of a whole answer, or the
+chunks of a stream (the last usage seen in them; for a stream that ends
+without one, because the client left, the content chunks are counted and the
+row is marked estimated). `finish` prices the usage at the deployment that
+answered and settles it: the reservation is released, the real cost booked
+and the ledger row written, once, whatever way the request ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from inferd.gateway.router import Route
+from inferd.platform import estimate, quota
+from inferd.platform.keys import Principal
+from inferd.platform.ledger import LedgerRow
+from inferd.platform.prices import PriceBook
+from inferd.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+class Metering:
+    def __init__(self, store: Store, prices: PriceBook, max_output: dict[str, int] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store, self.prices = store, prices
+        self.max_output = max_output or {}
+        self.clock = clock
+
+    async def begin(self, principal: Principal | None, endpoint: str, group: str, body: dict, *,
+                    request_id: str | None = None, stream: bool = False, batch_id: str | None = None
+                    ) -> RequestMeter:
+        """Admit a request (QuotaExceeded if a limit refuses it) and start its meter."""
+        prompt = estimate.prompt_bound(endpoint, body)
+        output = estimate.output_bound(endpoint, body, self.max_output.get(group, estimate.DEFAULT_MAX_OUTPUT))
+        worst = self.prices.worst(group).cost(prompt, 0, output, batch=batch_id is not None)
+        demand = quota.Demand(tokens=prompt + output, cost_usd=worst)
+        now = self.clock()
+        if principal is not None and principal.limited:
+            ticket = await self.store.run(lambda tx: quota.admit(tx, principal, demand, now))
+        else:  # nothing to check: no store round trip before the request runs
+            ticket = quota.Ticket("", principal, demand, now)
+        row = LedgerRow(ts=now, endpoint=endpoint, status=0, request_id=request_id, stream=stream,
+                        key_id=principal.key_id if principal else None,
+                        team=principal.team if principal else None, model=body.get("model"),
+                        batch_id=batch_id)
+        return RequestMeter(self, ticket, row, prompt_estimate=prompt)
+
+
+class RequestMeter:
+    """What one admitted request used; `finish` settles it exactly once."""
+
+    def __init__(self, metering: Metering, ticket: quota.Ticket, row: LedgerRow, prompt_estimate: int):
+        self.metering, self.ticket, self.row = metering, ticket, row
+        self._started = time.perf_counter()
+        self._prompt_estimate = prompt_estimate
+        self._usage: dict | None = None
+        self._content_chunks = 0
+        self._finished = False
+
+    def usage(self, usage: dict | None) -> None:
+        """The usage the client was given (or, in a stream, the latest running count)."""
+        if usage:
+            self._usage = usage
+
+    def chunk(self, chunk: dict) -> None:
+        """A streamed chunk on its way to the client."""
+        if self.row.ttft_s is None and chunk.get("choices"):
+            self.row.ttft_s = time.perf_counter() - self._started
+        self.usage(chunk.get("usage"))
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content") or choice.get("text"):
+                self._content_chunks += 1
+
+    async def finish(self, status: int, route: Route | None = None, *, cancelled: bool = False,
+                     cache_hit: bool = False) -> LedgerRow | None:
+        if self._finished:
+            return None
+        self._finished = True
+        row = self.row
+        row.status, row.cancelled, row.cache_hit = status, cancelled, cache_hit
+        row.latency_s = time.perf_counter() - self._started
+        if route is not None:
+            row.served_model, row.deployment = route.group, route.deployment
+            row.fallback_from, row.degraded_from = route.fallback_from, route.degraded_from
+        if self._usage is not None:
+            row.prompt_tokens = int(self._usage.get("prompt_tokens") or 0)
+            row.completion_tokens = int(self._usage.get("completion_tokens") or 0)
+            details = self._usage.get("prompt_tokens_details") or {}
+            row.cached_tokens = int(details.get("cached_tokens") or 0)
+        elif row.deployment is not None and (self._content_chunks or cancelled):
+            # the deployment worked but never said how much: count what reached the client
+            row.prompt_tokens = math.ceil(self._prompt_estimate / 4)
+            row.completion_tokens = self._content_chunks
+            row.usage_estimated = True
+        if not cache_hit:
+            price = self.metering.prices.price(row.deployment)
+            row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
+                                      batch=row.batch_id is not None)
+        now = self.metering.clock()
+        try:
+            await self.metering.store.run(lambda tx: quota.settle(tx, self.ticket, row, now))
+        except Exception:  # noqa: BLE001 - the client has its answer; the ledger must not take the server down
+            log.exception("could not write the ledger row of request %s", row.request_id)
+        return row
