@@ -1,8 +1,9 @@
 """The most tokens a request could use, before it runs: what rate limits and budgets reserve.
 
 The prompt bound is the UTF-8 byte count of its text (a byte-level BPE token
-covers at least one byte) plus a few tokens per chat message for the template,
-or the exact count for prompts given as token ids. The output bound is
+covers at least one byte), plus, for chat, a few tokens per message for the
+template's role markers and an allowance for the default system prompt some
+templates add; prompts given as token ids count exactly. The output bound is
 `max_tokens` (or `max_completion_tokens`) times `n`, or, when the client set no
 limit, the group's default: its local engine's context length, else 4096.
 """
@@ -13,7 +14,8 @@ import json
 from typing import Any
 
 DEFAULT_MAX_OUTPUT = 4096
-_PER_MESSAGE = 8  # role markers and separators a chat template adds
+_PER_MESSAGE = 8        # role markers and separators a chat template adds
+_TEMPLATE_ALLOWANCE = 64  # a default system prompt (SmolLM2's is ~30 tokens) and generation prompt
 
 
 def _text_bytes(value: Any) -> int:
@@ -29,7 +31,8 @@ def _text_bytes(value: Any) -> int:
 def prompt_bound(endpoint: str, body: dict) -> int:
     if endpoint == "chat":
         messages = body.get("messages") or []
-        tokens = sum(_text_bytes(m.get("content")) + _PER_MESSAGE for m in messages if isinstance(m, dict))
+        tokens = _TEMPLATE_ALLOWANCE + sum(_text_bytes(m.get("content")) + _PER_MESSAGE
+                                           for m in messages if isinstance(m, dict))
         if body.get("tools"):
             tokens += len(json.dumps(body["tools"]).encode())
         return tokens

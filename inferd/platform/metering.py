@@ -21,7 +21,7 @@ from collections.abc import Callable
 from inferd.gateway.router import Route
 from inferd.platform import estimate, quota
 from inferd.platform.keys import Principal
-from inferd.platform.ledger import LedgerRow
+from inferd.platform.ledger import LedgerRow, insert
 from inferd.platform.prices import PriceBook
 from inferd.store.base import Store
 
@@ -44,14 +44,18 @@ class Metering:
         worst = self.prices.worst(group).cost(prompt, 0, output, batch=batch_id is not None)
         demand = quota.Demand(tokens=prompt + output, cost_usd=worst)
         now = self.clock()
-        if principal is not None and principal.limited:
-            ticket = await self.store.run(lambda tx: quota.admit(tx, principal, demand, now))
-        else:  # nothing to check: no store round trip before the request runs
-            ticket = quota.Ticket("", principal, demand, now)
         row = LedgerRow(ts=now, endpoint=endpoint, status=0, request_id=request_id, stream=stream,
                         key_id=principal.key_id if principal else None,
                         team=principal.team if principal else None, model=body.get("model"),
                         batch_id=batch_id)
+        if principal is None or not principal.limited:  # nothing to check: no store round trip before it runs
+            return RequestMeter(self, quota.Ticket("", principal, demand, now), row, prompt_estimate=prompt)
+        try:
+            ticket = await self.store.run(lambda tx: quota.admit(tx, principal, demand, now))
+        except quota.QuotaExceeded as refusal:  # refused requests are rows too: showback counts them
+            row.status = refusal.status
+            await self.store.run(lambda tx: insert(tx, [row]))
+            raise
         return RequestMeter(self, ticket, row, prompt_estimate=prompt)
 
 
