@@ -29,6 +29,7 @@ from inferd.platform.ledger import LedgerRow, insert
 from inferd.store.base import Tx
 
 TICKET_TTL_S = 900.0
+_USD_EPSILON = 1e-9  # sums of float costs drift in the last bits; a budget is not broken by that
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def admit(tx: Tx, principal: Principal | None, demand: Demand, now: float) -> Ti
                                     "parallel_requests_exceeded", retry_after=1.0)
             if limits.budget_usd is not None:
                 spent = _spent(tx, scope, limits.budget_period, now)
-                if spent + reserved + demand.cost_usd > limits.budget_usd:
+                if spent + reserved + demand.cost_usd > limits.budget_usd + _USD_EPSILON:
                     raise QuotaExceeded(
                         402, f"the {limits.budget_period} budget of ${limits.budget_usd:.4f} for {who} is used "
                         f"up: ${spent:.4f} spent, ${reserved:.4f} reserved by requests in flight, and this "
