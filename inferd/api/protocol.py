@@ -22,12 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inferd.api.auth import Authenticator
-from inferd.api.errors import APIError, api_error
+from inferd.api.errors import APIError
 from inferd.api.metrics import EngineMetrics
 from inferd.gateway.metrics import GatewayMetrics
-from inferd.gateway.router import Gateway, Route
+from inferd.gateway.router import Gateway
 from inferd.platform.keys import Principal
-from inferd.platform.metering import Metering, RequestMeter
+from inferd.platform.metering import Metering
+from inferd.platform.response_cache import ResponseCache
 from inferd.providers.local import LocalEngineDeployment
 
 
@@ -39,6 +40,7 @@ class ServerState:
     registry: Any
     metering: Metering
     authenticator: Authenticator
+    response_cache: ResponseCache
     created: int = field(default_factory=lambda: int(time.time()))
 
     def local_engines(self) -> list[LocalEngineDeployment]:
@@ -135,13 +137,3 @@ def spawn(coro: Awaitable) -> None:
     _background.add(task)
     task.add_done_callback(_background.discard)
 
-
-async def metered(meter: RequestMeter, route: Route, work: Awaitable) -> Any:
-    """Await the gateway's work; if it fails (or the client leaves), settle the meter with that status."""
-    try:
-        return await work
-    except BaseException as e:
-        error = api_error(e) if isinstance(e, Exception) else None
-        status = error.status if error is not None else 499
-        await meter.finish(status, route, cancelled=status == 499)
-        raise

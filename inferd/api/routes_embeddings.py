@@ -9,9 +9,9 @@ carries the same `x-inferd-*` headers as chat and completions, and is metered li
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.background import BackgroundTask
 
-from inferd.api.protocol import cancel_on_disconnect, json_response, metered, principal, read_json, state
+from inferd.api.metered_calls import answer_whole
+from inferd.api.protocol import principal, read_json, state
 from inferd.gateway.router import Route
 
 router = APIRouter()
@@ -26,6 +26,4 @@ async def create_embeddings(request: Request):
                                     request_id=request.state.request_id)
     route = Route(body.get("model"), "embeddings")
     request.state.route = route
-    answer = await metered(meter, route, cancel_on_disconnect(request, st.gateway.request("embeddings", body, route)))
-    meter.usage(answer.get("usage"))
-    return json_response(answer, headers=route.headers(), background=BackgroundTask(meter.finish, 200, route))
+    return await answer_whole(request, meter, route, "embeddings", body)

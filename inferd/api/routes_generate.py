@@ -23,8 +23,8 @@ from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from inferd.api.errors import api_error
-from inferd.api.protocol import (SSE_DONE, SSE_HEADERS, cancel_on_disconnect, json_response, metered, principal,
-                                 read_json, spawn, sse, state)
+from inferd.api.metered_calls import answer_whole, metered
+from inferd.api.protocol import SSE_DONE, SSE_HEADERS, cancel_on_disconnect, principal, read_json, spawn, sse, state
 from inferd.gateway.router import OpenStream, Route
 from inferd.platform.metering import RequestMeter
 from inferd.providers.base import ProviderError
@@ -57,10 +57,7 @@ async def _serve(request: Request, endpoint: str, schema, id_prefix: str):
     request.state.route = route
     response_id = f"{id_prefix}-{request.state.request_id}"
     if not parsed.stream:
-        answer = await metered(meter, route, cancel_on_disconnect(request, st.gateway.request(endpoint, body, route)))
-        answer["id"] = response_id
-        meter.usage(answer.get("usage"))
-        return json_response(answer, headers=route.headers(), background=BackgroundTask(meter.finish, 200, route))
+        return await answer_whole(request, meter, route, endpoint, body, response_id)
     stream = await metered(meter, route, cancel_on_disconnect(request, st.gateway.open_stream(endpoint, body, route)))
     events = _Events(stream, meter, response_id, parsed.include_usage, parsed.continuous_usage)
     return StreamingResponse(events.run(), media_type="text/event-stream",

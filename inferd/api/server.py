@@ -52,6 +52,7 @@ from inferd.models.default_model import default_model_path
 from inferd.providers.local import LocalEngineDeployment
 from inferd.platform.metering import Metering
 from inferd.platform.prices import PriceBook
+from inferd.platform.response_cache import ResponseCache
 from inferd.providers.local_embeddings import LocalEmbeddingDeployment
 from inferd.store import Store, open_store
 
@@ -108,7 +109,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     """The API app around a started gateway."""
     app = FastAPI(title="inferd", version=__version__, docs_url=None, redoc_url=None)
     engine_metrics = EngineMetrics(registry)
-    st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator)
+    st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator,
+                     ResponseCache(metering.store, metering.clock))
     for local in st.local_engines():
         local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
     app.state.inferd = st

@@ -255,3 +255,26 @@ def test_cli_keys_work_on_the_servers_store(srv):
     wait_for(lambda: httpx.get(srv.url + "/v1/models", headers=bearer(key)).status_code == 401, timeout=10)
     table = cli("usage", "--group-by", "team", "--format", "csv")
     assert table.splitlines()[0].startswith("team,")
+
+
+def test_response_cache_per_key_and_per_request(srv):
+    key = new_key(srv, "cached", cache_ttl=60)
+    body = chat(6, temperature=1.0, seed=None)  # sampled: only the cache can make two answers equal
+    first = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=bearer(key))
+    second = httpx.post(srv.url + "/v1/chat/completions", json={**body, "user": "someone"}, headers=bearer(key))
+    assert first.headers["x-inferd-cache"] == "miss" and second.headers["x-inferd-cache"] == "hit"
+    assert second.json()["choices"] == first.json()["choices"] and second.json()["id"] != first.json()["id"]
+    # another team never gets this team's answers; a header of 0 turns the cache off for one request
+    other = new_key(srv, "uncached")
+    assert "x-inferd-cache" not in httpx.post(srv.url + "/v1/chat/completions", json=body,
+                                              headers=bearer(other)).headers
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={**bearer(key), "x-inferd-cache-ttl": "0"})
+    assert "x-inferd-cache" not in r.headers
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={**bearer(key), "x-inferd-cache-ttl": "x"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_cache_ttl"
+    [total] = wait_for(lambda: (u := usage_of(srv, admin(srv), team="cached")) and u[0]["requests"] == 4 and u)
+    assert total["cache_hits"] == 1
+    hit_cost = total["cost_usd"] - 2 * ((first.json()["usage"]["prompt_tokens"] * PRICE["input"]
+                                          + first.json()["usage"]["completion_tokens"] * PRICE["output"]) / 1e6)
+    assert hit_cost == pytest.approx(0.0, abs=1e-12)  # two answers billed: the miss and the ttl=0 one
+    assert total["prompt_tokens"] == 3 * first.json()["usage"]["prompt_tokens"]  # the hit's usage is metered
