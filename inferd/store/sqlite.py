@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from inferd.store.base import Row, Store, T, Tx
+
+
+def _enable_wal(conn: sqlite3.Connection, patience_s: float = 30.0) -> None:
+    # switching a new file to WAL takes a lock that busy_timeout does not wait for: two processes
+    # opening a fresh store at once (a server and `inferd keys`) would see "database is locked"
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class SQLiteTx(Tx):
@@ -52,10 +67,10 @@ class SQLiteStore(Store):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            _enable_wal(conn)
             # in WAL mode a killed process loses no committed transaction; only a power cut may lose the last ones
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn
             self._conns.append(conn)
         return conn
