@@ -64,8 +64,8 @@ def _fill(url: str, rows: list[LedgerRow]) -> str:
 
 
 @pytest.fixture
-def url(tmp_path) -> str:
-    return _fill(f"sqlite:///{tmp_path}/u.db", ROWS)
+def url(store_url) -> str:  # SQLite and PostgreSQL
+    return _fill(store_url, ROWS)
 
 
 def report(url: str, **kw) -> list[UsageGroup]:
