@@ -171,7 +171,7 @@ def start_inferd(mocks: dict[float, Server], tmp: Path) -> Server:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     port = free_port()
     cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", "--config", str(path),
-           "--port", str(port), "--api-key", API_KEY]
+           "--port", str(port), "--api-key", API_KEY, "--store", f"sqlite:///{tmp}/ledger.db"]
     return Server("inferd", cmd, port).wait_ready()
 
 

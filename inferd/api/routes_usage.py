@@ -31,7 +31,9 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
         if team is not None and team != who.team:
             raise APIError(403, "a key sees its own team's usage only", param="team", code="forbidden_team")
         team = who.team
-    rows = await state(request).metering.store.run(
+    metering = state(request).metering
+    await metering.flush()  # this replica's requests that ended a moment ago are counted too
+    rows = await metering.store.run(
         lambda tx: showback.usage_report(tx, start=t0, end=t1, group_by=groups, team=team, key_id=key))
     return json_response({"object": "list", "start": t0, "end": t1, "group_by": groups,
                           "data": [r.to_dict() for r in rows]})

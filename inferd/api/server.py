@@ -235,6 +235,7 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         if store is not None:
             store.close()
         raise
+    metering: Metering | None = None
     try:
         metering = Metering(store, PriceBook.from_config(config), max_output_tokens(gateway))
         authenticator = Authenticator(store, admin_key=args.api_key or os.environ.get("INFERD_API_KEY"))
@@ -262,6 +263,8 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
             await task
     finally:
         await asyncio.gather(*(h.deployment.aclose() for h in gateway.handles()), return_exceptions=True)
+        if metering is not None:
+            await metering.flush()
         store.close()
     return 0 if server.started else 1
 

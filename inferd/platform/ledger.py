@@ -12,10 +12,17 @@ deployment are not rows: only the request is.
 from __future__ import annotations
 
 import dataclasses
-import uuid
+import secrets
+import time
 from dataclasses import dataclass, field
 
 from inferd.store.base import Tx
+
+
+def new_row_id() -> str:
+    """Time-ordered (nanoseconds, then random bits), so new rows append at the end of the primary key's
+    index instead of landing at random places in it."""
+    return f"{time.time_ns():016x}{secrets.token_hex(6)}"
 
 
 @dataclass
@@ -42,7 +49,7 @@ class LedgerRow:
     cache_hit: bool = False
     usage_estimated: bool = False          # counted from a stream that ended without a usage report
     batch_id: str | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: new_row_id())
 
     @property
     def total_tokens(self) -> int:
@@ -54,9 +61,13 @@ _INSERT = f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * l
 _BOOLS = {"stream", "cancelled", "cache_hit", "usage_estimated"}
 
 
+def _values(row: LedgerRow) -> tuple:
+    # attribute reads, not dataclasses.astuple (which deep-copies every field): this runs per request
+    return tuple(int(getattr(row, k)) if k in _BOOLS else getattr(row, k) for k in COLUMNS)
+
+
 def insert(tx: Tx, rows: list[LedgerRow]) -> None:
-    tx.executemany(_INSERT, [tuple(int(v) if k in _BOOLS else v
-                                   for k, v in zip(COLUMNS, dataclasses.astuple(r))) for r in rows])
+    tx.executemany(_INSERT, [_values(r) for r in rows])
 
 
 def select(tx: Tx, where: str = "", params: tuple = ()) -> list[LedgerRow]:

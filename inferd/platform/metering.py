@@ -7,12 +7,14 @@ feeds the meter what the client is given: the usage of a whole answer, or the
 chunks of a stream (the last usage seen in them; for a stream that ends
 without one, because the client left, the content chunks are counted and the
 row is marked estimated). `finish` prices the usage at the deployment that
-answered and settles it: the reservation is released, the real cost booked
+answered and queues it for settling (requests ending within a few milliseconds
+settle in one transaction): the reservation is released, the real cost booked
 and the ledger row written, once, whatever way the request ended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -21,19 +23,51 @@ from collections.abc import Callable
 from inferd.gateway.router import Route
 from inferd.platform import estimate, quota
 from inferd.platform.keys import Principal
-from inferd.platform.ledger import LedgerRow, insert
+from inferd.platform.ledger import LedgerRow
 from inferd.platform.prices import PriceBook
 from inferd.store.base import Store
 
 log = logging.getLogger(__name__)
 
+_FLUSH_MAX = 500      # rows per settling transaction
+_QUEUE_MAX = 100_000  # rows kept while the store is unreachable
+
 
 class Metering:
     def __init__(self, store: Store, prices: PriceBook, max_output: dict[str, int] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, flush_interval_s: float = 0.05):
         self.store, self.prices = store, prices
         self.max_output = max_output or {}
         self.clock = clock
+        self.flush_interval_s = flush_interval_s
+        self._settled: list[tuple[quota.Ticket, LedgerRow, float]] = []
+        self._flusher: asyncio.Task | None = None
+
+    def settle_soon(self, ticket: quota.Ticket, row: LedgerRow) -> None:
+        """Queue a finished request; requests ending within `flush_interval_s` settle in one transaction.
+
+        One transaction per request would cost more than the request itself at a few hundred
+        requests a second. Until the flush, a ticket's reservation stays held: budgets and
+        parallelism err on the safe side for those milliseconds, never the other way.
+        """
+        self._settled.append((ticket, row, self.clock()))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_interval_s)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Settle everything queued so far (before reading the ledger, and at shutdown)."""
+        while self._settled:
+            batch, self._settled = self._settled[:_FLUSH_MAX], self._settled[_FLUSH_MAX:]
+            try:
+                await self.store.run(lambda tx: quota.settle(tx, batch))
+            except Exception:  # noqa: BLE001 - clients have their answers; keep the rows and try again
+                log.exception("could not write %d ledger rows; will retry", len(batch))
+                self._settled[:0] = batch[-_QUEUE_MAX:]
+                return
 
     async def begin(self, principal: Principal | None, endpoint: str, group: str, body: dict, *,
                     request_id: str | None = None, stream: bool = False, batch_id: str | None = None
@@ -54,7 +88,7 @@ class Metering:
             ticket = await self.store.run(lambda tx: quota.admit(tx, principal, demand, now))
         except quota.QuotaExceeded as refusal:  # refused requests are rows too: showback counts them
             row.status = refusal.status
-            await self.store.run(lambda tx: insert(tx, [row]))
+            self.settle_soon(quota.Ticket("", principal, demand, now), row)
             raise
         return RequestMeter(self, ticket, row, prompt_estimate=prompt)
 
@@ -110,9 +144,5 @@ class RequestMeter:
             price = self.metering.prices.price(row.deployment)
             row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
                                       batch=row.batch_id is not None)
-        now = self.metering.clock()
-        try:
-            await self.metering.store.run(lambda tx: quota.settle(tx, self.ticket, row, now))
-        except Exception:  # noqa: BLE001 - the client has its answer; the ledger must not take the server down
-            log.exception("could not write the ledger row of request %s", row.request_id)
+        self.metering.settle_soon(self.ticket, row)
         return row

@@ -3,10 +3,10 @@
 `admit` runs before a request goes to the gateway: one transaction that locks
 the team's and the key's scopes (in that order, so two requests never wait on
 each other crosswise), checks every limit that is set, and only when all pass
-takes from the token buckets and writes a ticket. `settle` runs when the
-request has ended: it deletes the ticket, books the real cost against the
-budgets, gives back the tokens the worst case over-reserved, and writes the
-ledger row, all in one transaction.
+takes from the token buckets and writes a ticket. `settle` runs when requests
+have ended: it deletes their tickets, books the real cost against the budgets,
+gives back the tokens the worst case over-reserved, and writes the ledger rows,
+all in one transaction for a batch of requests.
 
 - Requests and tokens per minute are token buckets (capacity = the limit, refilled
   at limit/60 per second): a burst up to the limit, then a steady rate, and an
@@ -168,8 +168,15 @@ def admit(tx: Tx, principal: Principal | None, demand: Demand, now: float) -> Ti
     return ticket
 
 
-def settle(tx: Tx, ticket: Ticket, row: LedgerRow, now: float) -> None:
-    """End a ticket: release its reservation, book the real cost and tokens, write the ledger row."""
+def settle(tx: Tx, settled: list[tuple[Ticket, LedgerRow, float]]) -> None:
+    """End tickets (ticket, its ledger row, when it ended): release, book, and write the rows at once."""
+    for ticket, row, now in settled:
+        _release(tx, ticket, row, now)
+    insert(tx, [row for _, row, _ in settled])
+
+
+def _release(tx: Tx, ticket: Ticket, row: LedgerRow, now: float) -> None:
+    """Release a ticket's reservation, book its real cost and give back the tokens it did not use."""
     for scope, _ in ticket.scopes:
         tx.lock(scope)
     if ticket.written:
@@ -182,4 +189,3 @@ def settle(tx: Tx, ticket: Ticket, row: LedgerRow, now: float) -> None:
         if limits.tpm is not None and row.total_tokens != ticket.demand.tokens:
             bucket = _Bucket(tx, scope, "tpm", limits.tpm, now)
             bucket.save(tx, min(bucket.capacity, bucket.level + ticket.demand.tokens - row.total_tokens))
-    insert(tx, [row])

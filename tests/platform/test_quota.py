@@ -32,7 +32,7 @@ def admit(store, who, now, tokens=10, cost=0.0):
 def settle(store, ticket, now, prompt=0, completion=0, cost=0.0):
     row = LedgerRow(ts=ticket.admitted_at, endpoint="chat", status=200, key_id=ticket.principal.key_id,
                     team=ticket.principal.team, prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
-    store.run_sync(lambda tx: quota.settle(tx, ticket, row, now))
+    store.run_sync(lambda tx: quota.settle(tx, [(ticket, row, now)]))
 
 
 def refusal(store, who, now, **kw) -> QuotaExceeded:
