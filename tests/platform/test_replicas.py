@@ -15,7 +15,7 @@ import pytest
 from inferd.platform import keys
 from inferd.platform.keys import Limits
 from inferd.store import open_store
-from tests.api.conftest import ServerProc
+from tests.api.conftest import ServerProc, wait_for
 
 RPM = 10
 
@@ -47,6 +47,7 @@ def test_rate_limit_holds_across_replicas(replicas):
     assert codes.count(200) == RPM + refilled, (codes, elapsed)
     assert set(codes) == {200, 429}
     assert codes[:RPM] == [200] * RPM  # both replicas admitted from the same bucket until it was empty
-    for s in servers:  # the ledger is shared: each replica reports both replicas' requests
-        r = httpx.get(s.url + "/v1/usage", headers=headers)
-        assert r.json()["data"][0]["requests"] == 3 * RPM
+    for s in servers:  # the ledger is shared: each replica reports both replicas' requests (the other's
+        # last rows land within its flush interval)
+        wait_for(lambda: httpx.get(s.url + "/v1/usage", headers=headers).json()["data"][0]["requests"] == 3 * RPM,
+                 timeout=5)
