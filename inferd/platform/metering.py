@@ -7,9 +7,11 @@ feeds the meter what the client is given: the usage of a whole answer, or the
 chunks of a stream (the last usage seen in them; for a stream that ends
 without one, because the client left, the content chunks are counted and the
 row is marked estimated). `finish` prices the usage at the deployment that
-answered and queues it for settling (requests ending within a few milliseconds
-settle in one transaction): the reservation is released, the real cost booked
-and the ledger row written, once, whatever way the request ended.
+answered and settles it, once, whatever way the request ended: the
+reservation is released, the real cost booked and the ledger row written. A
+request with limits settles at once, so the next one sees its refund; the rows
+of requests without limits are written in batches, one transaction per
+`flush_interval_s`.
 """
 
 from __future__ import annotations
@@ -43,13 +45,18 @@ class Metering:
         self._settled: list[tuple[quota.Ticket, LedgerRow, float]] = []
         self._flusher: asyncio.Task | None = None
 
-    def settle_soon(self, ticket: quota.Ticket, row: LedgerRow) -> None:
-        """Queue a finished request; requests ending within `flush_interval_s` settle in one transaction.
+    async def settle_now(self, ticket: quota.Ticket, row: LedgerRow) -> None:
+        settled = [(ticket, row, self.clock())]
+        try:
+            await self.store.run(lambda tx: quota.settle(tx, settled))
+        except Exception:  # noqa: BLE001 - the client has its answer; queue it for the next flush
+            log.exception("could not settle request %s now; will retry", row.request_id)
+            self._settled.extend(settled)
 
-        One transaction per request would cost more than the request itself at a few hundred
-        requests a second. Until the flush, a ticket's reservation stays held: budgets and
-        parallelism err on the safe side for those milliseconds, never the other way.
-        """
+    def settle_soon(self, ticket: quota.Ticket, row: LedgerRow) -> None:
+        """Queue a finished request that holds no limits (only its ledger row is left to write);
+        requests ending within `flush_interval_s` are written in one transaction, because one
+        transaction per request would cost more than the request itself at a few hundred a second."""
         self._settled.append((ticket, row, self.clock()))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
@@ -144,5 +151,8 @@ class RequestMeter:
             price = self.metering.prices.price(row.deployment)
             row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
                                       batch=row.batch_id is not None)
-        self.metering.settle_soon(self.ticket, row)
+        if self.ticket.scopes:  # limits to release: at once, so the next request sees them
+            await self.metering.settle_now(self.ticket, row)
+        else:
+            self.metering.settle_soon(self.ticket, row)
         return row
