@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="requests queued beyond --max-num-seqs before 503 + Retry-After "
                             "(default 256, or each local deployment's max_waiting_requests)")
+    serve.add_argument("--batch-concurrency", type=int, default=8,
+                       help="batch lines (the Batch API) this server runs at once, at low priority")
+    serve.add_argument("--batch-lease-s", type=float, default=30.0,
+                       help="a batch line claimed by a server that died is run again after this long")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM")
     add_engine_args(serve)

@@ -27,6 +27,7 @@ from inferd.api.metrics import EngineMetrics
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
 from inferd.platform.keys import Principal
+from inferd.platform.batch_runner import BatchRunner
 from inferd.platform.metering import Metering
 from inferd.platform.response_cache import ResponseCache
 from inferd.providers.local import LocalEngineDeployment
@@ -41,6 +42,7 @@ class ServerState:
     metering: Metering
     authenticator: Authenticator
     response_cache: ResponseCache
+    batch_runner: BatchRunner
     created: int = field(default_factory=lambda: int(time.time()))
 
     def local_engines(self) -> list[LocalEngineDeployment]:

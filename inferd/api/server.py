@@ -10,11 +10,13 @@ error (an error event in a stream); finally the core processes are stopped and
 the exit code is 0.
 
 The app: /v1/completions and /v1/chat/completions (routes_generate.py),
-/v1/models, /health (503 once a local engine core is gone or draining), /version
-and /metrics. An ASGI middleware gives every response an `X-Request-Id` (the
-client's, if it sent a sane one) and an `x-inferd-overhead-ms` header (time spent
-in inferd itself, outside deployment calls and retry waits), and checks the API
-key on /v1 routes when one is configured.
+/v1/embeddings, /v1/files and /v1/batches (with the batch runner in the
+background), /v1/usage, /admin (keys and teams), /v1/models, /health (503 once a
+local engine core is gone or draining), /version and /metrics. An ASGI
+middleware gives every response an `X-Request-Id` (the client's, if it sent a
+sane one) and an `x-inferd-overhead-ms` header (time spent in inferd itself,
+outside deployment calls and retry waits), and resolves the caller's key
+(api/auth.py). Every request is metered into the store's ledger.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from prometheus_client import CollectorRegistry
 from starlette.responses import Response
 
 from inferd import __version__
-from inferd.api import routes_admin, routes_embeddings, routes_generate, routes_tokenize, routes_usage
+from inferd.api import (routes_admin, routes_batches, routes_embeddings, routes_files, routes_generate,
+                        routes_tokenize, routes_usage)
 from inferd.api.auth import Authenticator
 from inferd.api.errors import APIError, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
@@ -50,6 +53,7 @@ from inferd.gateway.router import Gateway
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
 from inferd.providers.local import LocalEngineDeployment
+from inferd.platform.batch_runner import BatchRunner
 from inferd.platform.metering import Metering
 from inferd.platform.prices import PriceBook
 from inferd.platform.response_cache import ResponseCache
@@ -105,12 +109,12 @@ def model_name_from_source(source: str) -> str:
 
 
 def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics: GatewayMetrics,
-              metering: Metering, authenticator: Authenticator) -> FastAPI:
+              metering: Metering, authenticator: Authenticator, batch_runner: BatchRunner) -> FastAPI:
     """The API app around a started gateway."""
     app = FastAPI(title="inferd", version=__version__, docs_url=None, redoc_url=None)
     engine_metrics = EngineMetrics(registry)
     st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator,
-                     ResponseCache(metering.store, metering.clock))
+                     ResponseCache(metering.store, metering.clock), batch_runner)
     for local in st.local_engines():
         local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
     app.state.inferd = st
@@ -120,6 +124,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     app.include_router(routes_tokenize.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_usage.router)
+    app.include_router(routes_files.router)
+    app.include_router(routes_batches.router)
     app.add_middleware(RequestContextMiddleware, authenticator=authenticator)
 
     @app.get("/health")
@@ -239,8 +245,10 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
     try:
         metering = Metering(store, PriceBook.from_config(config), max_output_tokens(gateway))
         authenticator = Authenticator(store, admin_key=args.api_key or os.environ.get("INFERD_API_KEY"))
+        batch_runner = BatchRunner(store, gateway, metering, concurrency=args.batch_concurrency,
+                                   lease_s=args.batch_lease_s)
         app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, metering=metering,
-                        authenticator=authenticator)
+                        authenticator=authenticator, batch_runner=batch_runner)
         log.info("store: %s", store.redacted_url())
         for g in gateway.groups:
             log.info("model %s: %s", g.name, ", ".join(h.name for h in g.handles))
@@ -251,6 +259,8 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
 
         def on_exit_signal() -> None:
             def start_drain():
+                # batch lines first: in flight they get the same time; unfinished ones stay to their leases
+                drains.append(loop.create_task(batch_runner.stop(shutdown_timeout)))
                 drains.extend(loop.create_task(d.drain(shutdown_timeout)) for d in locals_)
             loop.call_soon_threadsafe(start_drain)
 
@@ -258,6 +268,7 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
                                    log_level=args.log_level.lower(),
                                    timeout_graceful_shutdown=shutdown_timeout + 5)
         server = _Server(uv_config, on_exit_signal)
+        batch_runner.start()
         await server.serve(sockets=[sock])
         for task in drains:
             await task

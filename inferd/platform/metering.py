@@ -128,8 +128,20 @@ class RequestMeter:
 
     async def finish(self, status: int, route: Route | None = None, *, cancelled: bool = False,
                      cache_hit: bool = False) -> LedgerRow | None:
+        """Close the meter and settle it (the first call only)."""
         if self._finished:
             return None
+        row = self.close(status, route, cancelled=cancelled, cache_hit=cache_hit)
+        if self.ticket.scopes:  # limits to release: at once, so the next request sees them
+            await self.metering.settle_now(self.ticket, row)
+        else:
+            self.metering.settle_soon(self.ticket, row)
+        return row
+
+    def close(self, status: int, route: Route | None = None, *, cancelled: bool = False,
+              cache_hit: bool = False) -> LedgerRow:
+        """The request's ledger row, priced; the caller writes it (`finish` does, or a batch line's
+        transaction, which must write its result and its row together)."""
         self._finished = True
         row = self.row
         row.status, row.cancelled, row.cache_hit = status, cancelled, cache_hit
@@ -151,8 +163,4 @@ class RequestMeter:
             price = self.metering.prices.price(row.deployment)
             row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
                                       batch=row.batch_id is not None)
-        if self.ticket.scopes:  # limits to release: at once, so the next request sees them
-            await self.metering.settle_now(self.ticket, row)
-        else:
-            self.metering.settle_soon(self.ticket, row)
         return row

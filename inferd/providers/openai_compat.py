@@ -67,6 +67,14 @@ def _is_done(event: SSEEvent) -> bool:
     return event.data.strip() == "[DONE]"
 
 
+# inferd's own request extensions, which a provider's API would refuse as unknown arguments
+_INFERD_ONLY = ("priority",)
+
+
+def _upstream_body(body: dict, model: str) -> dict:
+    return {**{k: v for k, v in body.items() if k not in _INFERD_ONLY}, "model": model}
+
+
 class OpenAICompatDeployment(Deployment):
     def __init__(self, config: OpenAICompatConfig):
         self.name, self.endpoints, self.config = config.name, config.endpoints, config
@@ -79,7 +87,7 @@ class OpenAICompatDeployment(Deployment):
 
     async def request(self, endpoint: Endpoint, body: dict) -> dict:
         path = self._path(endpoint)
-        upstream = {**body, "model": self.config.model}
+        upstream = _upstream_body(body, self.config.model)
         if endpoint != "embeddings":
             upstream["stream"] = False
             upstream.pop("stream_options", None)  # OpenAI rejects it on non-streamed calls
@@ -90,7 +98,7 @@ class OpenAICompatDeployment(Deployment):
             raise ProviderError(ErrorKind.INVALID_REQUEST, "embeddings cannot be streamed", status=400,
                                 param="stream")
         path = self._path(endpoint)
-        upstream = {**body, "model": self.config.model, "stream": True,
+        upstream = {**_upstream_body(body, self.config.model), "stream": True,
                     "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         last: dict = {}
         final: dict | None = None
