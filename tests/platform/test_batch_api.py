@@ -185,3 +185,29 @@ def test_list_pagination_and_files_api(srv):
     assert c.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
         c.files.retrieve(f.id)
+
+
+def test_cli_submit_wait_and_results(srv, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.api.conftest import ROOT
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(jsonl([chat_line(i, 2) for i in range(5)]))
+    env = {**__import__("os").environ, "INFERD_BASE_URL": srv.url, "INFERD_API_KEY": ADMIN}
+
+    def cli(*args) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "inferd.cli", "batch", *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=120)
+
+    submitted = cli("submit", str(path), "--wait")
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.splitlines()[0]
+    assert "completed" in submitted.stdout and "5/5 done" in submitted.stdout
+    assert "completed" in cli("status", batch_id).stdout
+    out = tmp_path / "out.jsonl"
+    assert cli("results", batch_id, "-o", str(out)).returncode == 0
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [f"req-{i}" for i in range(5)]
+    bad = cli("status", "batch_nope")
+    assert bad.returncode == 2 and "404" in bad.stderr
