@@ -184,13 +184,17 @@ class AsyncEngine:
                 "retry later", retry)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       prompt_text: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs until it finishes."""
+                       prompt_text: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes.
+
+        `priority`: lower is scheduled sooner, and may preempt running requests of
+        worse priority (vLLM's convention; batch work runs at 10, interactive at 0).
+        """
         self.check_accepting(params.n)
         metrics = RequestMetrics(time.monotonic(), len(prompt_ids))
         children = self._processor.add_request(request_id, prompt_text, list(prompt_ids), params)
         stream = self._streams[request_id] = _Stream(params.n, metrics)
-        if not self._link.send(cp.AddRequest(request_id, list(prompt_ids), children)):
+        if not self._link.send(cp.AddRequest(request_id, list(prompt_ids), children, priority)):
             self._forget(request_id, None)
             self._link.mark_dead("the engine core process is not reachable")
             raise EngineDeadError(self.dead_reason)

@@ -70,11 +70,16 @@ class EngineCore:
             return int(free * self.config.gpu_memory_fraction)
         return self.config.kv_cache_bytes
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.validate(prompt_token_ids, params)
-        self.scheduler.add(Request(request_id, list(prompt_token_ids), params, self.eos_token_ids))
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        """Queue a request; `priority`: lower is scheduled sooner (see engine/scheduler.py)."""
+        self.validate(prompt_token_ids, params, priority)
+        self.scheduler.add(Request(request_id, list(prompt_token_ids), params, self.eos_token_ids,
+                                   priority=priority))
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidParameterError("prompt", "must contain at least one token")

@@ -43,6 +43,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     request_id: str                                  # the user's request (for `Rejected`)
     prompt_token_ids: list[int]
     children: list[tuple[str, SamplingParams]]       # core request ids: one per sample
+    priority: int = 0                                # lower is scheduled sooner
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -157,7 +158,7 @@ class _CoreLoop:
         added = []
         try:
             for cid, params in msg.children:
-                self.core.add_request(cid, msg.prompt_token_ids, params)
+                self.core.add_request(cid, msg.prompt_token_ids, params, msg.priority)
                 added.append(cid)
         except Exception as e:  # noqa: BLE001 - bad input must not take the core down
             for cid in added:

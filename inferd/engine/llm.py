@@ -68,7 +68,9 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; `priority` (one per prompt, lower is scheduled
+        sooner, as in vLLM) matters only when they do not all fit in the engine at once."""
         self._generation_engine()
         if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
@@ -79,7 +81,10 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError("sampling_params: give one, or one per prompt")
-        return self._run(prompts, params_list, use_tqdm)
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError("priority: give one per prompt")
+        return self._run(prompts, params_list, use_tqdm, priorities)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None,
@@ -89,13 +94,14 @@ class LLM:
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool,
+             priorities: list[int]) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, priority in zip(prompts, params_list, priorities):
                 rid = engine.next_request_id()
-                engine.add_request(rid, prompt, params)
+                engine.add_request(rid, prompt, params, priority)
                 ids.append(rid)
         except Exception:
             for rid in ids:

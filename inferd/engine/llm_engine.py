@@ -29,7 +29,9 @@ class LLMEngine:
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        """Queue a request; `priority`: lower is scheduled sooner (see engine/scheduler.py)."""
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
@@ -37,9 +39,9 @@ class LLMEngine:
         else:
             raise InvalidParameterError("prompt", "must be a string or a list of token ids")
         # validate before registering, so a rejected request leaves nothing behind
-        self.core.validate(ids, params)
+        self.core.validate(ids, params, priority)
         for cid, child_params in self.processor.add_request(request_id, text, ids, params):
-            self.core.add_request(cid, ids, child_params)
+            self.core.add_request(cid, ids, child_params, priority)
 
     def abort_request(self, request_id: str) -> None:
         for cid in self.processor.child_ids(request_id):

@@ -40,6 +40,7 @@ class Request:
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower is scheduled sooner (vLLM's convention); batch work uses 10
 
     def __post_init__(self):
         self.token_ids: list[int] = list(self.prompt_token_ids)

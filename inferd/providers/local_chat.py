@@ -95,7 +95,8 @@ class LocalChat:
         self.top_n = body.top_logprobs or 0
 
     def _start(self):
-        return [self.engine.generate(uuid.uuid4().hex, self.prompt_ids, self.params)]
+        return [self.engine.generate(uuid.uuid4().hex, self.prompt_ids, self.params,
+                                     priority=self.body.priority)]
 
     async def response(self) -> dict:
         [final] = await final_outputs(self._start())

@@ -57,7 +57,7 @@ class LocalCompletion:
 
     def _start(self):
         base = uuid.uuid4().hex
-        return [self.engine.generate(f"{base}-{i}", ids, self.params, text)
+        return [self.engine.generate(f"{base}-{i}", ids, self.params, text, priority=self.body.priority)
                 for i, (text, ids) in enumerate(self.prompts)]
 
     def prompt_text(self, i: int) -> str:

@@ -2,10 +2,11 @@
 
 Request models use OpenAI's field names, plus vLLM's sampling extras (top_k,
 min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids,
-include_stop_str_in_output, skip_special_tokens, prompt_logprobs). Pydantic
-checks shapes and bounds (so nothing out of range reaches msgpack or torch);
-`SamplingParams` checks meaning and names the offending parameter. Unknown
-fields are ignored, as vLLM does, so clients that send extras keep working.
+include_stop_str_in_output, skip_special_tokens, prompt_logprobs) and its scheduling
+`priority` (an integer, lower is scheduled sooner). Pydantic checks shapes and
+bounds (so nothing out of range reaches msgpack or torch); `SamplingParams` checks
+meaning and names the offending parameter. Unknown fields are ignored, as vLLM
+does, so clients that send extras keep working.
 
 Both the API edge and the local engine deployment parse bodies with these
 models; `validation_error()` turns pydantic's complaint into one OpenAI-style
@@ -23,6 +24,7 @@ from inferd.providers.base import ErrorKind, ProviderError
 
 _I32 = 2**31 - 1
 _I63 = 2**63 - 1
+PRIORITY_LIMIT = 1000  # `priority` is an int in [-PRIORITY_LIMIT, PRIORITY_LIMIT]
 
 
 class WireModel(BaseModel):
@@ -63,6 +65,8 @@ class _SamplingRequest(WireModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, ge=-_I32, le=_I32)
+    # vLLM's scheduling extra: lower is scheduled sooner; the Batch API runs at 10
+    priority: int = Field(0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None) -> SamplingParams:
