@@ -14,9 +14,10 @@ import json
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,11 +27,14 @@ from inferd.api.errors import APIError
 from inferd.api.metrics import EngineMetrics
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
-from inferd.platform.keys import Principal
 from inferd.platform.batch_runner import BatchRunner
+from inferd.platform.keys import Principal
 from inferd.platform.metering import Metering
 from inferd.platform.response_cache import ResponseCache
 from inferd.providers.local import LocalEngineDeployment
+from inferd.providers.openai_schema import validation_error
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -87,6 +91,15 @@ async def read_json(request: Request) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
+
+
+async def read_model(request: Request, model: type[M]) -> M:
+    """The request body validated as `model`; a 400 naming the first bad field otherwise."""
+    body = await read_json(request)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
 
 
 # Characters that str.splitlines() treats as line breaks although SSE does not

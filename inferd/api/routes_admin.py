@@ -8,10 +8,10 @@ lists never carry secrets. The middleware has already refused non-admin keys.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from inferd.api.errors import APIError
-from inferd.api.protocol import json_response, read_json, state
+from inferd.api.protocol import json_response, read_model, state
 from inferd.platform import keys
 from inferd.platform.keys import BudgetPeriod, Limits
 
@@ -38,24 +38,13 @@ class KeyBody(LimitsBody):
     cache_ttl: float | None = Field(None, gt=0)
 
 
-async def _parse(request: Request, model: type[BaseModel]):
-    body = await read_json(request)
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ())) or None
-        raise APIError(400, f"{where}: {err.get('msg')}" if where else err.get("msg", "invalid body"),
-                       param=where) from None
-
-
 def _now(request: Request) -> float:
     return state(request).metering.clock()
 
 
 @router.post("/admin/keys")
 async def create_key(request: Request):
-    body = await _parse(request, KeyBody)
+    body = await read_model(request, KeyBody)
     st = state(request)
     now = _now(request)
     info, secret = await st.metering.store.run(lambda tx: keys.create_key(
@@ -83,7 +72,7 @@ async def revoke_key(request: Request, key_id: str):
 
 @router.put("/admin/teams/{team}")
 async def set_team(request: Request, team: str):
-    body = await _parse(request, LimitsBody)
+    body = await read_model(request, LimitsBody)
     now = _now(request)
     info = await state(request).metering.store.run(lambda tx: keys.set_team(tx, team, body.limits(), now))
     state(request).authenticator.forget()

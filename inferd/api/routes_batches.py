@@ -4,10 +4,10 @@ cancel it. The server's batch runner (platform/batch_runner.py) does the work.""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from inferd.api.errors import APIError
-from inferd.api.protocol import json_response, read_json, state
+from inferd.api.protocol import json_response, read_model, state
 from inferd.api.routes_files import owner
 from inferd.platform import batches
 from inferd.platform.files import BATCH_URLS
@@ -30,12 +30,7 @@ def _error(e: batches.BatchError) -> APIError:
 
 @router.post("/v1/batches")
 async def create(request: Request):
-    try:
-        body = CreateBatch.model_validate(await read_json(request))
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        raise APIError(400, f"{where}: {err.get('msg')}", param=where or None) from None
+    body = await read_model(request, CreateBatch)
     if body.endpoint not in BATCH_URLS:
         raise APIError(400, f"endpoint must be one of {', '.join(BATCH_URLS)}", param="endpoint")
     team, key_id, admin = owner(request)

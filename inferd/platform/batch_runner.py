@@ -88,6 +88,10 @@ def _line_error(custom_id: str, code: str, message: str) -> dict:
             "error": {"code": code, "message": message}}
 
 
+def _has_open_batches(tx: Tx) -> bool:
+    return tx.fetchone("SELECT 1 FROM batches WHERE status IN ('in_progress', 'cancelling') LIMIT 1") is not None
+
+
 def _settle_batches(tx: Tx, now: float) -> list[str]:
     """Expire and cancel what must be, finalize batches with nothing left to run; returns finalized ids."""
     tx.lock("inferd-batch-claim")
@@ -179,6 +183,8 @@ class BatchRunner:
                 pass
 
     async def _tick(self) -> None:
+        if not self._running and not await self.store.run(_has_open_batches):
+            return  # an idle server: one read per poll, no writes and no claim lock
         now = self.clock()
         finalized = await self.store.run(lambda tx: _settle_batches(tx, now))
         for batch_id in finalized:

@@ -16,8 +16,9 @@ from inferd import LLM, SamplingParams
 from inferd.engine.kv_cache import KVCacheManager
 from inferd.engine.request import Request
 from inferd.engine.sampling_params import InvalidParameterError
-from inferd.engine.scheduler import Scheduler, SchedulerConfig, StepResult, WaitingQueue
+from inferd.engine.scheduler import Scheduler, SchedulerConfig, WaitingQueue
 from tests.engine.test_reference import PROMPTS
+from tests.engine.test_scheduler import _run_step
 
 BATCH, INTERACTIVE = 10, 0
 
@@ -32,14 +33,6 @@ def _add(s, rid, n_prompt, priority=0, max_tokens=100, first=1) -> Request:
                   priority=priority)
     s.add(req)
     return req
-
-
-def _run_step(s):
-    out = s.schedule()
-    sampled = {r.request_id: 7 for r in out.requests
-               if r.num_computed_tokens + out.num_new_tokens[r.request_id] == r.num_tokens}
-    s.update(out, StepResult(sampled))
-    return out
 
 
 def _ids(reqs):

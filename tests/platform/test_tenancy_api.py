@@ -82,6 +82,8 @@ def test_keys_gate_the_api_and_admin_routes(srv):
     assert httpx.get(srv.url + "/v1/models", headers=bearer(key)).status_code == 401  # at once on this replica
     assert httpx.delete(srv.url + f"/admin/keys/{listed[0]['id']}", headers=admin(srv)).status_code == 404
     assert key not in srv.output()  # never logged
+    r = httpx.post(srv.url + "/admin/keys", json={"team": "gate", "rpm": 0}, headers=admin(srv))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "rpm"
 
 
 def test_requests_per_minute_get_429_with_retry_after(srv):
