@@ -547,7 +547,8 @@ first chunk):
 `python benchmarks/gateway_overhead.py --litellm /tmp/litellm-venv/bin/litellm` — the test
 suite's mock OpenAI upstream (`tests/gateway/mock_upstream.py`, 16-word answers, a fixed
 delay before each answer) behind inferd's gateway and behind LiteLLM's proxy, both on
-loopback with one worker, both checking an API key, neither logging each request;
+loopback with one worker, both checking an API key, neither logging each request
+(inferd meters every request into its SQLite usage ledger; LiteLLM runs without a database);
 and the same load sent to the mock directly as the baseline. {m['date']}, {m['cpu']},
 {m['cores']} cores **shared by the load generator, the mock upstream and the gateway**
 (nothing pinned); load average before {data['loadavg_before']}, after {data['loadavg_after']}; other
