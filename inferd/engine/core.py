@@ -18,6 +18,7 @@ from inferd.engine.model_runner import ModelRunner
 from inferd.engine.request import Request
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
 from inferd.engine.scheduler import EngineCoreOutput, Scheduler, SchedulerConfig
+from inferd.layers import cpu_kernels
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import Checkpoint
 from inferd.models.loader import build_model
@@ -31,6 +32,8 @@ class EngineCore:
         torch.set_num_threads(config.threads())
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
+        if self.device.type == "cpu":
+            cpu_kernels.load()  # compiled now rather than inside the first request
         t0 = time.perf_counter()
         self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
         if config.quantization == "int8":

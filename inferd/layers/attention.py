@@ -9,8 +9,10 @@ each request's queries to its whole context, read through its block table.
 kernels): it gathers each request's blocks into a padded batch and runs one
 `scaled_dot_product_attention` call with a mask that is causal within the new
 tokens and open over the cached prefix. Mask and gather indices are built once per
-step in `prepare()` and shared by every layer. A CUDA backend with paged kernels
-can implement the same two methods.
+step in `prepare()` and shared by every layer. On the CPU, with the fused kernels
+built (layers/cpu_kernels.py), the cache write and the decode group's attention
+run in C++ and read the blocks in place, without the padded copy. A CUDA backend
+with paged kernels can implement the same two methods.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from inferd.layers.cpu_kernels import ops_for
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Group:
     """Requests attended together: all single-token decodes, or the rest (padded)."""
 
     tables: torch.Tensor          # [b, max_blocks] these requests' block tables
+    seq_lens: torch.Tensor        # [b] context length after this step
     query_index: torch.Tensor     # [b, max_q] flat-batch token index (padding repeats a valid one)
     query_valid: torch.Tensor     # [b, max_q] bool
     out_index: torch.Tensor       # [n] flat-batch index of each valid query, in order
@@ -81,34 +86,46 @@ class TorchAttentionBackend(AttentionBackend):
         index = torch.where(valid, starts[:, None] + qi[None, :], starts[:, None])
         q_pos = (slens - qlens)[:, None] + qi[None, :]      # absolute position of each query
         mask = torch.arange(ctx)[None, None, :] <= q_pos[:, :, None]
-        return _Group(tables, index.to(device), valid.to(device), index[valid].to(device),
-                      mask[:, None].to(device), ctx, max_q == 1)
+        return _Group(tables, slens.to(device), index.to(device), valid.to(device),
+                      index[valid].to(device), mask[:, None].to(device), ctx, max_q == 1)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, blocks, block_size, KVH, D]."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        n_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
-        k_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, v)
+        ops = ops_for(q)
+        if ops is not None:
+            ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        else:
+            n_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
+            k_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, v)
 
         groups: list[_Group] = meta.prepared
-        out = q.new_empty(q.shape[0], q.shape[1] * dim) if len(groups) > 1 else None
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         for g in groups:
-            tables = g.tables
-            b = tables.shape[0]
-            keys = k_cache[tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
-            values = v_cache[tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
-            if g.decode:
-                o = _decode_attention(q[g.query_index[:, 0]], keys, values, g.mask, scale)
-            else:
-                queries = q[g.query_index].transpose(1, 2)     # [b, H, max_q, D]
-                o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale,
-                                                   enable_gqa=queries.shape[1] != n_kv)
-                o = o.transpose(1, 2)[g.query_valid].reshape(-1, q.shape[1] * dim)
-            if out is None:
+            if g.decode and ops is not None:
+                # reads the blocks in place and writes each request's row of out
+                ops.decode_attention(out, q, k_cache, v_cache, g.tables, g.seq_lens, g.out_index, scale)
+                continue
+            o = self._attend_gathered(q, k_cache, v_cache, g, scale)
+            if len(groups) == 1:
                 return o  # one group holds every token, already in flat order
             out[g.out_index] = o
         return out
+
+    @staticmethod
+    def _attend_gathered(q, k_cache, v_cache, g: _Group, scale: float) -> torch.Tensor:
+        """The group's attention over a padded copy of its blocks; rows in group order."""
+        n_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
+        b = g.tables.shape[0]
+        keys = k_cache[g.tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
+        values = v_cache[g.tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
+        if g.decode:
+            return _decode_attention(q[g.query_index[:, 0]], keys, values, g.mask, scale)
+        queries = q[g.query_index].transpose(1, 2)     # [b, H, max_q, D]
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale,
+                                           enable_gqa=queries.shape[1] != n_kv)
+        return o.transpose(1, 2)[g.query_valid].reshape(-1, q.shape[1] * dim)
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

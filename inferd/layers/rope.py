@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from inferd.layers.cpu_kernels import ops_for
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -50,12 +52,22 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for a step's positions, [T, 1, D/2]; built once and shared by all layers."""
-        return (self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype))
+        """cos/sin for a step's positions, [T, D/2]; built once and shared by all layers."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate x: [T, heads, D] by the step's tables (rotate-half form)."""
-    cos, sin = tables
+def apply_rope(q: torch.Tensor, k: torch.Tensor,
+               tables: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q: [T, heads, D] and k: [T, kv_heads, D] by the step's tables
+    (rotate-half form). On the CPU one fused kernel rotates both in place."""
+    ops = ops_for(q)
+    if ops is not None:
+        ops.rope(q, k, *tables)
+        return q, k
+    return _rotate(q, tables), _rotate(k, tables)
+
+
+def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = tables[0].unsqueeze(1), tables[1].unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from inferd.layers.activation import silu_and_mul
 from inferd.layers.attention import AttentionBackend, AttentionMetadata
 from inferd.layers.linear import Embedding, Linear
 from inferd.layers.norm import RMSNorm
@@ -38,7 +39,7 @@ class Attention(nn.Module):
         v = v.view(t, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope_tables), apply_rope(k, rope_tables)
+        q, k = apply_rope(q, k, rope_tables)
         return self.o_proj(backend.forward(q, k, v, kv_cache, meta, self.scale))
 
 
@@ -50,8 +51,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(self.inter, cfg.hidden_size, bias=False, dtype=dtype, device=device)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -82,13 +82,24 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
-        """Returns final hidden states [T, hidden] for the flat batch."""
-        h = self.embed_tokens(input_ids)
-        rope_tables = self.rope.tables(positions, h.dtype)
+        """Returns final hidden states [T, hidden] for the flat batch.
+
+        The residual stream is carried apart from each sublayer's output, so every
+        norm also does the residual add before it (one fused kernel on the CPU)."""
+        residual = self.embed_tokens(input_ids)
+        rope_tables = self.rope.tables(positions, residual.dtype)
+        x = None
         for layer, cache in zip(self.layers, kv_caches):
-            h = h + layer.self_attn(layer.input_layernorm(h), rope_tables, cache, meta, backend)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.norm(h)
+            if x is None:
+                x = layer.input_layernorm(residual)
+            else:
+                x, residual = layer.input_layernorm(x, residual)
+            x = layer.self_attn(x, rope_tables, cache, meta, backend)
+            x, residual = layer.post_attention_layernorm(x, residual)
+            x = layer.mlp(x)
+        if x is None:
+            return self.norm(residual)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -1,0 +1,484 @@
+// Fused CPU kernels for the decoder's small ops, compiled on first use
+// (inferd/layers/cpu_kernels.py). Each one replaces several eager torch ops, whose
+// per-call overhead dominates a decode step with few rows, and the paged decode
+// attention reads K/V blocks where they lie instead of gathering a padded copy.
+//
+// Numerics follow the torch path they replace: element-wise results are rounded to
+// the tensor's dtype after every operation the torch code does in that dtype (so
+// rope and the norms give the same bits), and reductions run in fp32.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Load/store/round for each dtype; `round` is the value a float takes when stored
+// in the dtype and read back.
+template <typename T> struct Num;
+
+template <> struct Num<float> {
+  static inline float load(const float* p) { return *p; }
+  static inline void store(float* p, float x) { *p = x; }
+  static inline float round(float x) { return x; }
+};
+
+template <> struct Num<at::BFloat16> {
+  static inline float load(const at::BFloat16* p) {
+    uint32_t bits = uint32_t(p->x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static inline uint16_t to_bits(float x) {  // round to nearest even, as c10 does
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+  }
+  static inline void store(at::BFloat16* p, float x) { p->x = to_bits(x); }
+  static inline float round(float x) {
+    uint32_t bits = uint32_t(to_bits(x)) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+template <> struct Num<at::Half> {
+  static inline float load(const at::Half* p) { return float(*p); }
+  static inline void store(at::Half* p, float x) { *p = at::Half(x); }
+  static inline float round(float x) { return float(at::Half(x)); }
+};
+
+// Calls f(T{}) for the dtypes the engine runs in (float32, bfloat16, float16).
+template <typename F>
+void dispatch(at::ScalarType type, const char* op, F&& f) {
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, op, ": unsupported dtype ", type);
+  }
+}
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
+}
+
+// ---- RMSNorm (optionally fused with the residual add before it) ----------------
+// torch: h = residual + x (in dtype); out = w * (rms_norm(h.float())).to(dtype)
+
+template <typename T>
+void rms_norm_impl(torch::Tensor& out, const torch::Tensor& x, torch::Tensor* residual,
+                   const torch::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const T* w = weight.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(cols);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x.data_ptr<T>() + r * x.stride(0);
+      T* o = out.data_ptr<T>() + r * out.stride(0);
+      if (residual) {
+        T* res = residual->data_ptr<T>() + r * residual->stride(0);
+        for (int64_t c = 0; c < cols; ++c) {
+          h[c] = Num<T>::round(Num<T>::load(res + c) + Num<T>::load(xr + c));
+          Num<T>::store(res + c, h[c]);
+        }
+      } else {
+        for (int64_t c = 0; c < cols; ++c) h[c] = Num<T>::load(xr + c);
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t c = 0; c < cols; ++c) ss += h[c] * h[c];
+      const float inv = 1.f / std::sqrt(ss / float(cols) + float(eps));
+      for (int64_t c = 0; c < cols; ++c)
+        Num<T>::store(o + c, Num<T>::load(w + c) * Num<T>::round(h[c] * inv));
+    }
+  });
+}
+
+void rms_norm(torch::Tensor out, torch::Tensor x, c10::optional<torch::Tensor> residual,
+              torch::Tensor weight, double eps) {
+  check_cpu(x, "x");
+  check_cpu(out, "out");
+  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes(), "rms_norm: x and out must be [rows, dim]");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "rms_norm: weight must be [dim]");
+  torch::Tensor* res = nullptr;
+  if (residual.has_value()) {
+    check_cpu(*residual, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "rms_norm: residual must match x");
+    res = &residual.value();
+  }
+  dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using scalar_t = decltype(tag); rms_norm_impl<scalar_t>(out, x, res, weight, eps); });
+}
+
+// ---- rotary embedding, in place on q and k ------------------------------------------
+// torch (rotate-half): cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin), each op in dtype;
+// cos/sin are the step's tables, [T, D/2] in the dtype
+
+template <typename T>
+void rope_one(T* x, const T* cos, const T* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = Num<T>::load(x + i), x2 = Num<T>::load(x + half + i);
+    const float c = Num<T>::load(cos + i), s = Num<T>::load(sin + i);
+    const float a = Num<T>::round(Num<T>::round(x1 * c) - Num<T>::round(x2 * s));
+    const float b = Num<T>::round(Num<T>::round(x2 * c) + Num<T>::round(x1 * s));
+    Num<T>::store(x + i, a);
+    Num<T>::store(x + half + i, b);
+  }
+}
+
+template <typename T>
+void rope_impl(torch::Tensor& q, torch::Tensor& k, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t tokens = q.size(0), nq = q.size(1), nk = k.size(1), half = q.size(2) / 2;
+  at::parallel_for(0, tokens, 32, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* c = cos.data_ptr<T>() + t * cos.stride(0);
+      const T* s = sin.data_ptr<T>() + t * sin.stride(0);
+      for (int64_t h = 0; h < nq; ++h) rope_one<T>(q.data_ptr<T>() + t * q.stride(0) + h * q.stride(1), c, s, half);
+      for (int64_t h = 0; h < nk; ++h) rope_one<T>(k.data_ptr<T>() + t * k.stride(0) + h * k.stride(1), c, s, half);
+    }
+  });
+}
+
+void rope(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  for (auto* t : {&q, &k}) check_cpu(*t, "q/k");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(2) == k.size(2) && q.size(0) == k.size(0),
+              "rope: q and k must be [tokens, heads, head_dim]");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == q.size(0) && cos.size(1) * 2 == q.size(2)
+                  && cos.sizes() == sin.sizes() && cos.stride(1) == 1 && sin.stride(1) == 1
+                  && cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(),
+              "rope: cos and sin must be [tokens, head_dim / 2] in q's dtype");
+  dispatch(q.scalar_type(), "rope", [&](auto tag) {
+    using scalar_t = decltype(tag); rope_impl<scalar_t>(q, k, cos, sin); });
+}
+
+// ---- paged KV cache: write new tokens, attend decode queries in place -----------------
+// cache layout per layer: k_cache, v_cache [blocks, block_size, kv_heads, head_dim]
+
+void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "write_kv: slots must be int64");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "write_kv: dtype mismatch");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "write_kv: each token's heads must be contiguous");
+  const int64_t tokens = k.size(0);
+  const int64_t row = k.size(1) * k.size(2);  // elements per token
+  const int64_t n_slots = k_cache.numel() / row;
+  TORCH_CHECK(k_cache.numel() == n_slots * row, "write_kv: cache shape does not match k");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t bytes = row * k.element_size();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* ks = static_cast<const char*>(k.data_ptr());
+  const auto* vs = static_cast<const char*>(v.data_ptr());
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < n_slots, "write_kv: slot out of range");
+    std::memcpy(kc + slot[t] * bytes, ks + t * k.stride(0) * k.element_size(), bytes);
+    std::memcpy(vc + slot[t] * bytes, vs + t * v.stride(0) * v.element_size(), bytes);
+  }
+}
+
+// e^x for x <= 0 (softmax inputs once the maximum is subtracted): 2^n * p(r), the
+// Cephes polynomial, within ~2 ulp of expf; written so the compiler vectorizes it.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+#ifdef __AVX512F__
+// the same function, 16 lanes at a time
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+#endif
+
+void softmax_rows(float* scores, int64_t rows, int64_t len) {
+  for (int64_t g = 0; g < rows; ++g) {
+    float* sg = scores + g * len;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sg[t]);
+    float sum = 0.f;
+    int64_t t = 0;
+#ifdef __AVX512F__
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 vsum = _mm512_setzero_ps();
+    for (; t + 16 <= len; t += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vmx));
+      _mm512_storeu_ps(sg + t, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; t < len; ++t) {
+      sg[t] = exp_nonpositive(sg[t] - mx);
+      sum += sg[t];
+    }
+    const float inv = 1.f / sum;
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+  }
+}
+
+#ifdef __AVX512F__
+// 16 consecutive elements as floats
+template <typename T> inline __m512 load16(const T* p);
+template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+template <> inline __m512 load16<at::Half>(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// store 16 floats in the dtype, rounding to nearest even; round16 = store and reload
+template <typename T> inline void store16(T* p, __m512 x);
+template <> inline void store16<float>(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline __m512i bf16_rounded_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+}
+template <> inline void store16<at::BFloat16>(at::BFloat16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_rounded_bits(x)));
+}
+template <typename T> inline __m512 round16(__m512 x) { return x; }
+template <> inline __m512 round16<at::BFloat16>(__m512 x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_rounded_bits(x), 16));
+}
+constexpr int64_t kMaxChunks = 16, kMaxGroup = 16;  // head_dim <= 256, 16 query heads per KV head
+#endif
+
+// ---- SiLU(gate) * up ------------------------------------------------------------
+// torch: silu(gate) * up, each op rounded to dtype; gate_up is [rows, 2 * inter]
+
+template <typename T>
+void silu_and_mul_impl(torch::Tensor& out, const torch::Tensor& gate_up) {
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gate_up.data_ptr<T>() + r * gate_up.stride(0);
+      const T* u = g + inter;
+      T* o = out.data_ptr<T>() + r * out.stride(0);
+      int64_t c = 0;
+#ifdef __AVX512F__
+      if constexpr (!std::is_same_v<T, at::Half>) {
+        for (; c + 16 <= inter; c += 16) {
+          const __m512 x = load16<T>(g + c);
+          // x * sigmoid(x) with e = exp(-|x|), so the exponent is never positive
+          const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+          const __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, e);
+          const __m512 silu = round16<T>(_mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+          store16<T>(o + c, _mm512_mul_ps(silu, load16<T>(u + c)));
+        }
+      }
+#endif
+      for (; c < inter; ++c) {
+        const float x = Num<T>::load(g + c);
+        const float s = Num<T>::round(x / (1.f + std::exp(-x)));  // as torch: x * sigmoid(x)
+        Num<T>::store(o + c, s * Num<T>::load(u + c));
+      }
+    }
+  });
+}
+
+void silu_and_mul(torch::Tensor out, torch::Tensor gate_up) {
+  check_cpu(gate_up, "gate_up");
+  check_cpu(out, "out");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && out.size(0) == gate_up.size(0)
+                  && out.size(1) == gate_up.size(1) / 2,
+              "silu_and_mul: gate_up must be [rows, 2 * n] and out [rows, n]");
+  dispatch(gate_up.scalar_type(), "silu_and_mul", [&](auto tag) {
+    using scalar_t = decltype(tag); silu_and_mul_impl<scalar_t>(out, gate_up); });
+}
+
+// One query token per request. Query heads sharing a KV head are handled together,
+// so each cached key and value row is read once per (request, KV head).
+template <typename T>
+void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
+                           const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                           const torch::Tensor& seq_lens, const torch::Tensor& q_rows, double scale) {
+  const int64_t batch = block_tables.size(0);
+  const int64_t n_heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), n_kv = k_cache.size(2);
+  const int64_t group = n_heads / n_kv;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* rows = q_rows.data_ptr<int64_t>();
+  const T* kc = k_cache.data_ptr<T>();
+  const T* vc = v_cache.data_ptr<T>();
+  const T* qbase = q.data_ptr<T>();
+  T* obase = out.data_ptr<T>();
+  const int64_t q_row_stride = q.stride(0), q_head_stride = q.stride(1), out_stride = out.stride(0);
+  const int64_t token_stride = n_kv * dim, block_stride = block_size * token_stride;
+#ifdef __AVX512F__
+  const bool vector = dim % 16 == 0 && dim / 16 <= kMaxChunks && group <= kMaxGroup;
+#else
+  const bool vector = false;
+#endif
+
+  at::parallel_for(0, batch * n_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), kv(dim), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / n_kv, h = item % n_kv;
+      const int64_t len = lens[b];
+      const int64_t* table = tables + b * table_stride;
+      const T* qp = qbase + rows[b] * q_row_stride;
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d)
+          qf[g * dim + d] = Num<T>::load(qp + (h * group + g) * q_head_stride + d) * float(scale);
+      scores.resize(group * len);
+      // calls f(t, row) for each context token, walking the block table (no division per token)
+      auto for_each_row = [&](const T* cache, auto&& f) {
+        for (int64_t start = 0, i = 0; start < len; start += block_size, ++i) {
+          const T* row = cache + table[i] * block_stride + h * dim;
+          const int64_t n = std::min(block_size, len - start);
+          for (int64_t j = 0; j < n; ++j, row += token_stride) f(start + j, row);
+        }
+      };
+      T* op = obase + rows[b] * out_stride + h * group * dim;
+#ifdef __AVX512F__
+      if (vector) {
+        const int64_t chunks = dim / 16;
+        __m512 qv[kMaxGroup * kMaxChunks];
+        for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm512_loadu_ps(qf.data() + i * 16);
+        for_each_row(kc, [&](int64_t t, const T* kp) {
+          __m512 kf[kMaxChunks];
+          for (int64_t c = 0; c < chunks; ++c) kf[c] = load16<T>(kp + c * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            __m512 s = _mm512_mul_ps(qv[g * chunks], kf[0]);
+            for (int64_t c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(qv[g * chunks + c], kf[c], s);
+            scores[g * len + t] = _mm512_reduce_add_ps(s);
+          }
+        });
+        softmax_rows(scores.data(), group, len);
+        __m512 av[kMaxGroup * kMaxChunks];
+        for (int64_t i = 0; i < group * chunks; ++i) av[i] = _mm512_setzero_ps();
+        for_each_row(vc, [&](int64_t t, const T* vp) {
+          __m512 vf[kMaxChunks];
+          for (int64_t c = 0; c < chunks; ++c) vf[c] = load16<T>(vp + c * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            const __m512 p = _mm512_set1_ps(scores[g * len + t]);
+            for (int64_t c = 0; c < chunks; ++c)
+              av[g * chunks + c] = _mm512_fmadd_ps(p, vf[c], av[g * chunks + c]);
+          }
+        });
+        for (int64_t i = 0; i < group * chunks; ++i) _mm512_storeu_ps(acc.data() + i * 16, av[i]);
+        for (int64_t i = 0; i < group * dim; ++i) Num<T>::store(op + i, acc[i]);
+        continue;
+      }
+#endif
+      for_each_row(kc, [&](int64_t t, const T* kp) {
+        for (int64_t d = 0; d < dim; ++d) kv[d] = Num<T>::load(kp + d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * dim;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < dim; ++d) s += qg[d] * kv[d];
+          scores[g * len + t] = s;
+        }
+      });
+      softmax_rows(scores.data(), group, len);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for_each_row(vc, [&](int64_t t, const T* vp) {
+        for (int64_t d = 0; d < dim; ++d) kv[d] = Num<T>::load(vp + d);
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * len + t];
+          float* ag = acc.data() + g * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) ag[d] += p * kv[d];
+        }
+      });
+      for (int64_t i = 0; i < group * dim; ++i) Num<T>::store(op + i, acc[i]);
+    }
+  });
+}
+
+void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                      torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows,
+                      double scale) {
+  check_cpu(q, "q");
+  check_cpu(out, "out");
+  TORCH_CHECK(q.dim() == 3 && out.dim() == 2 && out.size(1) == q.size(1) * q.size(2),
+              "decode_attention: q must be [tokens, heads, dim] and out [tokens, heads * dim]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4
+                  && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2)
+                  && q.size(1) % k_cache.size(2) == 0,
+              "decode_attention: caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "decode_attention: dtype mismatch");
+  for (auto* t : {&block_tables, &seq_lens, &q_rows})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->stride(-1) == 1, "decode_attention: indices must be int64");
+  TORCH_CHECK(seq_lens.numel() == block_tables.size(0) && q_rows.numel() == block_tables.size(0),
+              "decode_attention: one table, length and query row per request");
+  const int64_t batch = block_tables.size(0), block_size = k_cache.size(1);
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* rows = q_rows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= block_tables.size(1) * block_size,
+                "decode_attention: sequence length beyond its block table");
+    TORCH_CHECK(rows[b] >= 0 && rows[b] < q.size(0) && rows[b] < out.size(0), "decode_attention: bad query row");
+    const int64_t* table = block_tables.data_ptr<int64_t>() + b * block_tables.stride(0);
+    for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(table[i] >= 0 && table[i] < k_cache.size(0), "decode_attention: block id out of range");
+  }
+  dispatch(q.scalar_type(), "decode_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    decode_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding x into residual (in place)");
+  m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
+  m.def("rope", &rope, "rotate-half rotary embedding, in place on q and k");
+  m.def("write_kv", &write_kv, "write new tokens' K/V into their cache slots");
+  m.def("decode_attention", &decode_attention, "one-token queries against the paged cache");
+}
