@@ -25,8 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
-    g.add_argument("--quantization", default=None, choices=["int8"],
-                   help="int8 weight copies for small batches (lossy: see docs/benchmarks.md)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="int8 (<= 3 rows) or 4-bit (<= 16 rows, Q4_1-style groups of 32) weight "
+                        "copies for small batches (lossy: see docs/benchmarks.md)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prompt prefixes (default: on)")
 

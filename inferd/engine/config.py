@@ -85,7 +85,7 @@ class EngineConfig(DeviceOptions):
     max_model_len: int | None = None
     num_threads: int | None = None
     enable_prefix_caching: bool = True
-    quantization: str | None = None     # None | "int8": int8 weight copies for small batches
+    quantization: str | None = None     # None | "int8" | "int4": weight copies for small batches
     progress: bool = True
 
     def __post_init__(self):
@@ -94,8 +94,8 @@ class EngineConfig(DeviceOptions):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization: {self.quantization!r} is not one of none, int8")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization: {self.quantization!r} is not one of none, int8, int4")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
 
