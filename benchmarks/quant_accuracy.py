@@ -1,9 +1,9 @@
 """Accuracy cost of lossy options: perplexity on a fixed text against the bf16 reference.
 
 The text is a fixed English passage (below). Perplexity comes from one forward
-pass over it (teacher forcing). For int8, the int8 weight-only kernel is forced for
-every matmul of the pass (normally it only serves batches of a few rows), so the
-number measures the kernel's rounding, not which path a batch happened to take.
+pass over it (teacher forcing). For int8 and int4, the weight-only kernels are
+forced for every matmul of the pass (normally they only serve batches of a few
+rows), so the number measures their rounding, not which path a batch took.
 Writes benchmarks/results/quant_accuracy.json and a section of docs/benchmarks.md.
 """
 
@@ -48,15 +48,18 @@ def perplexity(llm: LLM, ids: list[int]) -> float:
 def main() -> None:
     results = {}
     for name, opts in (("float32", dict(dtype="float32")), ("bfloat16", dict(dtype="bfloat16")),
-                       ("bfloat16 + int8 weights", dict(dtype="bfloat16", quantization="int8"))):
+                       ("bfloat16 + int8 weights", dict(dtype="bfloat16", quantization="int8")),
+                       ("bfloat16 + int4 weights (output head int8)",
+                        dict(dtype="bfloat16", quantization="int4"))):
         llm = LLM(progress=False, **opts)
         ids = llm.tokenizer.encode(TEXT)
-        saved = linear.INT8_MAX_ROWS
-        linear.INT8_MAX_ROWS = 1 << 30  # force the int8 kernel where it is enabled
+        saved = linear.INT8_MAX_ROWS, linear.INT4_MAX_ROWS
+        # force the quantized kernels where they are enabled
+        linear.INT8_MAX_ROWS = linear.INT4_MAX_ROWS = 1 << 30
         try:
             results[name] = perplexity(llm, ids)
         finally:
-            linear.INT8_MAX_ROWS = saved
+            linear.INT8_MAX_ROWS, linear.INT4_MAX_ROWS = saved
         del llm
     ref = results["bfloat16"]
     m = machine_info()
