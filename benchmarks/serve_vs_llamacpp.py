@@ -15,7 +15,9 @@ both servers (one seed per scenario). llama-server runs with `-np 16 -c 4096`
 inferd runs with its defaults (`--num-threads` set). Everything runs `--repeats`
 times (3), engines interleaved, each time on a freshly started server; per engine
 and scenario the median run by its headline number (output tokens/s, prompt
-tokens/s for prefill) is reported, with every run's headline number. Writes
+tokens/s for prefill) is reported, with every run's headline number.
+`inferd-int4` is inferd with `--quantization int4` (the GGUF's own 4-bit levels for
+the layers, as llama.cpp runs them; the output head at 8 bits). Writes
 benchmarks/results/serve_vs_llamacpp.json, two PNG plots and the
 `serve_vs_llamacpp` section of docs/benchmarks.md.
 
@@ -37,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, ROOT, Server, machine_info, save_json, write_doc_section  # noqa: E402
 
 LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "bin" / "llama-server"
-ENGINES = ("inferd", "llama.cpp")
+ENGINES = ("inferd", "inferd-int4", "llama.cpp")
+INFERD_ARGS = {"inferd": [], "inferd-int4": ["--quantization", "int4"]}
 
 # name -> (num_prompts, max_concurrency, input_len, output_len, seed)
 SCENARIOS = {
@@ -54,11 +57,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_inferd(gguf: Path, threads: int) -> Server:
+def start_inferd(name: str, gguf: Path, threads: int) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", str(gguf),
-           "--port", str(port), "--num-threads", str(threads)]
-    return Server("inferd", cmd, port, {"OMP_NUM_THREADS": str(threads)}).wait_ready()
+           "--port", str(port), "--num-threads", str(threads), *INFERD_ARGS[name]]
+    return Server(name, cmd, port, {"OMP_NUM_THREADS": str(threads)}).wait_ready()
 
 
 def start_llama(binary: Path, gguf: Path, threads: int, slots: int, ctx: int) -> Server:
@@ -103,7 +106,7 @@ def main() -> None:
     ap.add_argument("--llama-server", default=str(LLAMA_SERVER))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
-    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of inferd,llama.cpp")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     ap.add_argument("--repeats", type=int, default=3,
                     help="runs per engine (interleaved); the median run by headline number is reported")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
@@ -124,8 +127,8 @@ def main() -> None:
         for rep in range(args.repeats):  # engines interleaved, each on a freshly started server
             for engine in engines:
                 print(f"\n# repeat {rep + 1}/{args.repeats}: {engine}", flush=True)
-                if engine == "inferd":
-                    groups = [("inferd", lambda: start_inferd(gguf, args.threads), list(SCENARIOS))]
+                if engine in INFERD_ARGS:
+                    groups = [(engine, lambda: start_inferd(engine, gguf, args.threads), list(SCENARIOS))]
                 else:
                     groups = [("llama.cpp", lambda: start_llama(binary, gguf, args.threads, 16, 16 * 256),
                                ["c1", "c16"]),
@@ -163,7 +166,7 @@ def main() -> None:
                                   for k in ("success", "start", "prompt_len", "output_tokens", "ttft", "tpot", "e2el")}
                                  for q in reqs]
     save_json("serve_vs_llamacpp", data)
-    if len(results) == 2:
+    if len(results) == len(ENGINES):
         plot(results)
         if not args.no_doc:
             doc(data)
@@ -196,9 +199,13 @@ def median_run(scenario: str, runs: list[dict]) -> dict:
 
 
 def ratios(results: dict) -> dict:
-    if set(results) != set(ENGINES):
+    """Per inferd variant, its figures over llama.cpp's."""
+    if "llama.cpp" not in results:
         return {}
-    a, b = "inferd", "llama.cpp"
+    return {a: _ratios(results, a, "llama.cpp") for a in results if a in INFERD_ARGS}
+
+
+def _ratios(results: dict, a: str, b: str) -> dict:
     return {
         "output_tok_s_c16": _m(results, a, "c16")["output_throughput"] / _m(results, b, "c16")["output_throughput"],
         "output_tok_s_c1": _m(results, a, "c1")["output_throughput"] / _m(results, b, "c1")["output_throughput"],
@@ -210,7 +217,7 @@ def ratios(results: dict) -> dict:
     }
 
 
-COLORS = {"inferd": "#2a7", "llama.cpp": "#c63"}
+COLORS = {"inferd": "#2a7", "inferd-int4": "#27a", "llama.cpp": "#c63"}
 
 
 def plot(results: dict) -> None:
@@ -236,11 +243,12 @@ def plot(results: dict) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(11, 3.2))
     stats = ("median", "p90", "p99")
-    width = 0.38
+    width = 0.8 / len(results)
     for ax, (metric, sc) in zip(axes, [("ttft_ms", "c1"), ("ttft_ms", "c16"), ("tpot_ms", "c1"), ("tpot_ms", "c16")]):
         for i, e in enumerate(results):
             vals = [_m(results, e, sc)[metric][s] for s in stats]
-            ax.bar([x + (i - 0.5) * width for x in range(len(stats))], vals, width, label=e, color=COLORS[e])
+            ax.bar([x + (i - (len(results) - 1) / 2) * width for x in range(len(stats))], vals, width,
+                   label=e, color=COLORS[e])
         ax.set_xticks(range(len(stats)), stats)
         ax.set_title(f"{metric.split('_')[0].upper()} (ms), concurrency {sc[1:]}", fontsize=9)
     axes[0].legend(fontsize=8)
@@ -268,6 +276,13 @@ def doc(data: dict) -> None:
         f"{sc} {e}: " + ", ".join(f"{x:.0f}" for x in data["headline_all_runs"][e][sc])
         for sc in ("c1", "c16", "prefill") for e in res)
     cmds = "\n".join(f"    {k}: {' '.join(c)}" for k, c in data["server_commands"].items())
+    summary = "\n\n".join(
+        f"{e} / llama.cpp: output tok/s at concurrency 16 **{q['output_tok_s_c16']:.2f}x** "
+        f"(at 1: {q['output_tok_s_c1']:.2f}x); median TTFT {q['median_ttft_c1']:.2f}x at concurrency 1, "
+        f"**{q['median_ttft_c16']:.2f}x** at 16; median TPOT at concurrency 1 **{q['median_tpot_c1']:.2f}x** "
+        f"({_m(res, e, 'c1')['tpot_ms']['median']:.1f} vs {_m(res, 'llama.cpp', 'c1')['tpot_ms']['median']:.1f} ms), "
+        f"at 16 {q['median_tpot_c16']:.2f}x; prefill tok/s **{q['prefill_tok_s']:.2f}x**."
+        for e, q in r.items())
     write_doc_section("serve_vs_llamacpp", f"""## Online serving vs llama.cpp (`llama-server`)
 
 `python benchmarks/serve_vs_llamacpp.py` — `inferd bench serve` (streaming, `{data['args']['endpoint']}`,
@@ -295,11 +310,7 @@ speed for its runs, so the client's measurement is not what makes it slow).
 |---|---|---|---|
 {pre}
 
-inferd / llama.cpp: output tok/s at concurrency 16 **{r['output_tok_s_c16']:.2f}x**
-(at 1: {r['output_tok_s_c1']:.2f}x); median TTFT {r['median_ttft_c1']:.2f}x at concurrency 1,
-{r['median_ttft_c16']:.2f}x at 16; median TPOT at concurrency 1 **{r['median_tpot_c1']:.2f}x**
-({_m(res, 'inferd', 'c1')['tpot_ms']['median']:.1f} vs {_m(res, 'llama.cpp', 'c1')['tpot_ms']['median']:.1f} ms),
-at 16 {r['median_tpot_c16']:.2f}x; prefill tok/s **{r['prefill_tok_s']:.2f}x**.
+{summary}
 (Ratios of latencies above 1 mean inferd is slower.)
 
 Each number is from the median of {data['args']['repeats']} runs (engines interleaved, a fresh server
