@@ -6,8 +6,9 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
-from tests.api.conftest import MODEL, wait_for
+from tests.api.conftest import MODEL, ServerProc, wait_for
 
 WORDS = ["fox", "blocks", "batching", "Köln", "emoji 🙂", "def main():", "1234567890", "keys"]
 
@@ -58,14 +59,25 @@ def test_64_concurrent_streams_equal_their_non_streamed_text(server):
     assert m["inferd:num_requests_running"] == 0
 
 
-def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(server):
+@pytest.fixture(scope="module")
+def long_server(tiny_llama_long):
+    """A 4096-token context: n=4 samples of 3000 tokens take seconds even on fast kernels,
+    so a client that walks away always leaves work to abort."""
+    srv = ServerProc(tiny_llama_long).wait_ready()
+    yield srv
+    srv.stop()
+
+
+LONG = {"model": MODEL, "prompt": "Paged attention " * 8, "max_tokens": 3000, "n": 4, "ignore_eos": True}
+
+
+def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(long_server):
+    server = long_server
     m = server.metrics()
     total = m["inferd:kv_cache_total_blocks"]
     assert m["inferd:kv_cache_free_blocks"] == total
     aborted_before = m.get("inferd:request_success_total{abort}", 0)
-    # n=4 long samples hold plenty of blocks; at ~1 ms a step they need well over a second
-    body = {"model": MODEL, "prompt": "Paged attention " * 8, "max_tokens": 440, "n": 4,
-            "ignore_eos": True, "stream": True}
+    body = {**LONG, "stream": True}
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", server.url + "/v1/completions", headers=server.headers, json=body) as resp:
             assert resp.status_code == 200
@@ -82,11 +94,11 @@ def test_disconnect_mid_stream_aborts_and_frees_kv_blocks(server):
     assert after.get("inferd:request_success_total{length}", 0) == m.get("inferd:request_success_total{length}", 0)
 
 
-def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(server):
+def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(long_server):
+    server = long_server
     before = server.metrics().get("inferd:request_success_total{abort}", 0)
-    body = {"model": MODEL, "prompt": "Paged attention " * 8, "max_tokens": 440, "n": 4, "ignore_eos": True}
     try:
-        httpx.post(server.url + "/v1/completions", headers=server.headers, json=body, timeout=0.3)
+        httpx.post(server.url + "/v1/completions", headers=server.headers, json=LONG, timeout=0.3)
     except httpx.ReadTimeout:
         pass
     after = wait_for(lambda: (m := server.metrics())["inferd:num_requests_running"] == 0 and m)
