@@ -291,7 +291,56 @@ template <> inline __m512 round16<at::BFloat16>(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_rounded_bits(x), 16));
 }
 constexpr int64_t kMaxChunks = 16, kMaxGroup = 16;  // head_dim <= 256, 16 query heads per KV head
+
+// One (request, KV head) on 16-lane vectors. G (query heads per KV head) and C
+// (head_dim / 16) are compile-time for the common shapes, so the query and accumulator
+// vectors stay in registers (with runtime sizes they live on the stack and every FMA
+// loads and stores: ~2x slower); G = C = 0 takes the sizes at run time.
+template <typename T, int G, int C, typename Rows>
+void attend_vector_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, float* scores, int64_t len,
+                         float* acc, const Rows& for_each_row, const T* kc, const T* vc) {
+  const int64_t group = G ? G : group_rt, chunks = C ? C : chunks_rt;
+  __m512 qv[G ? G * C : kMaxGroup * kMaxChunks];
+  for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm512_loadu_ps(qf + i * 16);
+  for_each_row(kc, [&](int64_t t, const T* kp) {
+    __m512 kf[C ? C : kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) kf[c] = load16<T>(kp + c * 16);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 s = _mm512_mul_ps(qv[g * chunks], kf[0]);
+      for (int64_t c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(qv[g * chunks + c], kf[c], s);
+      scores[g * len + t] = _mm512_reduce_add_ps(s);
+    }
+  });
+  softmax_rows(scores, group, len);
+  __m512 av[G ? G * C : kMaxGroup * kMaxChunks];
+  for (int64_t i = 0; i < group * chunks; ++i) av[i] = _mm512_setzero_ps();
+  for_each_row(vc, [&](int64_t t, const T* vp) {
+    __m512 vf[C ? C : kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) vf[c] = load16<T>(vp + c * 16);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * len + t]);
+      for (int64_t c = 0; c < chunks; ++c) av[g * chunks + c] = _mm512_fmadd_ps(p, vf[c], av[g * chunks + c]);
+    }
+  });
+  for (int64_t i = 0; i < group * chunks; ++i) _mm512_storeu_ps(acc + i * 16, av[i]);
+}
+
+template <typename T, typename Rows>
+void attend_vector(int64_t group, int64_t chunks, const float* qf, float* scores, int64_t len, float* acc,
+                   const Rows& rows, const T* kc, const T* vc) {
+#define INFERD_ATTEND(g, c)                                                                   \
+  if (group == g && chunks == c)                                                            \
+    return attend_vector_fixed<T, g, c>(group, chunks, qf, scores, len, acc, rows, kc, vc);
+  // head_dim 64 and 128 with 1 to 8 query heads per KV head cover the Llama family
+  INFERD_ATTEND(1, 4) INFERD_ATTEND(2, 4) INFERD_ATTEND(3, 4) INFERD_ATTEND(4, 4)
+  INFERD_ATTEND(5, 4) INFERD_ATTEND(6, 4) INFERD_ATTEND(7, 4) INFERD_ATTEND(8, 4)
+  INFERD_ATTEND(1, 8) INFERD_ATTEND(2, 8) INFERD_ATTEND(3, 8) INFERD_ATTEND(4, 8)
+  INFERD_ATTEND(5, 8) INFERD_ATTEND(6, 8) INFERD_ATTEND(7, 8) INFERD_ATTEND(8, 8)
+#undef INFERD_ATTEND
+  attend_vector_fixed<T, 0, 0>(group, chunks, qf, scores, len, acc, rows, kc, vc);
+}
 #endif
+
 
 // ---- SiLU(gate) * up ------------------------------------------------------------
 // torch: silu(gate) * up, each op rounded to dtype; gate_up is [rows, 2 * inter]
@@ -384,31 +433,7 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
       T* op = obase + rows[b] * out_stride + h * group * dim;
 #ifdef __AVX512F__
       if (vector) {
-        const int64_t chunks = dim / 16;
-        __m512 qv[kMaxGroup * kMaxChunks];
-        for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm512_loadu_ps(qf.data() + i * 16);
-        for_each_row(kc, [&](int64_t t, const T* kp) {
-          __m512 kf[kMaxChunks];
-          for (int64_t c = 0; c < chunks; ++c) kf[c] = load16<T>(kp + c * 16);
-          for (int64_t g = 0; g < group; ++g) {
-            __m512 s = _mm512_mul_ps(qv[g * chunks], kf[0]);
-            for (int64_t c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(qv[g * chunks + c], kf[c], s);
-            scores[g * len + t] = _mm512_reduce_add_ps(s);
-          }
-        });
-        softmax_rows(scores.data(), group, len);
-        __m512 av[kMaxGroup * kMaxChunks];
-        for (int64_t i = 0; i < group * chunks; ++i) av[i] = _mm512_setzero_ps();
-        for_each_row(vc, [&](int64_t t, const T* vp) {
-          __m512 vf[kMaxChunks];
-          for (int64_t c = 0; c < chunks; ++c) vf[c] = load16<T>(vp + c * 16);
-          for (int64_t g = 0; g < group; ++g) {
-            const __m512 p = _mm512_set1_ps(scores[g * len + t]);
-            for (int64_t c = 0; c < chunks; ++c)
-              av[g * chunks + c] = _mm512_fmadd_ps(p, vf[c], av[g * chunks + c]);
-          }
-        });
-        for (int64_t i = 0; i < group * chunks; ++i) _mm512_storeu_ps(acc.data() + i * 16, av[i]);
+        attend_vector<T>(group, dim / 16, qf.data(), scores.data(), len, acc.data(), for_each_row, kc, vc);
         for (int64_t i = 0; i < group * dim; ++i) Num<T>::store(op + i, acc[i]);
         continue;
       }
