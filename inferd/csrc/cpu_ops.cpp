@@ -7,7 +7,8 @@
 // the tensor's dtype after every operation the torch code does in that dtype (so
 // rope and the norms give the same bits), and reductions run in fp32.
 
-#include <torch/extension.h>
+#include "cpu_ops.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -22,7 +23,7 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+namespace inferd {
 
 // Load/store/round for each dtype; `round` is the value a float takes when stored
 // in the dtype and read back.
@@ -498,12 +499,14 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
   });
 }
 
-}  // namespace
+}  // namespace inferd
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace inferd;
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding x into residual (in place)");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
   m.def("rope", &rope, "rotate-half rotary embedding, in place on q and k");
   m.def("write_kv", &write_kv, "write new tokens' K/V into their cache slots");
   m.def("decode_attention", &decode_attention, "one-token queries against the paged cache");
+  m.def("decode_layers", &decode_layers, "every decoder layer of a decode-only step (decode_layers.cpp)");
 }

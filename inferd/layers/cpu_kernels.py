@@ -1,4 +1,4 @@
-"""Fused CPU kernels (inferd/csrc/cpu_ops.cpp), compiled on first use and cached.
+"""Fused CPU kernels (inferd/csrc/), compiled on first use and cached.
 
 A decode step with few rows spends more time calling eager torch ops than
 computing: every layer used to run ~40 of them. The kernels fold RMSNorm with the
@@ -31,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "cpu_ops.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = [CSRC / "cpu_ops.cpp", CSRC / "decode_layers.cpp"]
 # -ffp-contract=off: no fused multiply-adds across the operations the torch code
 # rounds separately, so rope and the norms give the same bits in fp32 as well
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -50,7 +51,8 @@ def _build_dir() -> tuple[str, Path]:
             cpu = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         cpu = ""
-    key = hashlib.sha256("\0".join([torch.__version__, SOURCE.read_text(), " ".join(CFLAGS), cpu])
+    texts = [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    key = hashlib.sha256("\0".join([torch.__version__, *texts, " ".join(CFLAGS), cpu])
                          .encode()).hexdigest()[:16]
     name = f"inferd_cpu_ops_{key}"
     return name, Path(user_cache_dir("inferd")) / "kernels" / name
@@ -72,7 +74,7 @@ def load() -> ModuleType | None:
 
             if not built:
                 log.info("compiling the CPU kernels (once per machine, about 30 s)")
-            _module = build(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+            _module = build(name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
                             extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         except Exception as e:  # no compiler, no headers: the torch path still works
             log.warning("CPU kernels unavailable, using eager torch ops (slower): %s", e)

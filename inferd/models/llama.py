@@ -18,6 +18,7 @@ from inferd.layers.linear import Embedding, Linear
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rope import RotaryEmbedding, apply_rope
 from inferd.models.config import ModelConfig
+from inferd.models.cpu_decode import decode_layers
 
 
 class Attention(nn.Module):
@@ -90,6 +91,9 @@ class LlamaForCausalLM(nn.Module):
         norm also does the residual add before it (one fused kernel on the CPU)."""
         residual = self.embed_tokens(input_ids)
         rope_tables = self.rope.tables(positions, residual.dtype)
+        fused = decode_layers(self, residual, rope_tables, kv_caches, meta)
+        if fused is not None:
+            return fused
         x = None
         for layer, cache in zip(self.layers, kv_caches):
             if x is None:

@@ -186,3 +186,33 @@ def test_engine_greedy_tokens_same_with_and_without_kernels():
     with cpu_kernels.disabled():
         without = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert with_kernels == without
+
+
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_fused_decode_layers_match_the_python_layer_loop(monkeypatch, quantization):
+    """Decode-only steps run all layers in one C++ call; the per-layer Python path over
+    the same kernels must give the same logprobs, bit for bit."""
+    import inferd.models.llama as llama
+    from inferd.models import cpu_decode
+
+    calls = []
+
+    def counting(*args):
+        out = cpu_decode.decode_layers(*args)
+        calls.append(out is not None)
+        return out
+
+    llm = LLM(dtype="bfloat16", quantization=quantization, progress=False)
+    prompts = [[1, 2, 3, 4, 5] * (i + 2) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+
+    def run():
+        outs = llm.generate(prompts, params)
+        return [(o.outputs[0].token_ids, [sorted((t, lp.logprob) for t, lp in pos.items())
+                                          for pos in o.outputs[0].logprobs]) for o in outs]
+
+    monkeypatch.setattr(llama, "decode_layers", counting)
+    fused = run()
+    assert any(calls)                                # decode steps took the fused path
+    monkeypatch.setattr(llama, "decode_layers", lambda *args: None)
+    assert run() == fused

@@ -1,0 +1,85 @@
+// Every decoder layer of a decode-only step in one call (models/cpu_decode.py).
+//
+// With one new token per request, a step's work per layer is small and the Python
+// around it (module calls, dispatch of ~12 ops) costs about as much as the
+// arithmetic at one request. This loop runs the same ops as LlamaForCausalLM.forward
+// with the same kernels and matmul choices (Linear.forward), from C++.
+
+#include "cpu_ops.h"
+
+namespace inferd {
+namespace {
+
+// One projection's tensors, in the order models/cpu_decode.py lays them out;
+// absent ones are empty tensors.
+struct Proj {
+  const torch::Tensor &weight, &bias, &q8, &s8, &q4, &q4_scales;
+};
+
+// Linear.forward: 4-bit or int8 copies for few rows, else the dtype's weight
+torch::Tensor project(const torch::Tensor& x, const Proj& p, int64_t int8_max_rows, int64_t int4_max_rows,
+                      int64_t int4_group) {
+  const int64_t rows = x.size(0);
+  torch::Tensor out;
+  if (p.q4.numel() && rows <= int4_max_rows) {
+    out = at::_weight_int4pack_mm_for_cpu(x, p.q4, int4_group, p.q4_scales);
+  } else if (p.q8.numel() && rows <= int8_max_rows) {
+    out = at::_weight_int8pack_mm(x, p.q8, p.s8);
+  } else {
+    return at::linear(x, p.weight, p.bias.numel() ? c10::optional<torch::Tensor>(p.bias) : c10::nullopt);
+  }
+  return p.bias.numel() ? out.add_(p.bias) : out;
+}
+
+constexpr int64_t kPerProj = 6;
+constexpr int64_t kPerLayer = 2 + 4 * kPerProj + 2;  // 2 norms, 4 projections, K and V caches
+
+}  // namespace
+
+torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vector<torch::Tensor>>& layers,
+                            torch::Tensor final_norm, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                            torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows,
+                            std::vector<int64_t> shape, double eps, double scale, int64_t int8_max_rows,
+                            int64_t int4_max_rows) {
+  TORCH_CHECK(shape.size() == 5, "decode_layers: shape is (heads, kv_heads, head_dim, intermediate, int4_group)");
+  const int64_t n_heads = shape[0], n_kv = shape[1], dim = shape[2], inter = shape[3], group = shape[4];
+  const int64_t tokens = residual.size(0), q_size = n_heads * dim, kv_size = n_kv * dim;
+  torch::Tensor x;
+  for (const auto& layer : layers) {
+    TORCH_CHECK(int64_t(layer.size()) == kPerLayer, "decode_layers: ", kPerLayer, " tensors per layer");
+    auto proj = [&](int64_t i) {
+      const int64_t b = 2 + i * kPerProj;
+      return Proj{layer[b], layer[b + 1], layer[b + 2], layer[b + 3], layer[b + 4], layer[b + 5]};
+    };
+    torch::Tensor normed = torch::empty_like(residual);
+    if (x.defined()) {
+      rms_norm(normed, x, residual, layer[0], eps);
+    } else {
+      rms_norm(normed, residual, c10::nullopt, layer[0], eps);
+    }
+    torch::Tensor qkv = project(normed, proj(0), int8_max_rows, int4_max_rows, group);
+    torch::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, n_heads, dim});
+    torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, n_kv, dim});
+    torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, n_kv, dim});
+    rope(q, k, cos, sin);
+    const torch::Tensor &k_cache = layer[kPerLayer - 2], &v_cache = layer[kPerLayer - 1];
+    write_kv(k_cache, v_cache, k, v, slots);
+    torch::Tensor attn = torch::empty({tokens, q_size}, residual.options());
+    decode_attention(attn, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale);
+    torch::Tensor o = project(attn, proj(1), int8_max_rows, int4_max_rows, group);
+    rms_norm(normed, o, residual, layer[1], eps);
+    torch::Tensor gate_up = project(normed, proj(2), int8_max_rows, int4_max_rows, group);
+    torch::Tensor act = torch::empty({tokens, inter}, residual.options());
+    silu_and_mul(act, gate_up);
+    x = project(act, proj(3), int8_max_rows, int4_max_rows, group);
+  }
+  torch::Tensor out = torch::empty_like(residual);
+  if (x.defined()) {
+    rms_norm(out, x, residual, final_norm, eps);
+  } else {
+    rms_norm(out, residual, c10::nullopt, final_norm, eps);
+  }
+  return out;
+}
+
+}  // namespace inferd
