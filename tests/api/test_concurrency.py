@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.api.conftest import MODEL, ServerProc, wait_for
+from tests.api.conftest import MODEL, SLOW_KV, ServerProc, wait_for
 
 WORDS = ["fox", "blocks", "batching", "Köln", "emoji 🙂", "def main():", "1234567890", "keys"]
 
@@ -60,10 +60,10 @@ def test_64_concurrent_streams_equal_their_non_streamed_text(server):
 
 
 @pytest.fixture(scope="module")
-def long_server(tiny_llama_long):
-    """A 4096-token context: n=4 samples of 3000 tokens take seconds even on fast kernels,
-    so a client that walks away always leaves work to abort."""
-    srv = ServerProc(tiny_llama_long).wait_ready()
+def long_server(tiny_llama_slow):
+    """n=4 samples of 3000 tokens on the slow tiny model take seconds, so a client that
+    walks away always leaves work to abort."""
+    srv = ServerProc(tiny_llama_slow, *SLOW_KV).wait_ready()
     yield srv
     srv.stop()
 

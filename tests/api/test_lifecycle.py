@@ -19,17 +19,17 @@ import httpx
 import openai
 import pytest
 
-from tests.api.conftest import MODEL, ServerProc, wait_for
+from tests.api.conftest import MODEL, SLOW_KV, ServerProc, wait_for
 
 SHUTDOWN_TIMEOUT = 1.5
 LONG = {"model": MODEL, "prompt": "hi", "max_tokens": 4000, "ignore_eos": True, "stream": True}
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_llama_long):
-    busy = ServerProc(tiny_llama_long, "--max-num-seqs", "2", "--max-waiting-requests", "1",
+def servers(tiny_llama_slow):
+    busy = ServerProc(tiny_llama_slow, *SLOW_KV, "--max-num-seqs", "2", "--max-waiting-requests", "1",
                       "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), api_key=None)
-    doomed = ServerProc(tiny_llama_long, api_key=None)
+    doomed = ServerProc(tiny_llama_slow, *SLOW_KV, api_key=None)
     busy.wait_ready(), doomed.wait_ready()  # both started before either is awaited
     yield busy, doomed
     busy.stop(), doomed.stop()
