@@ -25,3 +25,12 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_slow(tmp_path_factory):
+    """Wider and deeper than the tiny Llama, 4096-token context: a step costs ~2 ms even on
+    the fused CPU kernels, so a 4000-token generation outlives what the tests do meanwhile
+    (drains, disconnects, overload) by seconds. Serve it with SLOW_KV (tests/api/conftest.py)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-slow"), "llama", max_position_embeddings=4096,
+                            hidden_size=256, intermediate_size=1024, num_hidden_layers=8)

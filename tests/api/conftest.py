@@ -146,15 +146,6 @@ SLOW_KV = ("--kv-cache-bytes", "256MiB")
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_slow(tmp_path_factory):
-    """Wider and deeper than the tiny Llama, 4096-token context: a step costs ~2 ms even on
-    the fused CPU kernels, so a 4000-token generation outlives what the tests do meanwhile
-    (drains, disconnects, overload) by seconds. Serve it with SLOW_KV."""
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-slow"), "llama", max_position_embeddings=4096,
-                            hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
-
-
-@pytest.fixture(scope="session")
 def tokenizer(tiny_llama):
     from inferd.engine.tokenizer import Tokenizer
     from inferd.models.loader import load_checkpoint

@@ -1,6 +1,7 @@
 """Degradation under load: a flooded local model sends the excess to its degrade target.
 
-A tiny local Llama that runs two requests at a time has a time-to-first-token
+A small local Llama (the slow tiny model: 200 tokens take ~0.3 s, so 16 requests at
+two a time need several seconds whatever the kernels) that runs two requests at a time has a time-to-first-token
 SLO and a remote degrade target (a mock upstream). After a short warm-up (so
 the gateway has seen how fast the engine drains), 16 concurrent streams arrive
 at once: the ones the local engine can start within the SLO stay local and
@@ -18,28 +19,28 @@ import httpx
 import pytest
 import yaml
 
-from tests.api.conftest import ServerProc
+from tests.api.conftest import SLOW_KV, ServerProc
 from tests.gateway.mock_upstream import MockUpstream
 
 SLO_S = 1.5
-BODY = {"messages": [{"role": "user", "content": "count to ten"}], "max_tokens": 48, "ignore_eos": True,
+BODY = {"messages": [{"role": "user", "content": "count to ten"}], "max_tokens": 200, "ignore_eos": True,
         "stream": True}
 
 
 @pytest.fixture(scope="module")
-def flooded(tiny_llama, tmp_path_factory):
+def flooded(tiny_llama_slow, tmp_path_factory):
     mock = MockUpstream(model="up-small").start()
     config = {"models": [
         {"name": "tiny", "slo_ttft_ms": SLO_S * 1000, "degrade_to": "small",
-         "deployments": [{"provider": "local", "model": str(tiny_llama), "engine": {"max_num_seqs": 2}}]},
+         "deployments": [{"provider": "local", "model": str(tiny_llama_slow), "engine": {"max_num_seqs": 2}}]},
         {"name": "tiny-strict", "slo_ttft_ms": SLO_S * 1000,
-         "deployments": [{"provider": "local", "model": str(tiny_llama), "engine": {"max_num_seqs": 2}}]},
+         "deployments": [{"provider": "local", "model": str(tiny_llama_slow), "engine": {"max_num_seqs": 2}}]},
         {"name": "small", "deployments": [{"provider": "openai", "base_url": mock.openai_base_url,
                                            "model": "up-small"}]},
     ]}
     path = tmp_path_factory.mktemp("degrade") / "inferd.yaml"
     path.write_text(yaml.safe_dump(config))
-    srv = ServerProc(tiny_llama, "--config", str(path), api_key=None).wait_ready()
+    srv = ServerProc(tiny_llama_slow, *SLOW_KV, "--config", str(path), api_key=None).wait_ready()
     yield srv, mock
     srv.stop()
     mock.stop()
