@@ -1,8 +1,9 @@
 """Degradation under load: a flooded local model sends the excess to its degrade target.
 
-A small local Llama (the slow tiny model: 200 tokens take ~0.3 s, so 16 requests at
-two a time need several seconds whatever the kernels) that runs two requests at a time has a time-to-first-token
-SLO and a remote degrade target (a mock upstream). After a short warm-up (so
+A small local Llama that runs two requests at a time has a time-to-first-token
+SLO and a remote degrade target (a mock upstream). It is the slow tiny model with
+200-token answers (~0.3 s each), so 16 requests two at a time need several seconds
+however fast the kernels get. After a short warm-up (so
 the gateway has seen how fast the engine drains), 16 concurrent streams arrive
 at once: the ones the local engine can start within the SLO stay local and
 get their first token within it; the rest are answered by the degrade target
