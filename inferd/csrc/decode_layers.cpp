@@ -17,18 +17,29 @@ struct Proj {
 };
 
 // Linear.forward: 4-bit or int8 copies for few rows, else the dtype's weight
-torch::Tensor project(const torch::Tensor& x, const Proj& p, int64_t int8_max_rows, int64_t int4_max_rows,
-                      int64_t int4_group) {
+torch::Tensor project(const torch::Tensor& x, const Proj& p, int64_t int8_max_rows, int64_t int4_max_rows) {
   const int64_t rows = x.size(0);
   torch::Tensor out;
   if (p.q4.numel() && rows <= int4_max_rows) {
-    out = at::_weight_int4pack_mm_for_cpu(x, p.q4, int4_group, p.q4_scales);
+    // the scales are [in_features / group, out_features, 2]: the group size follows from them
+    const int64_t group = x.size(1) / p.q4_scales.size(0);
+    out = at::_weight_int4pack_mm_for_cpu(x, p.q4, group, p.q4_scales);
   } else if (p.q8.numel() && rows <= int8_max_rows) {
     out = at::_weight_int8pack_mm(x, p.q8, p.s8);
   } else {
     return at::linear(x, p.weight, p.bias.numel() ? c10::optional<torch::Tensor>(p.bias) : c10::nullopt);
   }
   return p.bias.numel() ? out.add_(p.bias) : out;
+}
+
+// out = rmsnorm(residual += x); with no x yet (before the first layer), rmsnorm(residual)
+void add_norm(torch::Tensor& out, const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight,
+              double eps) {
+  if (x.defined()) {
+    rms_norm(out, x, residual, weight, eps);
+  } else {
+    rms_norm(out, residual, c10::nullopt, weight, eps);
+  }
 }
 
 constexpr int64_t kPerProj = 6;
@@ -41,8 +52,8 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
                             torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows,
                             std::vector<int64_t> shape, double eps, double scale, int64_t int8_max_rows,
                             int64_t int4_max_rows) {
-  TORCH_CHECK(shape.size() == 5, "decode_layers: shape is (heads, kv_heads, head_dim, intermediate, int4_group)");
-  const int64_t n_heads = shape[0], n_kv = shape[1], dim = shape[2], inter = shape[3], group = shape[4];
+  TORCH_CHECK(shape.size() == 4, "decode_layers: shape is (heads, kv_heads, head_dim, intermediate)");
+  const int64_t n_heads = shape[0], n_kv = shape[1], dim = shape[2], inter = shape[3];
   const int64_t tokens = residual.size(0), q_size = n_heads * dim, kv_size = n_kv * dim;
   torch::Tensor x;
   for (const auto& layer : layers) {
@@ -52,12 +63,8 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
       return Proj{layer[b], layer[b + 1], layer[b + 2], layer[b + 3], layer[b + 4], layer[b + 5]};
     };
     torch::Tensor normed = torch::empty_like(residual);
-    if (x.defined()) {
-      rms_norm(normed, x, residual, layer[0], eps);
-    } else {
-      rms_norm(normed, residual, c10::nullopt, layer[0], eps);
-    }
-    torch::Tensor qkv = project(normed, proj(0), int8_max_rows, int4_max_rows, group);
+    add_norm(normed, x, residual, layer[0], eps);
+    torch::Tensor qkv = project(normed, proj(0), int8_max_rows, int4_max_rows);
     torch::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, n_heads, dim});
     torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, n_kv, dim});
     torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, n_kv, dim});
@@ -66,19 +73,15 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
     write_kv(k_cache, v_cache, k, v, slots);
     torch::Tensor attn = torch::empty({tokens, q_size}, residual.options());
     decode_attention(attn, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale);
-    torch::Tensor o = project(attn, proj(1), int8_max_rows, int4_max_rows, group);
+    torch::Tensor o = project(attn, proj(1), int8_max_rows, int4_max_rows);
     rms_norm(normed, o, residual, layer[1], eps);
-    torch::Tensor gate_up = project(normed, proj(2), int8_max_rows, int4_max_rows, group);
+    torch::Tensor gate_up = project(normed, proj(2), int8_max_rows, int4_max_rows);
     torch::Tensor act = torch::empty({tokens, inter}, residual.options());
     silu_and_mul(act, gate_up);
-    x = project(act, proj(3), int8_max_rows, int4_max_rows, group);
+    x = project(act, proj(3), int8_max_rows, int4_max_rows);
   }
   torch::Tensor out = torch::empty_like(residual);
-  if (x.defined()) {
-    rms_norm(out, x, residual, final_norm, eps);
-  } else {
-    rms_norm(out, residual, c10::nullopt, final_norm, eps);
-  }
+  add_norm(out, x, residual, final_norm, eps);
   return out;
 }
 

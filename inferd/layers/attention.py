@@ -101,14 +101,15 @@ class TorchAttentionBackend(AttentionBackend):
             v_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, v)
 
         groups: list[_Group] = meta.prepared
-        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        # a lone gathered group returns its own result; otherwise groups fill rows of out
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2]) if len(groups) > 1 or ops is not None else None
         for g in groups:
             if g.decode and ops is not None:
                 # reads the blocks in place and writes each request's row of out
                 ops.decode_attention(out, q, k_cache, v_cache, g.tables, g.seq_lens, g.out_index, scale)
                 continue
             o = self._attend_gathered(q, k_cache, v_cache, g, scale)
-            if len(groups) == 1:
+            if out is None:
                 return o  # one group holds every token, already in flat order
             out[g.out_index] = o
         return out

@@ -32,6 +32,7 @@ class Linear(nn.Module):
         self.qscale: torch.Tensor | None = None
         self.q4weight: torch.Tensor | None = None  # packed int4 copy, see quantize_int4
         self.q4scales: torch.Tensor | None = None
+        self.q4group = INT4_GROUP
 
     def quantize_int8(self) -> None:
         """Keep an int8 copy of the weight (per-output-row absmax scales) next to it.

@@ -26,11 +26,12 @@ def _proj(lin: linear_mod.Linear) -> list[torch.Tensor]:
 
 
 def _layer_tensors(model, kv_caches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Per layer, the tensors decode_layers reads, in its order; built once per cache list."""
+    """Per layer, the tensors decode_layers reads, in its order; built again only when the
+    cache list or the quantized copies change (the key holds them, so identity is safe)."""
     first = model.layers[0].self_attn.qkv_proj
-    key = (id(kv_caches), id(first.qweight), id(first.q4weight))
+    key = (kv_caches, first.qweight, first.q4weight)
     cached = getattr(model, "_cpu_decode_layers", None)
-    if cached is not None and cached[0] == key:
+    if cached is not None and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]
     layers = []
     for layer, cache in zip(model.layers, kv_caches):
@@ -57,5 +58,5 @@ def decode_layers(model, residual: torch.Tensor, rope_tables, kv_caches: list[to
     return ops.decode_layers(
         residual, _layer_tensors(model, kv_caches), model.norm.weight, rope_tables[0], rope_tables[1],
         meta.slot_mapping, g.tables, g.seq_lens, g.out_index,
-        [attn.n_heads, attn.n_kv, attn.head_dim, cfg.intermediate_size, linear_mod.INT4_GROUP],
+        [attn.n_heads, attn.n_kv, attn.head_dim, cfg.intermediate_size],
         cfg.rms_norm_eps, attn.scale, linear_mod.INT8_MAX_ROWS, linear_mod.INT4_MAX_ROWS)
