@@ -43,8 +43,16 @@ def test_kill_9_midway_then_resume(tiny_llama, tmp_path):
     batch = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
     wait_for(lambda: c.batches.retrieve(batch.id).request_counts.completed >= LINES // 4, timeout=120)
     done_before = c.batches.retrieve(batch.id).request_counts.completed
-    core = srv.core_pid()
-    srv.proc.send_signal(signal.SIGKILL)
+    # kill while the server holds claimed lines (between claims it may briefly hold none)
+    store = open_store(store_url)
+    try:
+        wait_for(lambda: store.run_sync(lambda tx: tx.scalar(
+            "SELECT COUNT(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'", (batch.id,))) > 0,
+            timeout=30)
+        core = srv.core_pid()
+        srv.proc.send_signal(signal.SIGKILL)
+    finally:
+        store.close()
     srv.proc.wait()
     wait_for(lambda: not os.path.exists(f"/proc/{core}") or "Z" in open(f"/proc/{core}/stat").read().split()[2],
              timeout=10)  # the orphaned engine core notices and exits
