@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from inferd.layers.cpu_isa import has_native_bf16
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -27,15 +29,6 @@ def parse_size(value: int | str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"kv_cache_bytes: cannot read {value!r} as a size (e.g. 512MiB, 2GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class DeviceOptions:
@@ -102,4 +95,4 @@ class EngineConfig(DeviceOptions):
     def _auto_dtype(self, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if has_native_bf16() else torch.float32

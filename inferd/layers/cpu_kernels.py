@@ -29,13 +29,16 @@ from types import ModuleType
 
 import torch
 
+from inferd.layers.cpu_isa import cpu_flags, kernel_march
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = [CSRC / "cpu_ops.cpp", CSRC / "decode_layers.cpp"]
 # -ffp-contract=off: no fused multiply-adds across the operations the torch code
 # rounds separately, so rope and the norms give the same bits in fp32 as well
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
+# the -march follows the CPU, or ATEN_CPU_CAPABILITY where that asks for less (cpu_isa)
+CFLAGS = ["-O3", kernel_march(), "-fopenmp", "-ffp-contract=off"]
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -46,11 +49,7 @@ _enabled = os.environ.get("INFERD_CPU_KERNELS", "1") != "0"
 def _build_dir() -> tuple[str, Path]:
     from platformdirs import user_cache_dir
 
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        cpu = ""
+    cpu = " ".join(sorted(cpu_flags()))
     texts = [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
     key = hashlib.sha256("\0".join([torch.__version__, *texts, " ".join(CFLAGS), cpu])
                          .encode()).hexdigest()[:16]
