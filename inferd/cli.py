@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from inferd.api.body_limits import DEFAULT_MAX_REQUEST_BYTES
 from inferd.engine.config import EngineConfig
 
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="requests queued beyond --max-num-seqs before 503 + Retry-After "
                             "(default 256, or each local deployment's max_waiting_requests)")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help="largest JSON request body accepted; larger ones get 413 (default 8 MiB)")
     serve.add_argument("--batch-concurrency", type=int, default=8,
                        help="batch lines (the Batch API) this server runs at once, at low priority")
     serve.add_argument("--batch-lease-s", type=float, default=30.0,

@@ -1,4 +1,4 @@
-"""Who is calling: the API key on /v1 and /admin routes, resolved to a `Principal`.
+"""Who is calling: the API key on every route but /health, /metrics and /version, resolved to a `Principal`.
 
 Keys come as `Authorization: Bearer <key>` (or `x-api-key`). The admin key given
 at start-up (`--api-key` / `INFERD_API_KEY`) is an admin principal of its own;
@@ -10,7 +10,8 @@ bad keys does not become a flood of queries.
 A server with no admin key and no live key in its store is open, as before
 keys existed: any key or none is accepted, requests carry no principal and are
 metered without one. Once a
-key exists, every /v1 and /admin request needs one; /admin needs an admin key.
+key exists, every request but /health, /metrics and /version needs one (the tokenizer
+routes included); /admin needs an admin key.
 Secrets never appear in errors or logs.
 """
 
@@ -46,8 +47,12 @@ class Authenticator:
         self._principals: dict[str, tuple[Principal | None, float]] = {}
         self._open: tuple[bool, float] | None = None
 
+    # the only routes anyone may call: load balancers, scrapers and probes send no key
+    PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version"})
+
     def protects(self, path: str) -> bool:
-        return path.startswith(("/v1/", "/admin/")) or path in ("/v1", "/admin")
+        """One rule for every route: all need a key (when keys exist) but the public ones."""
+        return path not in self.PUBLIC_PATHS
 
     async def principal(self, path: str, headers: Headers) -> Principal | None:
         """The caller of a protected path; None on an open server; APIError 401/403 otherwise."""

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inferd.api.auth import Authenticator
+from inferd.api.body_limits import BodyLimits, check_content_type, check_shape, read_limited
 from inferd.api.errors import APIError
 from inferd.api.metrics import EngineMetrics
 from inferd.gateway.metrics import GatewayMetrics
@@ -47,6 +48,7 @@ class ServerState:
     authenticator: Authenticator
     response_cache: ResponseCache
     batch_runner: BatchRunner
+    body_limits: BodyLimits = field(default_factory=BodyLimits)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def local_engines(self) -> list[LocalEngineDeployment]:
@@ -79,17 +81,24 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 
 
 async def read_json(request: Request) -> dict:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    raw = await request.body()
+    """The request body as a JSON object within the server's `BodyLimits`, or a 4xx saying what is wrong."""
+    limits: BodyLimits = state(request).body_limits
+    check_content_type(request.headers.get("content-type"))
+    raw = await read_limited(request.stream(), limits.max_bytes)
     try:
         body = msgspec.json.decode(raw)
+    except RecursionError:
+        raise APIError(400, f"the request body is nested more than {limits.max_depth} levels deep") from None
     except msgspec.DecodeError as e:
-        try:  # NaN / Infinity: JSON they are not, but clients send them; the models name the field
+        try:  # NaN / Infinity, lone surrogates: not for msgspec; the checks below and the models name them
             body = json.loads(raw)
+        except RecursionError:
+            raise APIError(400, f"the request body is nested more than {limits.max_depth} levels deep") from None
         except ValueError:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_shape(body, limits.max_depth)
     return body
 
 

@@ -42,6 +42,7 @@ from inferd import __version__
 from inferd.api import (routes_admin, routes_batches, routes_embeddings, routes_files, routes_generate,
                         routes_tokenize, routes_usage)
 from inferd.api.auth import Authenticator
+from inferd.api.body_limits import BodyLimits
 from inferd.api.errors import APIError, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
 from inferd.api.protocol import ServerState, json_response, state
@@ -109,12 +110,13 @@ def model_name_from_source(source: str) -> str:
 
 
 def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics: GatewayMetrics,
-              metering: Metering, authenticator: Authenticator, batch_runner: BatchRunner) -> FastAPI:
+              metering: Metering, authenticator: Authenticator, batch_runner: BatchRunner,
+              body_limits: BodyLimits = BodyLimits()) -> FastAPI:
     """The API app around a started gateway."""
     app = FastAPI(title="inferd", version=__version__, docs_url=None, redoc_url=None)
     engine_metrics = EngineMetrics(registry)
     st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator,
-                     ResponseCache(metering.store, metering.clock), batch_runner)
+                     ResponseCache(metering.store, metering.clock), batch_runner, body_limits)
     for local in st.local_engines():
         local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
     app.state.inferd = st
@@ -248,7 +250,8 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         batch_runner = BatchRunner(store, gateway, metering, concurrency=args.batch_concurrency,
                                    lease_s=args.batch_lease_s)
         app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, metering=metering,
-                        authenticator=authenticator, batch_runner=batch_runner)
+                        authenticator=authenticator, batch_runner=batch_runner,
+                        body_limits=BodyLimits(max_bytes=args.max_request_bytes))
         log.info("store: %s", store.redacted_url())
         for g in gateway.groups:
             log.info("model %s: %s", g.name, ", ".join(h.name for h in g.handles))

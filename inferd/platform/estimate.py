@@ -51,7 +51,12 @@ def _num_prompts(body: dict) -> int:
 def output_bound(endpoint: str, body: dict, default_max_output: int = DEFAULT_MAX_OUTPUT) -> int:
     if endpoint == "embeddings":
         return 0
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_output
+    # the same precedence and meaning as the engine's: an explicit 0 is zero tokens, not "unset"
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
+    if limit is None:
+        limit = default_max_output
     n = body.get("n") or 1
     count = _num_prompts(body) if endpoint == "completions" else 1
-    return int(limit) * int(n) * count
+    return max(0, int(limit)) * max(1, int(n)) * count

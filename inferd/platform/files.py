@@ -48,7 +48,9 @@ def parse_batch_input(content: str) -> list[BatchLine]:
     lines: list[BatchLine] = []
     seen: dict[str, int] = {}
     url = None
-    for number, raw in enumerate(content.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines() would also cut at U+2028 and others,
+    # which are valid inside JSON strings
+    for number, raw in enumerate(content.split("\n"), start=1):
         if not raw.strip():
             continue
         where = f"line {number}"
@@ -58,6 +60,11 @@ def parse_batch_input(content: str) -> list[BatchLine]:
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(item, dict):
             raise ValueError(f"{where}: must be a JSON object with custom_id, method, url and body")
+        try:  # a lone surrogate (\ud800) is valid JSON escaping but not text: it cannot be stored
+            json.dumps(item, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: contains a lone UTF-16 surrogate (such as \\ud800); "
+                             "send valid Unicode text") from None
         custom_id = item.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise ValueError(f"{where}: custom_id must be a non-empty string")

@@ -55,8 +55,55 @@ class LedgerRow:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def cleared(self) -> tuple["LedgerRow", list[str]]:
+        """A copy a store can take, and the names of the fields that had to be cleared.
+
+        A field that is not of its declared type, a number out of the store's range, or
+        text that is not valid Unicode is reset to its default (None, 0 or False);
+        the counts and money that can be kept are kept, so the row still bills.
+        """
+        values, bad = {}, []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _storable(value, _KINDS[f.name]):
+                bad.append(f.name)
+                value = _default(f)
+            values[f.name] = value
+        return LedgerRow(**values), bad
+
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(LedgerRow))
+_I63 = 2**63 - 1
+# each column's Python kind and whether it may be NULL, from the annotations above
+_KINDS = {f.name: ({"str": str, "int": int, "float": float, "bool": bool}[f.type.split(" | ")[0]],
+                   "None" in f.type) for f in dataclasses.fields(LedgerRow)}
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _KINDS[f.name][0]()  # a required field: 0, 0.0 or ""
+
+
+def _storable(value, kind: tuple[type, bool]) -> bool:
+    py, nullable = kind
+    if value is None:
+        return nullable
+    if py is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
+    if py is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -_I63 <= value <= _I63
+    if py is str:
+        if not isinstance(value, str):
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    return isinstance(value, bool)
 _INSERT = f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _BOOLS = {"stream", "cancelled", "cache_hit", "usage_estimated"}
 

@@ -37,11 +37,13 @@ _QUEUE_MAX = 100_000  # rows kept while the store is unreachable
 
 class Metering:
     def __init__(self, store: Store, prices: PriceBook, max_output: dict[str, int] | None = None,
-                 clock: Callable[[], float] = time.time, flush_interval_s: float = 0.05):
+                 clock: Callable[[], float] = time.time, flush_interval_s: float = 0.05,
+                 retry_interval_s: float = 1.0):
         self.store, self.prices = store, prices
         self.max_output = max_output or {}
         self.clock = clock
         self.flush_interval_s = flush_interval_s
+        self.retry_interval_s = retry_interval_s
         self._settled: list[tuple[quota.Ticket, LedgerRow, float]] = []
         self._flusher: asyncio.Task | None = None
 
@@ -49,32 +51,70 @@ class Metering:
         settled = [(ticket, row, self.clock())]
         try:
             await self.store.run(lambda tx: quota.settle(tx, settled))
-        except Exception:  # noqa: BLE001 - the client has its answer; queue it for the next flush
+        except Exception:  # noqa: BLE001 - the client has its answer; the flusher writes it
             log.exception("could not settle request %s now; will retry", row.request_id)
-            self._settled.extend(settled)
+            self._queue(settled)
 
     def settle_soon(self, ticket: quota.Ticket, row: LedgerRow) -> None:
         """Queue a finished request that holds no limits (only its ledger row is left to write);
         requests ending within `flush_interval_s` are written in one transaction, because one
         transaction per request would cost more than the request itself at a few hundred a second."""
-        self._settled.append((ticket, row, self.clock()))
+        self._queue([(ticket, row, self.clock())])
+
+    def _queue(self, settled: list[tuple[quota.Ticket, LedgerRow, float]], front: bool = False) -> None:
+        """Add to the rows waiting to be written, keep at most _QUEUE_MAX (the newest), and make sure
+        a flush is coming."""
+        self._settled = [*settled, *self._settled] if front else [*self._settled, *settled]
+        if len(self._settled) > _QUEUE_MAX:
+            dropped = len(self._settled) - _QUEUE_MAX
+            log.error("the store has been unwritable for long: %d ledger rows dropped (oldest first)", dropped)
+            self._settled = self._settled[dropped:]
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.flush_interval_s)
-        await self.flush()
+        if not await self.flush():  # the store is down: try again later, not only on the next request
+            await asyncio.sleep(self.retry_interval_s)
+            self._flusher = None
+            if self._settled:
+                self._queue([])
 
-    async def flush(self) -> None:
-        """Settle everything queued so far (before reading the ledger, and at shutdown)."""
+    async def flush(self) -> bool:
+        """Settle everything queued so far (before reading the ledger, and at shutdown); False if the
+        store could not be written, the rows kept for the next try."""
         while self._settled:
             batch, self._settled = self._settled[:_FLUSH_MAX], self._settled[_FLUSH_MAX:]
             try:
                 await self.store.run(lambda tx: quota.settle(tx, batch))
-            except Exception:  # noqa: BLE001 - clients have their answers; keep the rows and try again
-                log.exception("could not write %d ledger rows; will retry", len(batch))
-                self._settled[:0] = batch[-_QUEUE_MAX:]
-                return
+            except Exception:  # noqa: BLE001 - one bad row must not hold back the others: try them one by one
+                log.warning("could not write %d ledger rows at once; writing them one by one", len(batch))
+                for i, one in enumerate(batch):
+                    if not await self._settle_alone(one):
+                        self._settled = [*batch[i:], *self._settled]
+                        return False
+        return True
+
+    async def _settle_alone(self, settled: tuple[quota.Ticket, LedgerRow, float]) -> bool:
+        """Write one row; if the store rejects it, write it with the offending fields cleared. False
+        only when even that fails (the store itself is the problem)."""
+        ticket, row, now = settled
+        try:
+            await self.store.run(lambda tx: quota.settle(tx, [settled]))
+            return True
+        except Exception:  # noqa: BLE001
+            clean, bad = row.cleared()
+            if not bad:
+                log.exception("could not write the ledger row of request %s; will retry", row.request_id)
+                return False
+            log.error("the store rejected the ledger row of request %s; writing it with %s cleared",
+                      clean.request_id or row.id, ", ".join(bad))
+        try:
+            await self.store.run(lambda tx: quota.settle(tx, [(ticket, clean, now)]))
+            return True
+        except Exception:  # noqa: BLE001
+            log.exception("could not write the cleared ledger row %s; will retry", row.id)
+            return False
 
     async def begin(self, principal: Principal | None, endpoint: str, group: str, body: dict, *,
                     request_id: str | None = None, stream: bool = False, batch_id: str | None = None
@@ -87,7 +127,8 @@ class Metering:
         now = self.clock()
         row = LedgerRow(ts=now, endpoint=endpoint, status=0, request_id=request_id, stream=stream,
                         key_id=principal.key_id if principal else None,
-                        team=principal.team if principal else None, model=body.get("model"),
+                        team=principal.team if principal else None,
+                        model=body.get("model") if isinstance(body.get("model"), str) else None,
                         batch_id=batch_id)
         if principal is None or not principal.limited:  # nothing to check: no store round trip before it runs
             return RequestMeter(self, quota.Ticket("", principal, demand, now), row, prompt_estimate=prompt)

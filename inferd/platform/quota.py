@@ -39,6 +39,13 @@ class Demand:
     tokens: int
     cost_usd: float
 
+    def __post_init__(self):
+        # a reservation is never negative: a negative one would fill a bucket past its limit
+        if not (isinstance(self.tokens, int) and self.tokens >= 0):
+            raise ValueError(f"a demand's tokens must be an integer >= 0, got {self.tokens!r}")
+        if not self.cost_usd >= 0:
+            raise ValueError(f"a demand's cost must be >= 0, got {self.cost_usd!r}")
+
 
 class QuotaExceeded(Exception):
     """A limit refused the request: 429 with Retry-After for rates, 402 for budgets."""
@@ -101,6 +108,8 @@ class _Bucket:
         return 0.0 if self.level >= amount else (amount - self.level) / self.rate
 
     def save(self, tx: Tx, level: float) -> None:
+        """Store `level`, held within [0, capacity] whatever arithmetic produced it."""
+        level = max(0.0, min(self.capacity, level))
         tx.execute("INSERT INTO rate_buckets (scope, kind, level, updated) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT (scope, kind) DO UPDATE SET level = excluded.level, updated = excluded.updated",
                    (self.scope, self.kind, level, self.now))
@@ -188,4 +197,4 @@ def _release(tx: Tx, ticket: Ticket, row: LedgerRow, now: float) -> None:
                        (scope, period_key(limits.budget_period, ticket.admitted_at), row.cost_usd))
         if limits.tpm is not None and row.total_tokens != ticket.demand.tokens:
             bucket = _Bucket(tx, scope, "tpm", limits.tpm, now)
-            bucket.save(tx, min(bucket.capacity, bucket.level + ticket.demand.tokens - row.total_tokens))
+            bucket.save(tx, bucket.level + ticket.demand.tokens - max(0, row.total_tokens))

@@ -113,8 +113,11 @@ def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict
         else:
             raise _invalid(f"messages[{i}].role", f"{role!r} is not supported by Anthropic deployments; use "
                            "system, developer, user or assistant")
-    request: dict[str, Any] = {"model": model, "messages": messages, "max_tokens":
-                               body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens}
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
+    request: dict[str, Any] = {"model": model, "messages": messages,
+                               "max_tokens": default_max_tokens if limit is None else limit}
     if system:
         request["system"] = "\n\n".join(system)
     for name in ("temperature", "top_p", "top_k"):

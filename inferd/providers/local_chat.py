@@ -86,7 +86,7 @@ class LocalChat:
             raise invalid("top_logprobs: requires logprobs to be true", "top_logprobs")
         self.engine, self.body, self.model = engine, body, model
         self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = body.output_limit
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs)
         engine.check_accepting(self.params.n)

@@ -101,7 +101,7 @@ class _SamplingRequest(WireModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=-_I32, le=_I32)
+    max_tokens: int | None = Field(16, ge=0, le=_I32)
     echo: bool = False
     logprobs: int | None = Field(None, ge=-_I32, le=_I32)
     best_of: int | None = Field(None, ge=-_I32, le=_I32)
@@ -121,12 +121,19 @@ class ChatMessage(WireModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=-_I32, le=_I32)
-    max_completion_tokens: int | None = Field(None, ge=-_I32, le=_I32)
+    # OpenAI's bound: a chat answer has at least one token (a completion may ask for 0,
+    # lm-eval's loglikelihood request); the estimate and every provider read `output_limit`
+    max_tokens: int | None = Field(None, ge=1, le=_I32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=_I32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=-_I32, le=_I32)
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
+
+    @property
+    def output_limit(self) -> int | None:
+        """The client's output cap: `max_completion_tokens` wins over `max_tokens`; None: no cap."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

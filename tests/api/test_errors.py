@@ -72,7 +72,8 @@ def test_unknown_model_is_404(server):
         server.client().completions.create(model="gpt-17", prompt="x")
     assert e.value.body["code"] == "model_not_found"
     error_of(httpx.get(server.url + "/v1/models/gpt-17", headers=server.headers), 404)
-    error_of(httpx.get(server.url + "/no/such/route"), 404)
+    error_of(httpx.get(server.url + "/no/such/route", headers=server.headers), 404)
+    error_of(httpx.get(server.url + "/no/such/route"), 401)  # one rule: no key, no answer
     assert httpx.delete(server.url + "/v1/completions", headers=server.headers).status_code == 405
 
 

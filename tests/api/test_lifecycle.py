@@ -128,7 +128,13 @@ def test_sigterm_drains_then_aborts_and_exits(busy):
     long = StreamReader(busy.url, LONG)
     long.start()
     assert long.first.wait(10)
-    short = StreamReader(busy.url, {**LONG, "max_tokens": 150})
+    # the short request is sized from this machine's measured token rate, so that it needs
+    # about a third of the drain time here, however fast or loaded the CPU is
+    before, t0 = len(long.events), time.monotonic()
+    time.sleep(0.5)
+    rate = (len(long.events) - before) / (time.monotonic() - t0)
+    short_tokens = max(3, min(150, int(rate * SHUTDOWN_TIMEOUT / 3)))
+    short = StreamReader(busy.url, {**LONG, "max_tokens": short_tokens})
     short.start()
     assert short.first.wait(10)
     busy.proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,81 @@
+"""What a JSON request body may be, checked before anything reads its fields.
+
+Every JSON route reads its body through `read_json` (api/protocol.py), which
+applies these limits, so hostile or careless input gets a clear 4xx and never
+reaches a handler, the tokenizer or the ledger:
+
+- size: at most `BodyLimits.max_bytes` (`--max-request-bytes`), read in chunks and
+  refused with 413 as soon as it is exceeded, whatever Content-Length says;
+- type: a Content-Type, when sent, must be JSON (`application/json` or `+json`),
+  so a cross-site form or `text/plain` POST from a web page is refused (415);
+- shape: nesting at most `max_depth` deep (the decoders recurse), and no lone
+  UTF-16 surrogate in any string or key (`\\ud800` is valid JSON escaping but no
+  text: it cannot be encoded, tokenized or stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferd.api.errors import APIError
+
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_depth: int = 64
+
+    def __post_init__(self):
+        if self.max_bytes < 1024:
+            raise ValueError(f"max_request_bytes: must be at least 1024, got {self.max_bytes}")
+
+
+def check_content_type(value: str | None) -> None:
+    if not value:
+        return  # curl -d without -H and some SDKs send none; browsers always send one
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise APIError(415, f"the request body must be JSON (Content-Type: application/json), not {media!r}",
+                       code="unsupported_media_type")
+
+
+async def read_limited(stream, max_bytes: int) -> bytes:
+    """The body from an ASGI byte stream, or 413 once it passes `max_bytes`."""
+    chunks, size = [], 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"the request body is larger than {max_bytes} bytes, this server's limit "
+                           "(--max-request-bytes)", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_shape(body: object, max_depth: int) -> None:
+    """400 for nesting deeper than `max_depth` or a string that is not valid text."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise APIError(400, f"the request body is nested more than {max_depth} levels deep")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_text(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
+def _check_text(s: str) -> None:
+    if s.isascii():
+        return
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body contains a lone UTF-16 surrogate (such as \\ud800) in a string; "
+                       "send valid Unicode text") from None
