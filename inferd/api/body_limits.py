@@ -8,16 +8,19 @@ reaches a handler, the tokenizer or the ledger:
   refused with 413 as soon as it is exceeded, whatever Content-Length says;
 - type: a Content-Type, when sent, must be JSON (`application/json` or `+json`),
   so a cross-site form or `text/plain` POST from a web page is refused (415);
-- shape: nesting at most `max_depth` deep (the decoders recurse), and no lone
-  UTF-16 surrogate in any string or key (`\\ud800` is valid JSON escaping but no
-  text: it cannot be encoded, tokenized or stored).
+- shape: nesting at most `max_depth` deep and no lone UTF-16 surrogate in any
+  string or key, the rules batch input lines follow too (platform/json_shape.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+import msgspec
+
 from inferd.api.errors import APIError
+from inferd.platform.json_shape import MAX_JSON_DEPTH, shape_problem, too_deep
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 
@@ -25,7 +28,7 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 @dataclass(frozen=True)
 class BodyLimits:
     max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-    max_depth: int = 64
+    max_depth: int = MAX_JSON_DEPTH
 
     def __post_init__(self):
         if self.max_bytes < 1024:
@@ -39,6 +42,21 @@ def check_content_type(value: str | None) -> None:
     if media != "application/json" and not media.endswith("+json"):
         raise APIError(415, f"the request body must be JSON (Content-Type: application/json), not {media!r}",
                        code="unsupported_media_type")
+
+
+def decode(raw: bytes, max_depth: int):
+    """The JSON value in `raw`: msgspec first (fast), json for what msgspec refuses but clients send
+    (NaN, Infinity, lone surrogates, which `check_shape` then names); 400 if neither can read it."""
+    try:
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as e:
+            try:
+                return json.loads(raw)
+            except ValueError:
+                raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, f"the request body is {too_deep(max_depth)}") from None
 
 
 async def read_limited(stream, max_bytes: int) -> bytes:
@@ -55,27 +73,6 @@ async def read_limited(stream, max_bytes: int) -> bytes:
 
 def check_shape(body: object, max_depth: int) -> None:
     """400 for nesting deeper than `max_depth` or a string that is not valid text."""
-    stack = [(body, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value)
-        elif isinstance(value, (dict, list)):
-            if depth > max_depth:
-                raise APIError(400, f"the request body is nested more than {max_depth} levels deep")
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    _check_text(key)
-                    stack.append((item, depth + 1))
-            else:
-                stack.extend((item, depth + 1) for item in value)
-
-
-def _check_text(s: str) -> None:
-    if s.isascii():
-        return
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, "the request body contains a lone UTF-16 surrogate (such as \\ud800) in a string; "
-                       "send valid Unicode text") from None
+    problem = shape_problem(body, max_depth)
+    if problem:
+        raise APIError(400, f"the request body {problem}")

@@ -10,7 +10,6 @@ abandons the work of a client that went away, which aborts its engine requests.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inferd.api.auth import Authenticator
-from inferd.api.body_limits import BodyLimits, check_content_type, check_shape, read_limited
+from inferd.api.body_limits import BodyLimits, check_content_type, check_shape, decode, read_limited
 from inferd.api.errors import APIError
 from inferd.api.metrics import EngineMetrics
 from inferd.gateway.metrics import GatewayMetrics
@@ -85,17 +84,7 @@ async def read_json(request: Request) -> dict:
     limits: BodyLimits = state(request).body_limits
     check_content_type(request.headers.get("content-type"))
     raw = await read_limited(request.stream(), limits.max_bytes)
-    try:
-        body = msgspec.json.decode(raw)
-    except RecursionError:
-        raise APIError(400, f"the request body is nested more than {limits.max_depth} levels deep") from None
-    except msgspec.DecodeError as e:
-        try:  # NaN / Infinity, lone surrogates: not for msgspec; the checks below and the models name them
-            body = json.loads(raw)
-        except RecursionError:
-            raise APIError(400, f"the request body is nested more than {limits.max_depth} levels deep") from None
-        except ValueError:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    body = decode(raw, limits.max_depth)
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     check_shape(body, limits.max_depth)

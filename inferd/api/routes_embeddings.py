@@ -26,9 +26,9 @@ async def create_embeddings(request: Request):
         # checked before anything reads it: a non-string model must not reach routing or the ledger
         raise APIError(400, f"model: must be a string, got {type(model).__name__}", param="model")
     st = state(request)
-    group = st.gateway.resolve(body.get("model"), "embeddings")
+    group = st.gateway.resolve(model, "embeddings")
     meter = await st.metering.begin(principal(request), "embeddings", group.name, body,
                                     request_id=request.state.request_id)
-    route = Route(body.get("model"), "embeddings")
+    route = Route(model, "embeddings")
     request.state.route = route
     return await answer_whole(request, meter, route, "embeddings", body)

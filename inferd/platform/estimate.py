@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from inferd.providers.openai_schema import output_limit
+
 DEFAULT_MAX_OUTPUT = 4096
 _PER_MESSAGE = 8        # role markers and separators a chat template adds
 _TEMPLATE_ALLOWANCE = 64  # a default system prompt (SmolLM2's is ~30 tokens) and generation prompt
@@ -51,10 +53,7 @@ def _num_prompts(body: dict) -> int:
 def output_bound(endpoint: str, body: dict, default_max_output: int = DEFAULT_MAX_OUTPUT) -> int:
     if endpoint == "embeddings":
         return 0
-    # the same precedence and meaning as the engine's: an explicit 0 is zero tokens, not "unset"
-    limit = body.get("max_completion_tokens")
-    if limit is None:
-        limit = body.get("max_tokens")
+    limit = output_limit(body)  # the engine's precedence and meaning
     if limit is None:
         limit = default_max_output
     n = body.get("n") or 1

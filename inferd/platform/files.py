@@ -9,10 +9,10 @@ so a bad file is refused at upload with the line that is wrong.
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass
 
+from inferd.platform.json_shape import JSONShapeError, loads_checked
 from inferd.store.base import Tx
 
 PURPOSES = ("batch", "batch_output", "fine-tune", "assistants", "vision", "user_data", "evals")
@@ -55,16 +55,13 @@ def parse_batch_input(content: str) -> list[BatchLine]:
             continue
         where = f"line {number}"
         try:
-            item = json.loads(raw)
+            item = loads_checked(raw)
+        except JSONShapeError as e:
+            raise ValueError(f"{where}: {e}") from None
         except ValueError as e:
             raise ValueError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(item, dict):
             raise ValueError(f"{where}: must be a JSON object with custom_id, method, url and body")
-        try:  # a lone surrogate (\ud800) is valid JSON escaping but not text: it cannot be stored
-            json.dumps(item, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{where}: contains a lone UTF-16 surrogate (such as \\ud800); "
-                             "send valid Unicode text") from None
         custom_id = item.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             raise ValueError(f"{where}: custom_id must be a non-empty string")

@@ -16,6 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from inferd.platform.json_shape import is_text
 from inferd.store.base import Tx
 
 
@@ -96,14 +97,10 @@ def _storable(value, kind: tuple[type, bool]) -> bool:
     if py is int:
         return isinstance(value, int) and not isinstance(value, bool) and -_I63 <= value <= _I63
     if py is str:
-        if not isinstance(value, str):
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
+        return isinstance(value, str) and is_text(value)
     return isinstance(value, bool)
+
+
 _INSERT = f"INSERT INTO ledger ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _BOOLS = {"stream", "cancelled", "cache_hit", "usage_estimated"}
 

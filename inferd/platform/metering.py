@@ -61,10 +61,10 @@ class Metering:
         transaction per request would cost more than the request itself at a few hundred a second."""
         self._queue([(ticket, row, self.clock())])
 
-    def _queue(self, settled: list[tuple[quota.Ticket, LedgerRow, float]], front: bool = False) -> None:
+    def _queue(self, settled: list[tuple[quota.Ticket, LedgerRow, float]]) -> None:
         """Add to the rows waiting to be written, keep at most _QUEUE_MAX (the newest), and make sure
         a flush is coming."""
-        self._settled = [*settled, *self._settled] if front else [*self._settled, *settled]
+        self._settled.extend(settled)
         if len(self._settled) > _QUEUE_MAX:
             dropped = len(self._settled) - _QUEUE_MAX
             log.error("the store has been unwritable for long: %d ledger rows dropped (oldest first)", dropped)
@@ -74,11 +74,8 @@ class Metering:
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.flush_interval_s)
-        if not await self.flush():  # the store is down: try again later, not only on the next request
+        while not await self.flush():  # the store is down: try again later, not only on the next request
             await asyncio.sleep(self.retry_interval_s)
-            self._flusher = None
-            if self._settled:
-                self._queue([])
 
     async def flush(self) -> bool:
         """Settle everything queued so far (before reading the ledger, and at shutdown); False if the
@@ -125,10 +122,11 @@ class Metering:
         worst = self.prices.worst(group).cost(prompt, 0, output, batch=batch_id is not None)
         demand = quota.Demand(tokens=prompt + output, cost_usd=worst)
         now = self.clock()
+        model = body.get("model")
         row = LedgerRow(ts=now, endpoint=endpoint, status=0, request_id=request_id, stream=stream,
                         key_id=principal.key_id if principal else None,
                         team=principal.team if principal else None,
-                        model=body.get("model") if isinstance(body.get("model"), str) else None,
+                        model=model if isinstance(model, str) else None,
                         batch_id=batch_id)
         if principal is None or not principal.limited:  # nothing to check: no store round trip before it runs
             return RequestMeter(self, quota.Ticket("", principal, demand, now), row, prompt_estimate=prompt)

@@ -28,6 +28,7 @@ from typing import Any
 
 from inferd.providers.base import Deployment, Endpoint, ErrorKind, ProviderError, classify_status
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
+from inferd.providers.openai_schema import output_limit
 
 _FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
                    "refusal": "content_filter", "pause_turn": "stop"}
@@ -113,9 +114,7 @@ def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict
         else:
             raise _invalid(f"messages[{i}].role", f"{role!r} is not supported by Anthropic deployments; use "
                            "system, developer, user or assistant")
-    limit = body.get("max_completion_tokens")
-    if limit is None:
-        limit = body.get("max_tokens")
+    limit = output_limit(body)
     request: dict[str, Any] = {"model": model, "messages": messages,
                                "max_tokens": default_max_tokens if limit is None else limit}
     if system:

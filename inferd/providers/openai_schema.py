@@ -15,6 +15,7 @@ message that names the parameter.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -133,7 +134,14 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def output_limit(self) -> int | None:
         """The client's output cap: `max_completion_tokens` wins over `max_tokens`; None: no cap."""
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return output_limit(self.__dict__)
+
+
+def output_limit(body: Mapping[str, Any]) -> int | None:
+    """The output cap a body asks for: `max_completion_tokens` wins over `max_tokens`, an explicit 0
+    is 0 (not "unset"); None: no cap. The one rule for the engine, the estimate and translations."""
+    limit = body.get("max_completion_tokens")
+    return body.get("max_tokens") if limit is None else limit
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -131,3 +131,6 @@ def test_batch_lines_split_at_newlines_only_and_refuse_lone_surrogates():
     assert parsed[0].body["messages"][0]["content"] == "one\u2028two"
     with pytest.raises(ValueError, match="line 2: contains a lone UTF-16 surrogate"):
         parse_batch_input(line("a", "ok") + "\n" + line("b", "ok").replace('"b"', '"\\ud800"'))
+    deep = line("c", "ok").replace('"ok"', "[" * 5000 + "]" * 5000)  # json.loads recursed past its limit
+    with pytest.raises(ValueError, match="line 1: nested more than 64 levels deep"):
+        parse_batch_input(deep)
