@@ -74,7 +74,7 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    from inferd.engine.embedder import Embedder
+    from inferd.engine.embedding.embedder import Embedder
     from inferd.models.default_embedding_model import default_embedding_model_path
 
     ours = Embedder(num_threads=args.threads, dtype="float32")

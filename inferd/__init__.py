@@ -1,7 +1,7 @@
 """inferd: a self-hosted AI inference server with its own engine."""
 
 from inferd.engine.config import EngineConfig
-from inferd.engine.llm import LLM
+from inferd.engine.offline.llm import LLM
 from inferd.engine.outputs import CompletionOutput, RequestOutput
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 
 from inferd.api.errors import APIError
-from inferd.platform import keys
-from inferd.platform.keys import Principal
+from inferd.tenancy import keys
+from inferd.tenancy.keys import Principal
 from inferd.store.base import Store
 
 ADMIN = Principal(key_id="admin", team=None, is_admin=True)

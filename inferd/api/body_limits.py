@@ -9,7 +9,7 @@ reaches a handler, the tokenizer or the ledger:
 - type: a Content-Type, when sent, must be JSON (`application/json` or `+json`),
   so a cross-site form or `text/plain` POST from a web page is refused (415);
 - shape: nesting at most `max_depth` deep and no lone UTF-16 surrogate in any
-  string or key, the rules batch input lines follow too (platform/json_shape.py).
+  string or key, the rules batch input lines follow too (wire/json_shape.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import msgspec
 
 from inferd.api.errors import APIError
-from inferd.platform.json_shape import MAX_JSON_DEPTH, shape_problem, too_deep
+from inferd.wire.json_shape import MAX_JSON_DEPTH, shape_problem, too_deep
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 

@@ -20,9 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from inferd.platform.quota import QuotaExceeded
+from inferd.tenancy.quota import QuotaExceeded
 from inferd.providers.base import ErrorKind, ProviderError
-from inferd.providers.openai_schema import validation_error
+from inferd.wire.schema import validation_error
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from starlette.responses import Response
 from inferd.api.errors import APIError, api_error
 from inferd.api.protocol import cancel_on_disconnect, json_response, principal, spawn, state
 from inferd.gateway.router import Route
-from inferd.platform.metering import RequestMeter
-from inferd.platform.response_cache import cache_key, requested_ttl
+from inferd.tenancy.metering import RequestMeter
+from inferd.tenancy.response_cache import cache_key, requested_ttl
 
 
 async def metered(meter: RequestMeter, route: Route, work: Awaitable) -> Any:

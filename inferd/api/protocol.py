@@ -27,12 +27,12 @@ from inferd.api.errors import APIError
 from inferd.api.metrics import EngineMetrics
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
-from inferd.platform.batch_runner import BatchRunner
-from inferd.platform.keys import Principal
-from inferd.platform.metering import Metering
-from inferd.platform.response_cache import ResponseCache
+from inferd.batch.runner import BatchRunner
+from inferd.tenancy.keys import Principal
+from inferd.tenancy.metering import Metering
+from inferd.tenancy.response_cache import ResponseCache
 from inferd.providers.local import LocalEngineDeployment
-from inferd.providers.openai_schema import validation_error
+from inferd.wire.schema import validation_error
 
 M = TypeVar("M", bound=BaseModel)
 

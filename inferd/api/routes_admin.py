@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, read_model, state
-from inferd.platform import keys
-from inferd.platform.keys import BudgetPeriod, Limits
+from inferd.tenancy import keys
+from inferd.tenancy.keys import BudgetPeriod, Limits
 
 router = APIRouter()
 

@@ -1,5 +1,5 @@
 """The Batch API: create a batch from an uploaded file, get it, list them (newest first, `after`/`limit`),
-cancel it. The server's batch runner (platform/batch_runner.py) does the work."""
+cancel it. The server's batch runner (batch/runner.py) does the work."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, read_model, state
 from inferd.api.routes_files import owner
-from inferd.platform import batches
-from inferd.platform.files import BATCH_URLS
+from inferd.batch import jobs as batches
+from inferd.batch.files import BATCH_URLS
 
 router = APIRouter()
 

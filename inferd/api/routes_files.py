@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, principal, state
-from inferd.platform import files
+from inferd.batch import files
 
 router = APIRouter()
 

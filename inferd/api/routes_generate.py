@@ -26,9 +26,9 @@ from inferd.api.errors import api_error
 from inferd.api.metered_calls import answer_whole, metered
 from inferd.api.protocol import SSE_DONE, SSE_HEADERS, cancel_on_disconnect, principal, read_json, spawn, sse, state
 from inferd.gateway.router import OpenStream, Route
-from inferd.platform.metering import RequestMeter
+from inferd.tenancy.metering import RequestMeter
 from inferd.providers.base import ProviderError
-from inferd.providers.openai_schema import ChatCompletionRequest, CompletionRequest, validation_error
+from inferd.wire.schema import ChatCompletionRequest, CompletionRequest, validation_error
 
 router = APIRouter()
 

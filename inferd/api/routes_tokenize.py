@@ -13,7 +13,7 @@ from pydantic import Field
 from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, state
 from inferd.providers.local_chat import encode_messages
-from inferd.providers.openai_schema import ChatMessage, WireModel
+from inferd.wire.schema import ChatMessage, WireModel
 
 router = APIRouter()
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, principal, state
-from inferd.platform import showback
+from inferd.tenancy import showback
 
 router = APIRouter()
 

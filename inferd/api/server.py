@@ -54,10 +54,10 @@ from inferd.gateway.router import Gateway
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
 from inferd.providers.local import LocalEngineDeployment
-from inferd.platform.batch_runner import BatchRunner
-from inferd.platform.metering import Metering
-from inferd.platform.prices import PriceBook
-from inferd.platform.response_cache import ResponseCache
+from inferd.batch.runner import BatchRunner
+from inferd.tenancy.metering import Metering
+from inferd.tenancy.prices import PriceBook
+from inferd.tenancy.response_cache import ResponseCache
 from inferd.providers.local_embeddings import LocalEmbeddingDeployment
 from inferd.store import Store, open_store
 

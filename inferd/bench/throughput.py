@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, engine_config) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from inferd.cli import engine_config
+    from inferd.cli.main import engine_config
 
     if args.num_requests < 1 or args.input_len < 1 or args.output_len < 1:
         raise ValueError("--num-requests, --input-len and --output-len must be at least 1")

@@ -1,7 +1,7 @@
 """Engine options: one validated object, shared by the Python API and the CLI.
 
 `DeviceOptions` is the part the embedder's options (`EmbedConfig`,
-engine/embed_spec.py) share with `EngineConfig`: how `dtype`, `device` and
+engine/embedding/spec.py) share with `EngineConfig`: how `dtype`, `device` and
 `num_threads` are checked and resolved. Only the dtype `auto` picks differs.
 """
 

@@ -1,8 +1,8 @@
 """Both ends of the link between the API process and a model running in its own process.
 
-The generation engine core (engine/core_process.py, driven by
-engine/async_client.py) and the embedding process (engine/embed_process.py,
-driven by engine/embed_client.py) are run the same way; this module is that way.
+The generation engine core (engine/core/process.py, driven by
+engine/client/async_client.py) and the embedding process (engine/embedding/process.py,
+driven by engine/embedding/client.py) are run the same way; this module is that way.
 
 API side, `ProcessLink`: `start()` spawns the child's entry point with the spawn
 context, binds two ZMQ ipc sockets in a private temp dir (PUSH to the child, PULL
@@ -45,6 +45,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from inferd.engine.messages import Fatal, Shutdown, StartupFailed
+
 HEARTBEAT_S = 0.5  # how often an idle child checks its parent (and the engine core's stats cadence)
 
 
@@ -54,20 +56,6 @@ class EngineDeadError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The server ended the request (shutdown) before it finished."""
-
-
-# -- messages every child protocol shares -------------------------------------------------
-
-class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
-    pass
-
-
-class StartupFailed(msgspec.Struct, tag="startup_failed", array_like=True):
-    error: str  # worded for the user: "<what> failed to start: <exception>"
-
-
-class Fatal(msgspec.Struct, tag="fatal", array_like=True):
-    error: str  # the traceback
 
 
 # -- the API process's end ----------------------------------------------------------------

@@ -43,7 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inferd.engine.config import EngineConfig
-from inferd.engine.embed_spec import EmbedConfig
+from inferd.engine.embedding.spec import EmbedConfig
 
 Routing = Literal["weighted_random", "least_in_flight", "lowest_latency", "lowest_cost", "prefix_affinity"]
 FALLBACK_CLASSES = ("default", "rate_limit", "server", "timeout", "context_length")

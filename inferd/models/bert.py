@@ -4,7 +4,7 @@ Token, position and token-type embeddings with a LayerNorm, then post-norm layer
 of self-attention and a GELU feed-forward block, as transformers computes them.
 It runs padded batches `[batch, length]` with a boolean padding mask through
 `F.scaled_dot_product_attention` and returns the last hidden states; pooling and
-normalization belong to the embedder (engine/embedder.py), which knows the
+normalization belong to the embedder (engine/embedding/embedder.py), which knows the
 sentence-transformers configuration. q/k/v are fused into one matmul, as in
 llama.py; `load_weights` fuses the HF-named tensors on the way in.
 

@@ -7,7 +7,7 @@ package's installed-files record (models/package_files.py) instead of importing
 the package, which would pull in sentence-transformers.
 
 A model argument names it with the reserved source `"default-embedding"`
-(`DEFAULT_EMBEDDING_MODEL`); the embedder (engine/embedder.py) also takes `None`
+(`DEFAULT_EMBEDDING_MODEL`); the embedder (engine/embedding/embedder.py) also takes `None`
 for it. The generation side keeps `None` for its own default model, so
 `LLM("default-embedding")` is how the offline API asks for this one.
 """

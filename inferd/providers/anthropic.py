@@ -28,7 +28,7 @@ from typing import Any
 
 from inferd.providers.base import Deployment, Endpoint, ErrorKind, ProviderError, classify_status
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
-from inferd.providers.openai_schema import output_limit
+from inferd.wire.schema import output_limit
 
 _FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
                    "refusal": "content_filter", "pause_turn": "stop"}

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from inferd.engine.async_client import (AsyncEngine, EngineDeadError, EngineOverloadedError,
+from inferd.engine.client.async_client import (AsyncEngine, EngineDeadError, EngineOverloadedError,
                                         RequestAbortedError, RequestRejectedError)
 from inferd.engine.config import EngineConfig
 from inferd.engine.sampling_params import InvalidParameterError
@@ -23,7 +23,7 @@ from inferd.engine.tokenizer import ChatTemplateError
 from inferd.providers.base import Deployment, Endpoint, ErrorKind, ModelInfo, ProviderError
 from inferd.providers.local_chat import LocalChat
 from inferd.providers.local_completions import LocalCompletion
-from inferd.providers.openai_schema import ChatCompletionRequest, CompletionRequest, validation_error
+from inferd.wire.schema import ChatCompletionRequest, CompletionRequest, validation_error
 
 _RUNS = {"chat": (ChatCompletionRequest, LocalChat), "completions": (CompletionRequest, LocalCompletion)}
 

@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator
 
 import jinja2
 
-from inferd.engine.async_client import AsyncEngine
+from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 from inferd.providers.base import ErrorKind, ProviderError
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
-from inferd.providers.openai_schema import ChatCompletionRequest, ChatMessage, usage
+from inferd.wire.schema import ChatCompletionRequest, ChatMessage, usage
 
 
 def invalid(message: str, param: str | None) -> ProviderError:

@@ -15,12 +15,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from inferd.engine.async_client import AsyncEngine
+from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import Tokenizer
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.providers.local_chat import invalid, prompt_logprobs_field
-from inferd.providers.openai_schema import CompletionRequest, usage
+from inferd.wire.schema import CompletionRequest, usage
 
 
 def _prompts(prompt, tok: Tokenizer) -> list[tuple[str | None, list[int]]]:

@@ -16,11 +16,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from inferd.engine.embed_client import AsyncEmbedder
-from inferd.engine.embed_spec import EmbedConfig
+from inferd.engine.embedding.client import AsyncEmbedder
+from inferd.engine.embedding.spec import EmbedConfig
 from inferd.providers.base import Deployment, Endpoint, ErrorKind, ModelInfo, ProviderError
 from inferd.providers.local import classified, refusal
-from inferd.providers.openai_schema import WireModel
+from inferd.wire.schema import WireModel
 
 _I32 = 2**31 - 1
 

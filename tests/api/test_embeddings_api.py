@@ -32,7 +32,7 @@ def both(tiny_llama):
 
 @pytest.fixture(scope="module")
 def reference():
-    from inferd.engine.embedder import Embedder
+    from inferd.engine.embedding.embedder import Embedder
 
     return Embedder(None, num_threads=1)
 

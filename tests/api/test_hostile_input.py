@@ -13,9 +13,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from inferd.platform.estimate import output_bound
+from inferd.tenancy.estimate import output_bound
 from inferd.providers.anthropic import to_messages_request
-from inferd.providers.openai_schema import ChatCompletionRequest
+from inferd.wire.schema import ChatCompletionRequest
 from tests.api.conftest import MODEL
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -119,7 +119,7 @@ def test_deep_nesting_and_lone_surrogates_are_400_on_a_kept_connection(client, c
 def test_batch_lines_split_at_newlines_only_and_refuse_lone_surrogates():
     import json
 
-    from inferd.platform.files import parse_batch_input
+    from inferd.batch.files import parse_batch_input
 
     def line(custom_id: str, content: str) -> str:
         return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from inferd.cli import main
+from inferd.cli.main import main
 from tests.api.conftest import API_KEY, MODEL, ServerProc
 
 

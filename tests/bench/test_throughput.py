@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from inferd.bench.datasets import random_lengths
-from inferd.cli import main
+from inferd.cli.main import main
 
 
 def test_bench_throughput(tiny_llama, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
 
-from inferd.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from inferd.engine.client.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from inferd.engine.tokenizer import Tokenizer
 from inferd.models.checkpoint import TokenizerSpec
 from tests.tiny_models import build_tokenizer

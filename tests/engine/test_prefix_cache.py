@@ -8,8 +8,8 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from inferd import LLM, SamplingParams
-from inferd.engine.kv_cache import KVCacheManager, block_hash
-from inferd.engine.request import Request
+from inferd.engine.core.kv_cache import KVCacheManager, block_hash
+from inferd.engine.core.request import Request
 
 BLOCK = 4
 

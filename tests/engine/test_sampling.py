@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from inferd import LLM, InvalidParameterError, SamplingParams
-from inferd.engine.request import Request
-from inferd.engine.sampler import sample
+from inferd.engine.core.request import Request
+from inferd.engine.core.sampler import sample
 from tests.engine.helpers import stream
 
 VOCAB = 10

@@ -1,0 +1,1 @@
+"""The command line: `inferd serve | generate | bench | batch | keys | usage`, one module per family."""

@@ -1,0 +1,142 @@
+"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch`.
+
+Engine options are shared by every command that loads a model, so `serve` and
+`generate` accept the same flags with the same meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from inferd.api.body_limits import DEFAULT_MAX_REQUEST_BYTES
+from inferd.engine.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--kv-cache-bytes", default="1GiB", help="KV cache budget on CPU, e.g. 512MiB, 2GiB")
+    g.add_argument("--gpu-memory-fraction", type=float, default=0.8,
+                   help="KV cache budget on CUDA, as a fraction of free memory")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                   help="int8 (<= 3 rows) or 4-bit (<= 16 rows, Q4_1-style groups of 32) weight "
+                        "copies for small batches (lossy: see docs/benchmarks.md)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of shared prompt prefixes (default: on)")
+
+
+def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
+    return EngineConfig(
+        model=model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+        gpu_memory_fraction=args.gpu_memory_fraction, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, num_threads=args.num_threads,
+        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from inferd.engine.offline.llm_engine import LLMEngine
+    from inferd.engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(engine_config(args, args.model))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed, top_p=args.top_p)
+    if args.chat:
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    engine.add_request("cli", prompt, params)
+    while engine.has_unfinished:
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].text_delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from inferd.api.server import run_server
+
+    return run_server(args, engine_config(args, args.model))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferd", description="Self-hosted AI inference server.")
+    parser.add_argument("--log-level", default="info")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    gen.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded model)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="HF model directory or .gguf file (default: embedded model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--embedding-model", default=None, metavar="MODEL",
+                       help="also serve an embedding model on /v1/embeddings: a sentence-transformers "
+                            "directory, or 'default-embedding' (all-MiniLM-L6-v2)")
+    serve.add_argument("--config", default=None,
+                       help="gateway config (YAML): model groups, local and remote deployments, routing, "
+                            "fallbacks; the engine flags below are the defaults of its local engines")
+    serve.add_argument("--api-key", default=None,
+                       help="the admin key (default: $INFERD_API_KEY); keys made with `inferd keys create` "
+                            "are checked as well; with neither, the server is open")
+    serve.add_argument("--store", default=None,
+                       help="where keys, limits and the usage ledger live: sqlite:///PATH or "
+                            "postgresql://USER@HOST/DB (default: $INFERD_STORE or a SQLite file in the "
+                            "user data directory)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="requests queued beyond --max-num-seqs before 503 + Retry-After "
+                            "(default 256, or each local deployment's max_waiting_requests)")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help="largest JSON request body accepted; larger ones get 413 (default 8 MiB)")
+    serve.add_argument("--batch-concurrency", type=int, default=8,
+                       help="batch lines (the Batch API) this server runs at once, at low priority")
+    serve.add_argument("--batch-lease-s", type=float, default=30.0,
+                       help="a batch line claimed by a server that died is run again after this long")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish on SIGTERM")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    from inferd.cli.bench import add_bench_parser
+    from inferd.cli.batch import add_batch_parser
+    from inferd.cli.keys import add_keys_parsers
+    from inferd.cli.usage import add_usage_parser
+    add_bench_parser(sub)  # inferd bench throughput | serve
+    add_keys_parsers(sub)  # inferd keys ... | teams ...
+    add_usage_parser(sub)  # inferd usage
+    add_batch_parser(sub)  # inferd batch submit | status | results
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"inferd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

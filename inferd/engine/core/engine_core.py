@@ -1,0 +1,118 @@
+"""The engine core: model, KV cache, scheduler and runner behind `add/abort/step`.
+
+It speaks token ids only: text, detokenization and stop strings are the
+front-end's job (engine/client/output_processor.py), so the core can run in its own
+process and exchange small typed messages with the API process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from inferd.engine.config import EngineConfig
+from inferd.engine.core.kv_cache import KVCacheManager
+from inferd.engine.core.model_runner import ModelRunner
+from inferd.engine.core.request import Request
+from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
+from inferd.engine.core.scheduler import Scheduler, SchedulerConfig
+from inferd.engine.messages import EngineCoreOutput
+from inferd.layers import cpu_kernels
+from inferd.layers.attention import TorchAttentionBackend
+from inferd.models.checkpoint import Checkpoint
+from inferd.models.loader import build_model
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, ckpt: Checkpoint, eos_token_ids: list[int]):
+        self.config = config
+        torch.set_num_threads(config.threads())
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        if self.device.type == "cpu":
+            cpu_kernels.load()  # compiled now rather than inside the first request
+        t0 = time.perf_counter()
+        self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
+        if config.quantization:
+            self._quantize(config.quantization)
+        log.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, self.device, self.dtype)
+        self.eos_token_ids = frozenset(eos_token_ids)
+
+        mc = self.model_config
+        bytes_per_block = (2 * mc.num_layers * config.block_size * mc.num_kv_heads
+                           * mc.head_dim * self.dtype.itemsize)
+        num_blocks = self._kv_budget() // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes: budget is below one block ({bytes_per_block} bytes)")
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+                        dtype=self.dtype, device=self.device)
+            for _ in range(mc.num_layers)]
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings, num_blocks * config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   self.max_model_len), self.kv)
+        self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
+                                  TorchAttentionBackend(), self.device)
+
+    def _quantize(self, kind: str) -> None:
+        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
+            raise ValueError(f"quantization: {kind} needs the CPU and dtype bfloat16")
+        from inferd.layers.linear import Linear
+        for module in self.model.modules():
+            if not isinstance(module, Linear):
+                continue
+            # the output head stays at 8 bits under int4: it scores the whole vocabulary,
+            # and GGUF files keep it above 4 bits too (Q8_0 in the default model's Q4_1 file)
+            if kind == "int8" or module is self.model.lm_head:
+                module.quantize_int8()
+            else:
+                module.quantize_int4()
+
+    def _kv_budget(self) -> int:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * self.config.gpu_memory_fraction)
+        return self.config.kv_cache_bytes
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    priority: int = 0) -> None:
+        """Queue a request; `priority`: lower is scheduled sooner (see engine/core/scheduler.py)."""
+        self.validate(prompt_token_ids, params, priority)
+        self.scheduler.add(Request(request_id, list(prompt_token_ids), params, self.eos_token_ids,
+                                   priority=priority))
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidParameterError("prompt", "must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if n + (params.max_tokens or 0) > self.max_model_len or n >= self.max_model_len:
+            raise InvalidParameterError(
+                "max_tokens" if n < self.max_model_len else "prompt",
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
+                f"has {n} tokens and max_tokens is {params.max_tokens}")
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[EngineCoreOutput]:
+        out = self.scheduler.schedule()
+        if not out.requests:
+            return []
+        result = self.runner.execute(out)
+        return self.scheduler.update(out, result)

@@ -1,0 +1,73 @@
+"""A request as the engine core sees it: tokens, progress, and its KV blocks.
+
+The engine's one rule lives on this object: `token_ids` is everything known
+(prompt, then outputs) and `num_computed_tokens` is how much of it already sits in
+the KV cache. The scheduler only ever decides how many of the remaining tokens to
+compute next; prefill, chunked prefill, decode and recompute after preemption are
+all that same step.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from inferd.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower is scheduled sooner (vLLM's convention); batch work uses 10
+
+    def __post_init__(self):
+        self.token_ids: list[int] = list(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        # prefix caching: chained hashes of full blocks, how many of the block table
+        # are registered in the cache, and prompt tokens served from it
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        # prompt logprobs already produced (for positions 1..num_prompt_tokens-1);
+        # kept across preemption so recomputation does not report them twice
+        self.num_prompt_logprobs_done = 0
+        self.generator: torch.Generator | None = None
+        if self.params.seed is not None:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(self.params.seed)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return (self.params.prompt_logprobs is not None
+                and self.num_prompt_logprobs_done < self.num_prompt_tokens - 1)

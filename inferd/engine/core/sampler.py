@@ -1,0 +1,126 @@
+"""Turn last-position logits into next tokens, per request's own parameters.
+
+Order of operations (as vLLM): logprobs are taken from the raw model logits;
+then penalties (repetition on prompt+output, frequency/presence on output),
+min_tokens masking of stop ids, then greedy argmax or temperature / top-k / top-p /
+min-p filtering and sampling.
+
+Sampling draws exponential noise `q` and picks `argmax(p / q)`, which is an exact
+sample from `p`. A seeded request draws its noise from its own generator, one row
+at a time, so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inferd.engine.core.request import Request
+from inferd.engine.messages import PositionLogprobs
+
+
+def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[PositionLogprobs | None]]:
+    """logits: [R, V] for R requests; returns one token and optional logprobs per row."""
+    logits = logits.float()
+    want_lp = [r.params.logprobs is not None for r in reqs]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+
+    logits = _apply_penalties(logits, reqs)
+    logits = _mask_early_stops(logits, reqs)
+
+    tokens = torch.empty(len(reqs), dtype=torch.long)
+    greedy = torch.tensor([r.params.greedy for r in reqs])
+    if greedy.any():
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    if not greedy.all():
+        rows = (~greedy).nonzero().flatten().tolist()
+        tokens[rows] = _sample_random(logits[rows], [reqs[i] for i in rows])
+
+    token_list = tokens.tolist()
+    logprobs: list[PositionLogprobs | None] = [None] * len(reqs)
+    for i, r in enumerate(reqs):
+        if want_lp[i]:
+            logprobs[i] = position_logprobs(raw_logprobs[i], token_list[i], r.params.logprobs)
+    return token_list, logprobs
+
+
+def position_logprobs(row_logprobs: torch.Tensor, token: int, top_n: int) -> PositionLogprobs:
+    """The actual token's logprob and rank (1 = most likely), then the top-N."""
+    lp = row_logprobs[token]
+    rank = int((row_logprobs > lp).sum()) + 1
+    ids, lps, ranks = [token], [float(lp)], [rank]
+    if top_n:
+        top_lp, top_ids = row_logprobs.topk(top_n)
+        ids += top_ids.tolist()
+        lps += top_lp.tolist()
+        ranks += list(range(1, top_n + 1))
+    return PositionLogprobs(ids, lps, ranks)
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    rows = [i for i, r in enumerate(reqs)
+            if r.params.repetition_penalty != 1.0 or r.params.frequency_penalty
+            or r.params.presence_penalty]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    for i in rows:
+        p = reqs[i].params
+        out_ids = torch.tensor(reqs[i].output_token_ids, dtype=torch.long)
+        counts = torch.zeros(vocab).index_add_(0, out_ids, torch.ones(len(out_ids)))
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            seen[torch.tensor(reqs[i].prompt_token_ids, dtype=torch.long)] = True
+            penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            row = torch.where(seen, penalized, row)
+        row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+        logits[i] = row
+    return logits
+
+
+def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    for i, r in enumerate(reqs):
+        if r.num_output_tokens < r.params.min_tokens:
+            stop_ids = set(r.params.stop_token_ids)
+            if not r.params.ignore_eos:
+                stop_ids |= r.eos_token_ids
+            ids = [t for t in stop_ids if t < logits.shape[-1]]
+            if ids:
+                logits[i, ids] = float("-inf")
+    return logits
+
+
+def _sample_random(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    temp = torch.tensor([r.params.temperature for r in reqs]).unsqueeze(1)
+    logits = logits / temp
+    top_k = [r.params.top_k for r in reqs]
+    top_p = [r.params.top_p for r in reqs]
+    if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+        logits = _top_k_top_p(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    min_p = torch.tensor([r.params.min_p for r in reqs]).unsqueeze(1)
+    if (min_p > 0).any():
+        probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), vocab).exponential_()
+    for i, r in enumerate(reqs):
+        if r.generator is not None:
+            noise[i] = torch.empty(vocab).exponential_(generator=r.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k]).unsqueeze(1)
+    positions = torch.arange(vocab).unsqueeze(0)
+    drop = positions >= k
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (always at least one token)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= torch.tensor(top_p).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

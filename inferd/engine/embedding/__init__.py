@@ -1,0 +1,1 @@
+"""Embedding models: their spec, tokenizer, encoder, own process, and the async client to it."""

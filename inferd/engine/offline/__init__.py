@@ -1,0 +1,1 @@
+"""Offline use in one process: `LLM` (generate and embed) over an in-process engine core."""

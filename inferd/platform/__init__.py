@@ -1,1 +1,0 @@
-"""Tenancy, limits, budgets, prices, the usage ledger and showback: what inferd knows about who spends what."""

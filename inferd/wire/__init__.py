@@ -1,0 +1,1 @@
+"""The OpenAI wire format: request bodies, the typed request every layer reads, and errors."""
