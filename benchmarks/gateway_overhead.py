@@ -69,9 +69,10 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from benchmarks.common import RESULTS, ROOT, machine_info, save_json, write_doc_section  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 API_KEY = "sk-bench-gateway-overhead-0123456789abcdef"  # long enough for LiteLLM's master-key check
 TARGETS = ("direct", "inferd", "litellm")

@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, machine_info, random_prompts, save_json, write_doc_section  # noqa: E402
-
 from inferd import LLM, SamplingParams  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "What colour is the sky?",
              "Who wrote Hamlet?", "How many legs has a spider?", "What is 7 times 8?",

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine_info, save_json, write_doc_section  # noqa: E402
-
 import inferd.layers.linear as linear  # noqa: E402
+from benchmarks.common import machine_info, save_json, write_doc_section  # noqa: E402
 from inferd import LLM, SamplingParams  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 
 TEXT = """The history of the printing press begins in the fifteenth century, when Johannes
 Gutenberg combined movable metal type, oil-based ink and a wooden press adapted from

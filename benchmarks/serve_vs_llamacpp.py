@@ -34,9 +34,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.common import RESULTS, ROOT, Server, machine_info, save_json, write_doc_section  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import RESULTS, ROOT, Server, machine_info, save_json, write_doc_section  # noqa: E402
 
 LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "bin" / "llama-server"
 ENGINES = ("inferd", "inferd-int4", "llama.cpp")

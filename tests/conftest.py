@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests.store_fixtures"]
-
 import pytest
 import torch
 
 from tests.tiny_models import build_tiny_model
+
+pytest_plugins = ["tests.store_fixtures"]
+
+
 
 torch.set_num_threads(2)
 

@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 from starlette.datastructures import Headers
 
-from inferd.api.errors import APIError
+from inferd.store.base import Store
 from inferd.tenancy import keys
 from inferd.tenancy.keys import Principal
-from inferd.store.base import Store
+from inferd.wire.errors import http_error
 
 ADMIN = Principal(key_id="admin", team=None, is_admin=True)
 _CACHE_LIMIT = 10_000
@@ -55,7 +55,7 @@ class Authenticator:
         return path not in self.PUBLIC_PATHS
 
     async def principal(self, path: str, headers: Headers) -> Principal | None:
-        """The caller of a protected path; None on an open server; APIError 401/403 otherwise."""
+        """The caller of a protected path; None on an open server; InferdError 401/403 otherwise."""
         token = presented_key(headers)
         if self._admin_key is not None and token is not None and hmac.compare_digest(token.encode(),
                                                                                      self._admin_key):
@@ -67,11 +67,11 @@ class Authenticator:
             if self._admin_key is None and await self._is_open():
                 return None
             if token is None:
-                raise APIError(401, "this server needs an API key; send it as 'Authorization: Bearer <key>'",
+                raise http_error(401, "this server needs an API key; send it as 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
-            raise APIError(401, "the API key is not valid (unknown or revoked)", code="invalid_api_key")
+            raise http_error(401, "the API key is not valid (unknown or revoked)", code="invalid_api_key")
         if path.startswith("/admin") and not who.is_admin:
-            raise APIError(403, "this endpoint needs an admin key", code="admin_key_required")
+            raise http_error(403, "this endpoint needs an admin key", code="admin_key_required")
         return who
 
     def forget(self) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from inferd.api.errors import APIError
+from inferd.wire.errors import http_error
 from inferd.wire.json_shape import MAX_JSON_DEPTH, shape_problem, too_deep
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
@@ -40,7 +40,7 @@ def check_content_type(value: str | None) -> None:
         return  # curl -d without -H and some SDKs send none; browsers always send one
     media = value.split(";", 1)[0].strip().lower()
     if media != "application/json" and not media.endswith("+json"):
-        raise APIError(415, f"the request body must be JSON (Content-Type: application/json), not {media!r}",
+        raise http_error(415, f"the request body must be JSON (Content-Type: application/json), not {media!r}",
                        code="unsupported_media_type")
 
 
@@ -54,9 +54,9 @@ def decode(raw: bytes, max_depth: int):
             try:
                 return json.loads(raw)
             except ValueError:
-                raise APIError(400, f"the request body is not valid JSON: {e}") from None
+                raise http_error(400, f"the request body is not valid JSON: {e}") from None
     except RecursionError:
-        raise APIError(400, f"the request body is {too_deep(max_depth)}") from None
+        raise http_error(400, f"the request body is {too_deep(max_depth)}") from None
 
 
 async def read_limited(stream, max_bytes: int) -> bytes:
@@ -65,7 +65,7 @@ async def read_limited(stream, max_bytes: int) -> bytes:
     async for chunk in stream:
         size += len(chunk)
         if size > max_bytes:
-            raise APIError(413, f"the request body is larger than {max_bytes} bytes, this server's limit "
+            raise http_error(413, f"the request body is larger than {max_bytes} bytes, this server's limit "
                            "(--max-request-bytes)", code="request_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
@@ -75,4 +75,4 @@ def check_shape(body: object, max_depth: int) -> None:
     """400 for nesting deeper than `max_depth` or a string that is not valid text."""
     problem = shape_problem(body, max_depth)
     if problem:
-        raise APIError(400, f"the request body {problem}")
+        raise http_error(400, f"the request body {problem}")

@@ -17,11 +17,11 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
-from inferd.api.errors import APIError, api_error
 from inferd.api.protocol import cancel_on_disconnect, json_response, principal, spawn, state
 from inferd.gateway.router import Route
 from inferd.tenancy.metering import RequestMeter
 from inferd.tenancy.response_cache import cache_key, requested_ttl
+from inferd.wire.errors import client_error, http_error
 
 
 async def metered(meter: RequestMeter, route: Route, work: Awaitable) -> Any:
@@ -29,7 +29,7 @@ async def metered(meter: RequestMeter, route: Route, work: Awaitable) -> Any:
     try:
         return await work
     except BaseException as e:
-        error = api_error(e) if isinstance(e, Exception) else None
+        error = client_error(e) if isinstance(e, Exception) else None
         status = error.status if error is not None else 499
         await meter.finish(status, route, cancelled=status == 499)
         raise
@@ -43,7 +43,7 @@ async def answer_whole(request: Request, meter: RequestMeter, route: Route, endp
         ttl = requested_ttl(request.headers.get("x-inferd-cache-ttl"), who.cache_ttl if who else None)
     except ValueError as e:
         await meter.finish(400, route)
-        raise APIError(400, str(e), code="invalid_cache_ttl") from None
+        raise http_error(400, str(e), code="invalid_cache_ttl") from None
     key = cache_key(who.team if who else None, endpoint, body) if ttl else None
     if key is not None:
         cached = await st.response_cache.lookup(key, ttl)

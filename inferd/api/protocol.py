@@ -23,15 +23,15 @@ from starlette.responses import Response
 
 from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits, check_content_type, check_shape, decode, read_limited
-from inferd.api.errors import APIError
 from inferd.api.metrics import EngineMetrics
+from inferd.batch.runner import BatchRunner
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
-from inferd.batch.runner import BatchRunner
+from inferd.providers.local import LocalEngineDeployment
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
 from inferd.tenancy.response_cache import ResponseCache
-from inferd.providers.local import LocalEngineDeployment
+from inferd.wire.errors import http_error
 from inferd.wire.schema import validation_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -59,7 +59,7 @@ class ServerState:
         for h in group.handles:
             if isinstance(h.deployment, LocalEngineDeployment):
                 return h.deployment
-        raise APIError(400, f"the model {group.name!r} has no local engine, so no tokenizer here",
+        raise http_error(400, f"the model {group.name!r} has no local engine, so no tokenizer here",
                        param="model")
 
 
@@ -86,7 +86,7 @@ async def read_json(request: Request) -> dict:
     raw = await read_limited(request.stream(), limits.max_bytes)
     body = decode(raw, limits.max_depth)
     if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
+        raise http_error(400, "the request body must be a JSON object")
     check_shape(body, limits.max_depth)
     return body
 
@@ -137,7 +137,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable) -> Any:
         watcher.cancel()
     if task.cancelled() or not task.done():
         await asyncio.gather(task, return_exceptions=True)
-        raise APIError(499, "the client closed the request", type="client_closed_request")
+        raise http_error(499, "the client closed the request", type="client_closed_request")
     return task.result()
 
 

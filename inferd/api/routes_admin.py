@@ -10,10 +10,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, read_model, state
 from inferd.tenancy import keys
 from inferd.tenancy.keys import BudgetPeriod, Limits
+from inferd.wire.errors import http_error
 
 router = APIRouter()
 
@@ -65,7 +65,7 @@ async def revoke_key(request: Request, key_id: str):
     st = state(request)
     now = _now(request)
     if not await st.metering.store.run(lambda tx: keys.revoke_key(tx, key_id, now)):
-        raise APIError(404, f"no live key has the id {key_id!r}", param="key_id", code="key_not_found")
+        raise http_error(404, f"no live key has the id {key_id!r}", param="key_id", code="key_not_found")
     st.authenticator.forget()
     return json_response({"id": key_id, "revoked": True})
 

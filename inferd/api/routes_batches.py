@@ -6,11 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, read_model, state
 from inferd.api.routes_files import owner
 from inferd.batch import jobs as batches
 from inferd.batch.files import BATCH_URLS
+from inferd.wire.errors import InferdError, http_error
 
 router = APIRouter()
 
@@ -24,15 +24,15 @@ class CreateBatch(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-def _error(e: batches.BatchError) -> APIError:
-    return APIError(e.status, e.message, param=e.param)
+def _error(e: batches.BatchError) -> InferdError:
+    return http_error(e.status, e.message, param=e.param)
 
 
 @router.post("/v1/batches")
 async def create(request: Request):
     body = await read_model(request, CreateBatch)
     if body.endpoint not in BATCH_URLS:
-        raise APIError(400, f"endpoint must be one of {', '.join(BATCH_URLS)}", param="endpoint")
+        raise http_error(400, f"endpoint must be one of {', '.join(BATCH_URLS)}", param="endpoint")
     team, key_id, admin = owner(request)
     st = state(request)
     now = st.metering.clock()
@@ -65,7 +65,7 @@ async def get(request: Request, batch_id: str):
     team, _, admin = owner(request)
     batch = await state(request).metering.store.run(lambda tx: batches.get_batch(tx, batch_id, team, admin))
     if batch is None:
-        raise APIError(404, f"no batch has the id {batch_id!r}", param="batch_id")
+        raise http_error(404, f"no batch has the id {batch_id!r}", param="batch_id")
     return json_response(batch.to_dict())
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from inferd.api.errors import APIError
 from inferd.api.metered_calls import answer_whole
 from inferd.api.protocol import principal, read_json, state
 from inferd.gateway.router import Route
+from inferd.wire.errors import http_error
 
 router = APIRouter()
 
@@ -24,7 +24,7 @@ async def create_embeddings(request: Request):
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         # checked before anything reads it: a non-string model must not reach routing or the ledger
-        raise APIError(400, f"model: must be a string, got {type(model).__name__}", param="model")
+        raise http_error(400, f"model: must be a string, got {type(model).__name__}", param="model")
     st = state(request)
     group = st.gateway.resolve(model, "embeddings")
     meter = await st.metering.begin(principal(request), "embeddings", group.name, body,

@@ -11,9 +11,9 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, principal, state
 from inferd.batch import files
+from inferd.wire.errors import http_error
 
 router = APIRouter()
 
@@ -31,25 +31,25 @@ async def upload(request: Request):
     try:
         form = await request.form(max_part_size=files.MAX_BYTES)
     except Exception as e:  # noqa: BLE001 - a malformed multipart body is the client's
-        raise APIError(400, f"expected a multipart/form-data upload with 'file' and 'purpose': {e}") from None
+        raise http_error(400, f"expected a multipart/form-data upload with 'file' and 'purpose': {e}") from None
     upload_ = form.get("file")
     purpose = form.get("purpose")
     if not isinstance(upload_, UploadFile):
-        raise APIError(400, "the 'file' field is missing or not a file", param="file")
+        raise http_error(400, "the 'file' field is missing or not a file", param="file")
     if purpose not in files.PURPOSES:
-        raise APIError(400, f"purpose must be one of {', '.join(files.PURPOSES)}", param="purpose")
+        raise http_error(400, f"purpose must be one of {', '.join(files.PURPOSES)}", param="purpose")
     raw = await upload_.read()
     if len(raw) > files.MAX_BYTES:
-        raise APIError(413, f"the file is larger than {files.MAX_BYTES} bytes", param="file")
+        raise http_error(413, f"the file is larger than {files.MAX_BYTES} bytes", param="file")
     try:
         content = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise APIError(400, "the file must be UTF-8 text", param="file") from None
+        raise http_error(400, "the file must be UTF-8 text", param="file") from None
     if purpose == "batch":
         try:
             files.parse_batch_input(content)
         except ValueError as e:
-            raise APIError(400, f"invalid batch input file: {e}", param="file", code="invalid_batch_file") from None
+            raise http_error(400, f"invalid batch input file: {e}", param="file", code="invalid_batch_file") from None
     team, key_id, _ = owner(request)
     st = state(request)
     now = st.metering.clock()
@@ -63,7 +63,7 @@ async def _get(request: Request, file_id: str) -> files.FileInfo:
     team, _, admin = owner(request)
     info = await state(request).metering.store.run(lambda tx: files.get_file(tx, file_id, team, admin))
     if info is None:
-        raise APIError(404, f"no file has the id {file_id!r}", param="file_id", code="file_not_found")
+        raise http_error(404, f"no file has the id {file_id!r}", param="file_id", code="file_not_found")
     return info
 
 
@@ -85,7 +85,7 @@ async def get_content(request: Request, file_id: str):
     team, _, admin = owner(request)
     content = await state(request).metering.store.run(lambda tx: files.file_content(tx, file_id, team, admin))
     if content is None:
-        raise APIError(404, f"no file has the id {file_id!r}", param="file_id", code="file_not_found")
+        raise http_error(404, f"no file has the id {file_id!r}", param="file_id", code="file_not_found")
     return Response(content.encode(), media_type="application/jsonl")
 
 
@@ -94,5 +94,5 @@ async def delete_file(request: Request, file_id: str):
     team, _, admin = owner(request)
     now = state(request).metering.clock()
     if not await state(request).metering.store.run(lambda tx: files.delete_file(tx, file_id, team, admin, now)):
-        raise APIError(404, f"no file has the id {file_id!r}", param="file_id", code="file_not_found")
+        raise http_error(404, f"no file has the id {file_id!r}", param="file_id", code="file_not_found")
     return json_response({"id": file_id, "object": "file", "deleted": True})

@@ -22,12 +22,11 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
-from inferd.api.errors import api_error
 from inferd.api.metered_calls import answer_whole, metered
 from inferd.api.protocol import SSE_DONE, SSE_HEADERS, cancel_on_disconnect, principal, read_json, spawn, sse, state
 from inferd.gateway.router import OpenStream, Route
 from inferd.tenancy.metering import RequestMeter
-from inferd.providers.base import ProviderError
+from inferd.wire.errors import InferdError, client_error
 from inferd.wire.schema import ChatCompletionRequest, CompletionRequest, validation_error
 
 router = APIRouter()
@@ -88,8 +87,8 @@ class _Events:
                 yield sse(chunk)
             self.status = 200
             yield SSE_DONE
-        except ProviderError as e:  # after the first chunk: the stream says why it ends, never a clean finish
-            error = api_error(e)
+        except InferdError as e:  # after the first chunk: the stream says why it ends, never a clean finish
+            error = client_error(e)
             self.status = error.status
             yield sse(error.body())
         finally:

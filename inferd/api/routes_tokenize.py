@@ -10,9 +10,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, state
 from inferd.providers.local_chat import encode_messages
+from inferd.wire.errors import http_error
 from inferd.wire.schema import ChatMessage, WireModel
 
 router = APIRouter()
@@ -36,7 +36,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
     engine = state(request).local_engine(body.model).engine
     tok = engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
-        raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        raise http_error(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     if body.prompt is not None:
         ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     else:
@@ -50,7 +50,7 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     tok = engine.tokenizer
     bad = next((t for t in body.tokens if not 0 <= t < engine.info.vocab_size), None)
     if bad is not None:
-        raise APIError(400, f"token id {bad} is outside the vocabulary", param="tokens")
+        raise http_error(400, f"token id {bad} is outside the vocabulary", param="tokens")
     return json_response({"prompt": tok.decode(body.tokens, skip_special_tokens=False)})
 
 

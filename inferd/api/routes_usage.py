@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from inferd.api.errors import APIError
 from inferd.api.protocol import json_response, principal, state
 from inferd.tenancy import showback
+from inferd.wire.errors import http_error
 
 router = APIRouter()
 
@@ -25,11 +25,11 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
         t1 = showback.parse_time(end) if end else None
         groups = showback.parse_group_by(group_by)
     except ValueError as e:
-        raise APIError(400, str(e)) from None
+        raise http_error(400, str(e)) from None
     who = principal(request)
     if who is not None and not who.is_admin:
         if team is not None and team != who.team:
-            raise APIError(403, "a key sees its own team's usage only", param="team", code="forbidden_team")
+            raise http_error(403, "a key sees its own team's usage only", param="team", code="forbidden_team")
         team = who.team
     metering = state(request).metering
     await metering.flush()  # this replica's requests that ended a moment ago are counted too

@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import logging
+import os
 import re
 import socket
 import time
@@ -34,18 +34,19 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from starlette.datastructures import Headers
 from prometheus_client import CollectorRegistry
+from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from inferd import __version__
-from inferd.api import (routes_admin, routes_batches, routes_embeddings, routes_files, routes_generate,
-                        routes_tokenize, routes_usage)
+from inferd.api import (routes_admin, routes_batches, routes_embeddings, routes_files, routes_generate, routes_tokenize,
+                        routes_usage)
 from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits
-from inferd.api.errors import APIError, install_error_handlers
+from inferd.api.errors import error_response, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
 from inferd.api.protocol import ServerState, json_response, state
+from inferd.batch.runner import BatchRunner
 from inferd.engine.config import EngineConfig
 from inferd.gateway.build import start_gateway
 from inferd.gateway.config import GatewayConfig, load_config, single_model_config
@@ -54,12 +55,12 @@ from inferd.gateway.router import Gateway
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
 from inferd.providers.local import LocalEngineDeployment
-from inferd.batch.runner import BatchRunner
+from inferd.providers.local_embeddings import LocalEmbeddingDeployment
+from inferd.store import Store, open_store
 from inferd.tenancy.metering import Metering
 from inferd.tenancy.prices import PriceBook
 from inferd.tenancy.response_cache import ResponseCache
-from inferd.providers.local_embeddings import LocalEmbeddingDeployment
-from inferd.store import Store, open_store
+from inferd.wire.errors import InferdError
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ class RequestContextMiddleware:
         if self.authenticator.protects(scope["path"]):
             try:
                 request_state["principal"] = await self.authenticator.principal(scope["path"], headers)
-            except APIError as err:
-                return await err.response()(scope, receive, send_with_id)
+            except InferdError as err:
+                return await error_response(err)(scope, receive, send_with_id)
         await self.app(scope, receive, send_with_id)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from inferd.wire.json_shape import JSONShapeError, loads_checked
 from inferd.store.base import Tx
+from inferd.wire.json_shape import JSONShapeError, loads_checked
 
 PURPOSES = ("batch", "batch_output", "fine-tune", "assistants", "vision", "user_data", "evals")
 BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}

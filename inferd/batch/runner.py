@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inferd.gateway.router import Gateway, Route
-from inferd.tenancy import ledger
 from inferd.batch.files import BATCH_URLS, create_file
+from inferd.gateway.router import Gateway, Route
+from inferd.store.base import Store, Tx
+from inferd.tenancy import ledger
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
-from inferd.providers.base import ProviderError
-from inferd.store.base import Store, Tx
+from inferd.wire.errors import InferdError
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class BatchRunner:
             answer = await self.gateway.request(endpoint, body, route)
             meter.usage(answer.get("usage"))
             ok, status, payload = True, 200, answer
-        except ProviderError as e:  # a failed line is a result, written to the error file
+        except InferdError as e:  # a failed line is a result, written to the error file
             ok, status, payload, meter = False, e.status, e.body(), None
         except Exception as e:  # noqa: BLE001 - a bug must fail the line, not the runner
             log.exception("batch %s line %d failed", c.batch_id, c.line)

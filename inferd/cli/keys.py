@@ -11,9 +11,9 @@ import argparse
 import json
 import time
 
+from inferd.store import default_store_url, open_store
 from inferd.tenancy import keys
 from inferd.tenancy.keys import Limits
-from inferd.store import default_store_url, open_store
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:

@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    from inferd.cli.bench import add_bench_parser
     from inferd.cli.batch import add_batch_parser
+    from inferd.cli.bench import add_bench_parser
     from inferd.cli.keys import add_keys_parsers
     from inferd.cli.usage import add_usage_parser
     add_bench_parser(sub)  # inferd bench throughput | serve

@@ -34,8 +34,8 @@ def add_usage_parser(subparsers) -> None:
 
 
 def run_usage(args: argparse.Namespace) -> int:
-    from inferd.tenancy import showback
     from inferd.store import default_store_url, open_store
+    from inferd.tenancy import showback
 
     # check every argument before touching the store, so a typo never creates a database file
     group_by = showback.parse_group_by(args.group_by)

@@ -18,7 +18,6 @@ from inferd.engine.embedding.spec import EmbedSpec
 from inferd.engine.sampling_params import SamplingParams
 from inferd.models.checkpoint import TokenizerSpec
 
-
 # -- values inside messages ---------------------------------------------------------------
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from inferd.gateway.backoff import clamp_retry_after
-from inferd.providers.base import ErrorKind, ProviderError
+from inferd.wire.errors import ErrorKind, InferdError
 
 if TYPE_CHECKING:
     from inferd.gateway.router import Gateway, ModelGroup, Route
@@ -52,7 +52,7 @@ def admit(gateway: Gateway, group: ModelGroup, route: Route) -> ModelGroup:
         if target is None or target.name in seen:
             if gateway.metrics:
                 gateway.metrics.refused(group.name)
-            raise ProviderError(
+            raise InferdError(
                 ErrorKind.OVERLOADED,
                 f"{group.name!r} is at capacity: a new request would wait about {prediction[0]:.1f}s for its "
                 f"first token (SLO {current.slo_ttft_s:.1f}s); retry later",

@@ -39,7 +39,8 @@ from inferd.gateway.circuit_breaker import CircuitBreaker
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.stats import DeploymentStats, Outcome
 from inferd.gateway.strategies import RoutingStrategy, routing_key_for
-from inferd.providers.base import Deployment, Endpoint, ErrorKind, ProviderError
+from inferd.providers.base import Deployment, Endpoint
+from inferd.wire.errors import ErrorKind, InferdError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Gateway:
         group = self._by_name.get(model)
         if group is None:
             served = ", ".join(repr(g.name) for g in self.groups)
-            raise ProviderError(ErrorKind.INVALID_REQUEST, f"the model {model!r} does not exist; "
+            raise InferdError(ErrorKind.INVALID_REQUEST, f"the model {model!r} does not exist; "
                                 f"this server serves {served}", status=404, param="model",
                                 code="model_not_found")
         return group
@@ -156,7 +157,7 @@ class Gateway:
             try:
                 first = await chunks.__anext__()
             except StopAsyncIteration:
-                raise ProviderError(ErrorKind.SERVER, f"{h.name}: the stream ended before any chunk",
+                raise InferdError(ErrorKind.SERVER, f"{h.name}: the stream ended before any chunk",
                                     status=502) from None
             except BaseException:
                 await chunks.aclose()
@@ -177,7 +178,7 @@ class Gateway:
             tried.add(group.name)
             try:
                 result = await self._try_group(group, endpoint, body, route, call, deadline)
-            except ProviderError as e:
+            except InferdError as e:
                 nxt = self._fallback(group, e, tried)
                 if nxt is None:
                     raise
@@ -190,7 +191,7 @@ class Gateway:
             route.group = group.name
             return result
 
-    def _fallback(self, group: ModelGroup, error: ProviderError, tried: set[str]) -> ModelGroup | None:
+    def _fallback(self, group: ModelGroup, error: InferdError, tried: set[str]) -> ModelGroup | None:
         if error.kind in _CLIENT_FAULTS:
             return None
         cls = _FALLBACK_CLASS.get(error.kind)
@@ -207,22 +208,22 @@ class Gateway:
                          call: Call, deadline: float):
         candidates = group.serves(endpoint)
         if not candidates:
-            raise ProviderError(ErrorKind.INVALID_REQUEST, f"the model {group.name!r} does not serve "
+            raise InferdError(ErrorKind.INVALID_REQUEST, f"the model {group.name!r} does not serve "
                                 f"this endpoint", status=400, param="model")
         key = routing_key_for(body, endpoint) if group.strategy.uses_routing_key else None
-        last: ProviderError | None = None
+        last: InferdError | None = None
         for h in group.strategy.order(candidates, key):
             if not h.deployment.healthy:
                 last = last or h.deployment.unavailable()
                 continue
             for attempt in range(group.retry.max_retries + 1):
                 if not h.breaker.allow():
-                    last = last or ProviderError(ErrorKind.SERVER, f"{h.name} is failing; its circuit is open",
+                    last = last or InferdError(ErrorKind.SERVER, f"{h.name} is failing; its circuit is open",
                                                  status=503, retry_after=h.breaker.retry_in())
                     break
                 try:
                     return await self._attempt(h, body, route, call)
-                except ProviderError as e:
+                except InferdError as e:
                     last = e
                     if e.kind in _CLIENT_FAULTS or e.kind is ErrorKind.CONTEXT_LENGTH:
                         raise
@@ -233,7 +234,7 @@ class Gateway:
                         break
                     route.backoff_s += delay
                     await self.sleep(delay)
-        raise last or ProviderError(ErrorKind.SERVER, f"no deployment of {group.name!r} is available",
+        raise last or InferdError(ErrorKind.SERVER, f"no deployment of {group.name!r} is available",
                                     status=503)
 
     async def _attempt(self, h: Handle, body: dict, route: Route, call: Call):
@@ -242,7 +243,7 @@ class Gateway:
         in_flight_before = h.stats.started()
         try:
             result = await call(h, body, in_flight_before)
-        except ProviderError as e:
+        except InferdError as e:
             route.errors.append(f"{h.name}: {e.kind.value}")
             h.stats.finished(self._record(h, e.kind, e.status, self.clock() - started))
             log.info("%s: attempt failed: %s (%s)", h.name, e.message, e.kind.value)
@@ -275,7 +276,7 @@ class Gateway:
         if self.metrics:
             self.metrics.attempt(h.name, status, seconds)
 
-    def stream_ended(self, h: Handle, started: float, error: ProviderError | None, complete: bool) -> None:
+    def stream_ended(self, h: Handle, started: float, error: InferdError | None, complete: bool) -> None:
         """Account a stream that had its first chunk: broke (the deployment's fault), ended or was left."""
         if error is not None:
             h.stats.finished(self._record(h, error.kind, error.status, self.clock() - started))
@@ -294,7 +295,7 @@ class OpenStream:
         self.gateway, self.handle, self.route = gateway, handle, route
         self.first, self._chunks = first, chunks
         self._started = gateway.clock()
-        self._error: ProviderError | None = None
+        self._error: InferdError | None = None
         self._complete = self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[dict]:
@@ -302,7 +303,7 @@ class OpenStream:
         try:
             async for chunk in self._chunks:
                 yield chunk
-        except ProviderError as e:
+        except InferdError as e:
             self._error = e
             raise
         self._complete = True

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # measured crossovers of the weight-only kernels against bf16 on CPU (docs/benchmarks.md)
 INT8_MAX_ROWS = 3
 INT4_MAX_ROWS = 16

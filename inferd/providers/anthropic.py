@@ -26,8 +26,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from inferd.providers.base import Deployment, Endpoint, ErrorKind, ProviderError, classify_status
+from inferd.providers.base import Deployment, Endpoint
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
+from inferd.wire.errors import ErrorKind, InferdError, classify_status
 from inferd.wire.schema import output_limit
 
 _FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
@@ -47,12 +48,12 @@ class AnthropicConfig(RemoteConfig):
     default_max_tokens: int = 4096
 
 
-def read_anthropic_error(status: int, payload: Any, text: str, retry_after: float | None) -> ProviderError:
+def read_anthropic_error(status: int, payload: Any, text: str, retry_after: float | None) -> InferdError:
     error = payload.get("error") if isinstance(payload, dict) else None
     kind, message = (error.get("type"), error.get("message")) if isinstance(error, dict) else (None, None)
     message = str(message or text or f"the upstream answered HTTP {status}")
     if status == 529 or kind == "overloaded_error":
-        return ProviderError(ErrorKind.OVERLOADED, message, status=503, code="overloaded_error",
+        return InferdError(ErrorKind.OVERLOADED, message, status=503, code="overloaded_error",
                              retry_after=retry_after)
     # the API words its content-filter refusal in a way classify_status does not know
     code = "content_policy_violation" if "content filtering" in message.lower() else None
@@ -61,8 +62,8 @@ def read_anthropic_error(status: int, payload: Any, text: str, retry_after: floa
     return result
 
 
-def _invalid(param: str, message: str) -> ProviderError:
-    return ProviderError(ErrorKind.INVALID_REQUEST, f"{param}: {message}", status=400, param=param)
+def _invalid(param: str, message: str) -> InferdError:
+    return InferdError(ErrorKind.INVALID_REQUEST, f"{param}: {message}", status=400, param=param)
 
 
 def _content_blocks(content: Any, param: str) -> list[dict]:

@@ -10,7 +10,7 @@ between two events; `total` over the whole call (the only limit on a
 non-streamed answer, which arrives whole). Comment lines (`: keep-alive`) are
 not events, so an upstream that stalls while sending keep-alives still times out.
 
-Every failure leaves as a `ProviderError`: error responses through the provider's
+Every failure leaves as a `InferdError`: error responses through the provider's
 error-body reader (`ErrorReader`) with the `Retry-After` hint parsed here,
 connection failures as `CONNECTION` (502), timeouts as `TIMEOUT` (504), a stream
 whose body ends before its final event as `CONNECTION` with code
@@ -39,12 +39,13 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
-from inferd.providers.base import ErrorKind, ProviderError, Timeouts
+from inferd.providers.base import Timeouts
+from inferd.wire.errors import ErrorKind, InferdError
 
 T = TypeVar("T")
 
 #: (status, the error body parsed as JSON or None, the body as text, Retry-After seconds) -> the error
-ErrorReader = Callable[[int, Any, str, "float | None"], ProviderError]
+ErrorReader = Callable[[int, Any, str, "float | None"], InferdError]
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # once the final event is in, the rest of the body is read for at most this long so that the
@@ -166,14 +167,14 @@ def parse_chunk(name: str, data: str) -> dict:
     except msgspec.DecodeError:
         chunk = None
     if not isinstance(chunk, dict):
-        raise ProviderError(ErrorKind.SERVER, f"deployment {name!r}: the upstream sent a malformed chunk: "
+        raise InferdError(ErrorKind.SERVER, f"deployment {name!r}: the upstream sent a malformed chunk: "
                             f"{data[:200]!r}", status=502, code="malformed_chunk")
     return chunk
 
 
 def require_endpoint(name: str, endpoints: frozenset[str], endpoint: str) -> None:
     if endpoint not in endpoints:
-        raise ProviderError(ErrorKind.INVALID_REQUEST, f"deployment {name!r} does not serve the {endpoint} "
+        raise InferdError(ErrorKind.INVALID_REQUEST, f"deployment {name!r} does not serve the {endpoint} "
                             f"endpoint; it serves {', '.join(sorted(endpoints))}", status=400)
 
 
@@ -216,7 +217,7 @@ class _Deadlines:
             async with asyncio.timeout_at(at):
                 return await awaitable
         except TimeoutError:
-            raise ProviderError(ErrorKind.TIMEOUT, f"deployment {self._name!r}: "
+            raise InferdError(ErrorKind.TIMEOUT, f"deployment {self._name!r}: "
                                 f"{_TIMEOUT_MESSAGES[code].format(seconds)}", status=504, code=code) from None
 
 
@@ -249,7 +250,7 @@ class RemoteClient:
         except msgspec.DecodeError:
             answer = None
         if not isinstance(answer, dict):
-            raise ProviderError(ErrorKind.SERVER, f"deployment {self._name!r}: the upstream answered with a body "
+            raise InferdError(ErrorKind.SERVER, f"deployment {self._name!r}: the upstream answered with a body "
                                 f"that is not a JSON object: {response.content[:200]!r}", status=502,
                                 code="malformed_response")
         return answer
@@ -281,13 +282,13 @@ class RemoteClient:
                 await response.aclose()
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
-        raise ProviderError(ErrorKind.CONNECTION, f"deployment {self._name!r}: the stream ended before "
+        raise InferdError(ErrorKind.CONNECTION, f"deployment {self._name!r}: the stream ended before "
                             f"{last_name}", status=502, code="stream_truncated")
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    def _error(self, status: int, headers: Mapping[str, str], content: bytes) -> ProviderError:
+    def _error(self, status: int, headers: Mapping[str, str], content: bytes) -> InferdError:
         try:
             payload = msgspec.json.decode(content)
         except msgspec.DecodeError:
@@ -295,12 +296,12 @@ class RemoteClient:
         return self._read_error(status, payload, content[:1000].decode("utf-8", "replace").strip(),
                                 parse_retry_after(headers))
 
-    def _transport_error(self, exc: httpx.HTTPError) -> ProviderError:
+    def _transport_error(self, exc: httpx.HTTPError) -> InferdError:
         if isinstance(exc, httpx.TimeoutException):
-            return ProviderError(ErrorKind.TIMEOUT, f"deployment {self._name!r}: {type(exc).__name__} "
+            return InferdError(ErrorKind.TIMEOUT, f"deployment {self._name!r}: {type(exc).__name__} "
                                  f"(connect timeout {self._timeouts.connect} s)", status=504, code="connect_timeout")
         kind = ErrorKind.CONNECTION if isinstance(exc, httpx.TransportError) else ErrorKind.SERVER
-        return ProviderError(kind, f"deployment {self._name!r}: {type(exc).__name__}: "
+        return InferdError(kind, f"deployment {self._name!r}: {type(exc).__name__}: "
                              f"{str(exc) or 'the connection was closed'}", status=502)
 
 

@@ -2,7 +2,7 @@
 
 It owns an `AsyncEngine` (the engine core in its own process), parses request
 bodies with the wire models, runs them through `LocalChat` / `LocalCompletion`,
-and turns the engine's exceptions into classified `ProviderError`s so the gateway
+and turns the engine's exceptions into classified `InferdError`s so the gateway
 treats a local engine exactly like a remote one: overload is `OVERLOADED` with
 the engine's retry hint, a prompt over the context length is `CONTEXT_LENGTH`,
 a dead core is `SERVER`, a bad parameter is `INVALID_REQUEST` naming it.
@@ -15,46 +15,47 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from inferd.engine.client.async_client import (AsyncEngine, EngineDeadError, EngineOverloadedError,
-                                        RequestAbortedError, RequestRejectedError)
+from inferd.engine.client.async_client import (AsyncEngine, EngineDeadError, EngineOverloadedError, RequestAbortedError,
+                                               RequestRejectedError)
 from inferd.engine.config import EngineConfig
 from inferd.engine.sampling_params import InvalidParameterError
 from inferd.engine.tokenizer import ChatTemplateError
-from inferd.providers.base import Deployment, Endpoint, ErrorKind, ModelInfo, ProviderError
+from inferd.providers.base import Deployment, Endpoint, ModelInfo
 from inferd.providers.local_chat import LocalChat
 from inferd.providers.local_completions import LocalCompletion
+from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.schema import ChatCompletionRequest, CompletionRequest, validation_error
 
 _RUNS = {"chat": (ChatCompletionRequest, LocalChat), "completions": (CompletionRequest, LocalCompletion)}
 
 
-def engine_error(exc: Exception) -> ProviderError | None:
+def engine_error(exc: Exception) -> InferdError | None:
     """The classified error for an engine-side exception (None: not an engine error, a bug)."""
-    if isinstance(exc, ProviderError):
+    if isinstance(exc, InferdError):
         return exc
     if isinstance(exc, ValidationError):
         return validation_error(exc)
     if isinstance(exc, InvalidParameterError):
         if "maximum context length" in str(exc):
-            return ProviderError(ErrorKind.CONTEXT_LENGTH, str(exc), status=400, param=exc.param,
+            return InferdError(ErrorKind.CONTEXT_LENGTH, str(exc), status=400, param=exc.param,
                                  code="context_length_exceeded")
-        return ProviderError(ErrorKind.INVALID_REQUEST, str(exc), status=400, param=exc.param)
+        return InferdError(ErrorKind.INVALID_REQUEST, str(exc), status=400, param=exc.param)
     if isinstance(exc, ChatTemplateError):
-        return ProviderError(ErrorKind.INVALID_REQUEST, f"messages: {exc}", status=400, param="messages")
+        return InferdError(ErrorKind.INVALID_REQUEST, f"messages: {exc}", status=400, param="messages")
     if isinstance(exc, RequestRejectedError):
-        return ProviderError(ErrorKind.INVALID_REQUEST, str(exc), status=400)
+        return InferdError(ErrorKind.INVALID_REQUEST, str(exc), status=400)
     if isinstance(exc, EngineOverloadedError):
-        return ProviderError(ErrorKind.OVERLOADED, str(exc), status=503, code="server_overloaded",
+        return InferdError(ErrorKind.OVERLOADED, str(exc), status=503, code="server_overloaded",
                              retry_after=exc.retry_after)
     if isinstance(exc, EngineDeadError):
-        return ProviderError(ErrorKind.SERVER, f"the model engine is not available: {exc}", status=503,
+        return InferdError(ErrorKind.SERVER, f"the model engine is not available: {exc}", status=503,
                              code="engine_unavailable")
     if isinstance(exc, RequestAbortedError):
-        return ProviderError(ErrorKind.SERVER, str(exc), status=503, code="shutting_down", retry_after=5)
+        return InferdError(ErrorKind.SERVER, str(exc), status=503, code="shutting_down", retry_after=5)
     return None
 
 
-def refusal(check_accepting) -> ProviderError | None:
+def refusal(check_accepting) -> InferdError | None:
     """Why a client's `check_accepting()` would refuse a request now, classified (None: it would not)."""
     try:
         check_accepting()
@@ -94,7 +95,7 @@ class LocalEngineDeployment(Deployment):
     def healthy(self) -> bool:
         return self.engine.is_healthy
 
-    def unavailable(self) -> ProviderError:
+    def unavailable(self) -> InferdError:
         return refusal(self.engine.check_accepting) or super().unavailable()
 
     @property
@@ -104,7 +105,7 @@ class LocalEngineDeployment(Deployment):
 
     def _run(self, endpoint: Endpoint, body: dict):
         if endpoint not in _RUNS:
-            raise ProviderError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} does not serve {endpoint}",
+            raise InferdError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} does not serve {endpoint}",
                                 status=400, param="model")
         schema, run = _RUNS[endpoint]
         return run(self.engine, schema.model_validate(body), self.model_name)

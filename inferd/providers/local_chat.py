@@ -21,13 +21,13 @@ import jinja2
 from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
-from inferd.providers.base import ErrorKind, ProviderError
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
+from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.schema import ChatCompletionRequest, ChatMessage, usage
 
 
-def invalid(message: str, param: str | None) -> ProviderError:
-    return ProviderError(ErrorKind.INVALID_REQUEST, message, status=400, param=param)
+def invalid(message: str, param: str | None) -> InferdError:
+    return InferdError(ErrorKind.INVALID_REQUEST, message, status=400, param=param)
 
 
 def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool) -> list[int]:

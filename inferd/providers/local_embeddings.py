@@ -18,8 +18,9 @@ from pydantic import Field
 
 from inferd.engine.embedding.client import AsyncEmbedder
 from inferd.engine.embedding.spec import EmbedConfig
-from inferd.providers.base import Deployment, Endpoint, ErrorKind, ModelInfo, ProviderError
+from inferd.providers.base import Deployment, Endpoint, ModelInfo
 from inferd.providers.local import classified, refusal
+from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.schema import WireModel
 
 _I32 = 2**31 - 1
@@ -38,11 +39,11 @@ class EmbeddingRequest(WireModel):
         if isinstance(self.input, str):
             return [self.input]
         if not self.input:
-            raise ProviderError(ErrorKind.INVALID_REQUEST, "input: must not be empty", status=400, param="input")
+            raise InferdError(ErrorKind.INVALID_REQUEST, "input: must not be empty", status=400, param="input")
         if isinstance(self.input[0], int):
             return [self.input]
         if any(isinstance(x, str) for x in self.input) and any(not isinstance(x, str) for x in self.input):
-            raise ProviderError(ErrorKind.INVALID_REQUEST, "input: mix of strings and token ids", status=400,
+            raise InferdError(ErrorKind.INVALID_REQUEST, "input: mix of strings and token ids", status=400,
                                 param="input")
         return list(self.input)
 
@@ -61,7 +62,7 @@ class LocalEmbeddingDeployment(Deployment):
     def healthy(self) -> bool:
         return self.embedder.is_healthy
 
-    def unavailable(self) -> ProviderError:
+    def unavailable(self) -> InferdError:
         return refusal(self.embedder.check_accepting) or super().unavailable()
 
     @property
@@ -71,7 +72,7 @@ class LocalEmbeddingDeployment(Deployment):
 
     async def request(self, endpoint: Endpoint, body: dict) -> dict:
         if endpoint != "embeddings":
-            raise ProviderError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} is an embedding model; "
+            raise InferdError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} is an embedding model; "
                                 "use /v1/embeddings", status=400, param="model")
         with classified():
             req = EmbeddingRequest.model_validate(body)
@@ -87,7 +88,7 @@ class LocalEmbeddingDeployment(Deployment):
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     async def stream(self, endpoint: Endpoint, body: dict):
-        raise ProviderError(ErrorKind.INVALID_REQUEST, "embeddings are not streamed", status=400, param="stream")
+        raise InferdError(ErrorKind.INVALID_REQUEST, "embeddings are not streamed", status=400, param="stream")
         yield  # pragma: no cover - makes this an async generator
 
     async def aclose(self) -> None:

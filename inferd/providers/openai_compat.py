@@ -23,8 +23,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from inferd.providers.base import ENDPOINT_PATHS, Deployment, Endpoint, ErrorKind, ProviderError, classify_status
+from inferd.providers.base import ENDPOINT_PATHS, Deployment, Endpoint
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
+from inferd.wire.errors import ErrorKind, InferdError, classify_status
 
 _CHUNK_IDENTITY = ("id", "object", "created", "model")
 
@@ -40,8 +41,8 @@ class OpenAICompatConfig(RemoteConfig):
             raise ValueError(f"endpoints: {sorted(unknown) or 'none given'}; allowed: {sorted(ENDPOINT_PATHS)}")
 
 
-def read_openai_error(status: int, payload: Any, text: str, retry_after: float | None) -> ProviderError:
-    """The `ProviderError` for an OpenAI-style error body, or for whatever else the server sent."""
+def read_openai_error(status: int, payload: Any, text: str, retry_after: float | None) -> InferdError:
+    """The `InferdError` for an OpenAI-style error body, or for whatever else the server sent."""
     message, code, param = None, None, None
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
@@ -56,7 +57,7 @@ def read_openai_error(status: int, payload: Any, text: str, retry_after: float |
                            param=param if isinstance(param, str) else None, retry_after=retry_after)
 
 
-def _in_stream_error(chunk: dict, data: str) -> ProviderError:
+def _in_stream_error(chunk: dict, data: str) -> InferdError:
     """vLLM and others report a failure after the headers as a chunk `{"error": {...}}`."""
     error = chunk["error"]
     code = error.get("code") if isinstance(error, dict) else None
@@ -95,7 +96,7 @@ class OpenAICompatDeployment(Deployment):
 
     async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
         if endpoint == "embeddings":
-            raise ProviderError(ErrorKind.INVALID_REQUEST, "embeddings cannot be streamed", status=400,
+            raise InferdError(ErrorKind.INVALID_REQUEST, "embeddings cannot be streamed", status=400,
                                 param="stream")
         path = self._path(endpoint)
         upstream = {**_upstream_body(body, self.config.model), "stream": True,

@@ -16,8 +16,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from inferd.wire.json_shape import is_text
 from inferd.store.base import Tx
+from inferd.wire.json_shape import is_text
 
 
 def new_row_id() -> str:

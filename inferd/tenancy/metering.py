@@ -23,11 +23,11 @@ import time
 from collections.abc import Callable
 
 from inferd.gateway.router import Route
+from inferd.store.base import Store
 from inferd.tenancy import estimate, quota
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.ledger import LedgerRow
 from inferd.tenancy.prices import PriceBook
-from inferd.store.base import Store
 
 log = logging.getLogger(__name__)
 

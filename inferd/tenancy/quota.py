@@ -24,9 +24,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from inferd.store.base import Tx
 from inferd.tenancy.keys import Limits, Principal
 from inferd.tenancy.ledger import LedgerRow, insert
-from inferd.store.base import Tx
+from inferd.wire.errors import ErrorKind, InferdError
 
 TICKET_TTL_S = 900.0
 _USD_EPSILON = 1e-9  # sums of float costs drift in the last bits; a budget is not broken by that
@@ -47,12 +48,11 @@ class Demand:
             raise ValueError(f"a demand's cost must be >= 0, got {self.cost_usd!r}")
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(InferdError):
     """A limit refused the request: 429 with Retry-After for rates, 402 for budgets."""
 
     def __init__(self, status: int, message: str, code: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
+        super().__init__(ErrorKind.QUOTA, message, status=status, code=code, retry_after=retry_after)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
-from inferd.providers.base import ErrorKind, ProviderError
+from inferd.wire.errors import ErrorKind, InferdError
 
 _I32 = 2**31 - 1
 _I63 = 2**63 - 1
@@ -151,7 +151,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def validation_error(exc: ValidationError) -> ProviderError:
+def validation_error(exc: ValidationError) -> InferdError:
     """One message for all of pydantic's complaints, naming the first offending parameter."""
     problems, param = [], None
     for err in exc.errors():
@@ -160,5 +160,5 @@ def validation_error(exc: ValidationError) -> ProviderError:
             param = param or loc[0]
         where = ".".join(loc)
         problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-    return ProviderError(ErrorKind.INVALID_REQUEST, "; ".join(problems[:5]) or "the request body is invalid",
+    return InferdError(ErrorKind.INVALID_REQUEST, "; ".join(problems[:5]) or "the request body is invalid",
                          status=400, param=param)

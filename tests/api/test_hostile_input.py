@@ -13,8 +13,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from inferd.tenancy.estimate import output_bound
 from inferd.providers.anthropic import to_messages_request
+from inferd.tenancy.estimate import output_bound
 from inferd.wire.schema import ChatCompletionRequest
 from tests.api.conftest import MODEL
 

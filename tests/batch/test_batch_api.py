@@ -18,8 +18,8 @@ import openai
 import pytest
 import yaml
 
-from inferd.tenancy import ledger
 from inferd.store import open_store
+from inferd.tenancy import ledger
 from tests.api.conftest import ServerProc, wait_for
 
 ADMIN = "batch-admin"

@@ -19,8 +19,8 @@ from collections import Counter
 import openai
 import pytest
 
-from inferd.tenancy import ledger
 from inferd.store import open_store
+from inferd.tenancy import ledger
 from tests.api.conftest import ServerProc, wait_for
 
 LINES = 300

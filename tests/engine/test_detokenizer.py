@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from inferd.engine.client.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from inferd.engine.tokenizer import Tokenizer

@@ -18,8 +18,8 @@ import pytest
 from inferd import LLM, InvalidParameterError
 from inferd.engine.client.async_client import EngineDeadError
 from inferd.engine.embedding.client import AsyncEmbedder
-from inferd.engine.embedding.spec import EmbedConfig, is_embedding_model
 from inferd.engine.embedding.embedder import Embedder
+from inferd.engine.embedding.spec import EmbedConfig, is_embedding_model
 from inferd.models.default_embedding_model import default_embedding_model_path
 from tests.tiny_bert import build_tiny_bert
 

@@ -4,7 +4,8 @@ outputs with the cache on and off under everything the scheduler does."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from inferd import LLM, SamplingParams

@@ -15,8 +15,8 @@ import pytest
 from inferd import LLM, SamplingParams
 from inferd.engine.core.kv_cache import KVCacheManager
 from inferd.engine.core.request import Request
-from inferd.engine.sampling_params import InvalidParameterError
 from inferd.engine.core.scheduler import Scheduler, SchedulerConfig, WaitingQueue
+from inferd.engine.sampling_params import InvalidParameterError
 from tests.engine.test_reference import PROMPTS
 from tests.engine.test_scheduler import _run_step
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from inferd.engine.core.kv_cache import KVCacheManager
 from inferd.engine.core.request import Request
-from inferd.engine.sampling_params import SamplingParams
 from inferd.engine.core.scheduler import Scheduler, SchedulerConfig, StepResult
+from inferd.engine.sampling_params import SamplingParams
 
 
 def _sched(blocks=100, block_size=4, max_seqs=8, budget=32, prefix_caching=True):

@@ -1,7 +1,7 @@
 """The router's decisions, exactly: scripted in-process deployments, a fake clock, no sleeping.
 
 Each `Scripted` deployment answers from a queue of outcomes (an answer, or a
-`ProviderError` of some kind), so every retry / fallback / breaker / admission
+`InferdError` of some kind), so every retry / fallback / breaker / admission
 rule is checked by what was called and what the `Route` recorded. The same rules
 against real HTTP upstreams with injected faults are in test_gateway_faults.py.
 """
@@ -18,7 +18,8 @@ from inferd.gateway.circuit_breaker import CircuitBreaker
 from inferd.gateway.router import Gateway, Handle, ModelGroup, Route
 from inferd.gateway.stats import DeploymentStats, LoadPredictor
 from inferd.gateway.strategies import make_strategy
-from inferd.providers.base import Deployment, ErrorKind, ProviderError
+from inferd.providers.base import Deployment
+from inferd.wire.errors import ErrorKind, InferdError
 
 
 class FakeClock:
@@ -43,7 +44,7 @@ class Scripted(Deployment):
     def _next(self):
         self.calls += 1
         outcome = self.outcomes.pop(0) if self.outcomes else "ok"
-        if isinstance(outcome, ProviderError):
+        if isinstance(outcome, InferdError):
             raise outcome
         return outcome
 
@@ -55,12 +56,12 @@ class Scripted(Deployment):
         outcome = self._next()
         yield {"model": self.name, "choices": [{"index": 0, "delta": {"content": "a"}}]}
         if outcome == "cut":
-            raise ProviderError(ErrorKind.CONNECTION, "stream cut", status=502)
+            raise InferdError(ErrorKind.CONNECTION, "stream cut", status=502)
         yield {"model": self.name, "choices": [], "usage": {"completion_tokens": 1}}
 
 
-def err(kind: ErrorKind, status: int = 500, retry_after: float | None = None) -> ProviderError:
-    return ProviderError(kind, kind.value, status=status, retry_after=retry_after)
+def err(kind: ErrorKind, status: int = 500, retry_after: float | None = None) -> InferdError:
+    return InferdError(kind, kind.value, status=status, retry_after=retry_after)
 
 
 def group(name: str, *deployments: Deployment, clock: FakeClock, **kw) -> ModelGroup:
@@ -122,7 +123,7 @@ def test_content_policy_and_bad_requests_are_never_retried_or_fallen_back():
         fb = Scripted("fb")
         gw = gateway(group("a", d, clock=clock, fallbacks={"default": ["b"]}), group("b", fb, clock=clock),
                      clock=clock)
-        with pytest.raises(ProviderError) as e:
+        with pytest.raises(InferdError) as e:
             run(gw)
         assert e.value.kind is kind and e.value.status == status
         assert d.calls == 1 and fb.calls == 0
@@ -146,10 +147,10 @@ def test_circuit_opens_skips_then_probes_once_after_cooldown():
     g = group("a", flaky, clock=clock, threshold=3, retry=RetryPolicy(max_retries=0))
     gw = gateway(g, clock=clock)
     for _ in range(3):
-        with pytest.raises(ProviderError):
+        with pytest.raises(InferdError):
             run(gw)
     assert flaky.calls == 3
-    with pytest.raises(ProviderError) as e:  # open: not even tried
+    with pytest.raises(InferdError) as e:  # open: not even tried
         run(gw)
     assert flaky.calls == 3 and "circuit is open" in e.value.message
     clock.now += 31  # cooldown over: one probe, it succeeds, the circuit closes
@@ -173,7 +174,7 @@ def test_stream_failure_before_first_chunk_is_invisible_after_it_is_not():
             await stream.aclose()
         return got
 
-    with pytest.raises(ProviderError) as e:
+    with pytest.raises(InferdError) as e:
         asyncio.run(consume())
     assert e.value.kind is ErrorKind.CONNECTION and d.calls == 2
     handle = gw.groups[0].handles[0]
@@ -200,7 +201,7 @@ def test_admission_degrades_over_the_slo_and_refuses_when_nothing_can_take_it():
     assert answer["model"] == "small" and route.degraded_from == "a" and route.group == "b"
 
     g.degrade_to = None
-    with pytest.raises(ProviderError) as e:
+    with pytest.raises(InferdError) as e:
         run(gw)
     assert e.value.status == 503 and e.value.kind is ErrorKind.OVERLOADED and e.value.retry_after == 2
 
@@ -209,6 +210,6 @@ def test_unknown_model_is_404_naming_what_exists():
     clock = FakeClock()
     gw = gateway(group("a", Scripted("d"), clock=clock, aliases=["alias"]), clock=clock)
     assert run(gw, "alias")[1].group == "a"
-    with pytest.raises(ProviderError) as e:
+    with pytest.raises(InferdError) as e:
         run(gw, "nope")
     assert e.value.status == 404 and e.value.code == "model_not_found" and "'a'" in e.value.message

@@ -9,7 +9,8 @@ from typing import TypeVar
 
 import pytest
 
-from inferd.providers.base import Deployment, ProviderError, Timeouts
+from inferd.providers.base import Deployment, Timeouts
+from inferd.wire.errors import InferdError
 from tests.gateway.mock_upstream import MockUpstream
 
 T = TypeVar("T")
@@ -46,10 +47,10 @@ def run(make: Callable[[], Deployment], call: Callable[[Deployment], Awaitable[T
 
 
 def fails(make: Callable[[], Deployment], call: Callable[[Deployment], Awaitable[object]]
-          ) -> tuple[ProviderError, float]:
-    """The `ProviderError` the call raises and the seconds it took."""
+          ) -> tuple[InferdError, float]:
+    """The `InferdError` the call raises and the seconds it took."""
     start = time.monotonic()
-    with pytest.raises(ProviderError) as info:
+    with pytest.raises(InferdError) as info:
         run(make, call)
     return info.value, time.monotonic() - start
 

@@ -6,7 +6,7 @@ import pytest
 
 from inferd.providers.anthropic import (AnthropicConfig, AnthropicDeployment, ChunkTranslator, to_messages_request,
                                         to_usage)
-from inferd.providers.base import ErrorKind, ProviderError
+from inferd.wire.errors import ErrorKind, InferdError
 from tests.gateway.mock_upstream import WORDS, Fault
 from tests.providers.conftest import FAST, UPSTREAM_MODEL, collect, fails, run
 
@@ -131,7 +131,7 @@ def test_message_delta_usage_is_merged_into_the_final_chunk():
 
 
 def test_error_event_mid_stream():
-    with pytest.raises(ProviderError) as info:
+    with pytest.raises(InferdError) as info:
         ChunkTranslator(created=1).translate(
             {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "")
     assert info.value.kind is ErrorKind.OVERLOADED
@@ -143,8 +143,8 @@ def test_images_and_unsupported_roles():
         {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]}, "c", 10)
     assert [block["source"] for block in request["messages"][0]["content"]] == [
         {"type": "base64", "media_type": "image/png", "data": "AAAA"}, {"type": "url", "url": "https://x/cat.png"}]
-    with pytest.raises(ProviderError) as info:
+    with pytest.raises(InferdError) as info:
         to_messages_request({"messages": [{"role": "tool", "content": "42"}]}, "c", 10)
     assert info.value.kind is ErrorKind.INVALID_REQUEST and info.value.param == "messages[0].role"
-    with pytest.raises(ProviderError, match="n must be 1"):
+    with pytest.raises(InferdError, match="n must be 1"):
         to_messages_request({"n": 2, "messages": []}, "c", 10)

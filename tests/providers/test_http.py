@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from inferd.providers.base import ErrorKind, ProviderError
 from inferd.providers.http import SSEEvent, SSEParser, parse_chunk, parse_retry_after
+from inferd.wire.errors import ErrorKind, InferdError
 
 
 def parse(*pieces: bytes) -> list[SSEEvent]:
@@ -42,7 +42,7 @@ def test_an_event_left_open_at_the_end_is_delivered():
 def test_parse_chunk_rejects_what_is_not_an_object():
     assert parse_chunk("d", '{"a": 1}') == {"a": 1}
     for data in ('{"a": ', "[1]", "[DONE"):
-        with pytest.raises(ProviderError) as info:
+        with pytest.raises(InferdError) as info:
             parse_chunk("d", data)
         assert info.value.kind is ErrorKind.SERVER and info.value.code == "malformed_chunk"
 

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from inferd.providers.base import ErrorKind, Timeouts
+from inferd.providers.base import Timeouts
 from inferd.providers.openai_compat import OpenAICompatConfig, OpenAICompatDeployment
+from inferd.wire.errors import ErrorKind
 from tests.gateway.mock_upstream import WORDS, Fault
 from tests.providers.conftest import FAST, UPSTREAM_MODEL, collect, fails, run
 

@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from inferd.store import open_store
 from inferd.tenancy import quota
 from inferd.tenancy.keys import Limits, Principal
 from inferd.tenancy.ledger import LedgerRow, select
 from inferd.tenancy.metering import Metering
 from inferd.tenancy.prices import PriceBook
 from inferd.tenancy.quota import Demand
-from inferd.store import open_store
 
 T0 = 1_790_000_000.0
 

@@ -12,11 +12,11 @@ import threading
 
 import pytest
 
+from inferd.store import open_store
 from inferd.tenancy import keys, quota
 from inferd.tenancy.keys import Limits, Principal
 from inferd.tenancy.ledger import LedgerRow, select
 from inferd.tenancy.quota import Demand, QuotaExceeded
-from inferd.store import open_store
 
 T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 

@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
+from inferd.store import open_store
 from inferd.tenancy import keys
 from inferd.tenancy.keys import Limits
-from inferd.store import open_store
 from tests.api.conftest import ServerProc, wait_for
 
 RPM = 10

@@ -13,19 +13,12 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from inferd.tenancy import ledger
-from inferd.tenancy.ledger import LedgerRow
-from inferd.tenancy.showback import (
-    GROUP_KEYS,
-    UsageGroup,
-    parse_group_by,
-    parse_time,
-    render_csv,
-    render_table,
-    usage_report,
-)
 from inferd.cli.usage import add_usage_parser
 from inferd.store import open_store
+from inferd.tenancy import ledger
+from inferd.tenancy.ledger import LedgerRow
+from inferd.tenancy.showback import (GROUP_KEYS, UsageGroup, parse_group_by, parse_time, render_csv, render_table,
+                                     usage_report)
 
 DAY = datetime(2026, 11, 22, tzinfo=timezone.utc).timestamp()  # 2026-11-22 00:00 UTC
 ALLOWED = "team, model, key, day, deployment, served_model, endpoint"

@@ -205,8 +205,8 @@ def test_ledger_equals_the_usage_clients_were_given(srv, tmp_path):
     assert len(given) == 12
 
     def ledger_rows():
-        from inferd.tenancy import ledger
         from inferd.store import open_store
+        from inferd.tenancy import ledger
         store = open_store(srv.store_url)
         try:
             return store.run_sync(lambda tx: ledger.select(tx, "team = ?", ("ledger",)))

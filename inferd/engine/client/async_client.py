@@ -33,9 +33,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from inferd.engine import messages as ipc
-from inferd.engine.core import process as cp
-from inferd.engine.config import EngineConfig
 from inferd.engine.client.output_processor import OutputProcessor
+from inferd.engine.config import EngineConfig
+from inferd.engine.core import process as cp
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.process_link import EngineDeadError, ProcessLink, RequestAbortedError
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams

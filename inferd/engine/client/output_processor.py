@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from inferd.engine.client.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from inferd.engine.messages import EngineCoreOutput, PositionLogprobs
 from inferd.engine.outputs import CompletionOutput, Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.sampling_params import SamplingParams
-from inferd.engine.messages import EngineCoreOutput, PositionLogprobs
 from inferd.engine.tokenizer import Tokenizer
 
 

@@ -16,9 +16,9 @@ from inferd.engine.config import EngineConfig
 from inferd.engine.core.kv_cache import KVCacheManager
 from inferd.engine.core.model_runner import ModelRunner
 from inferd.engine.core.request import Request
-from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
 from inferd.engine.core.scheduler import Scheduler, SchedulerConfig
 from inferd.engine.messages import EngineCoreOutput
+from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
 from inferd.layers import cpu_kernels
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import Checkpoint

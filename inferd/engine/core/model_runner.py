@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from inferd.engine.core.request import Request
-from inferd.engine.messages import PositionLogprobs
 from inferd.engine.core.sampler import position_logprobs, sample
 from inferd.engine.core.scheduler import SchedulerOutput, StepResult
+from inferd.engine.messages import PositionLogprobs
 from inferd.layers.attention import AttentionBackend, AttentionMetadata
 from inferd.models.llama import LlamaForCausalLM
 

@@ -27,7 +27,7 @@ import os
 import time
 
 from inferd.engine.config import EngineConfig
-from inferd.engine.messages import AddRequest, Abort, CoreReady, Outputs, Rejected, Stats, ToEngineCore
+from inferd.engine.messages import Abort, AddRequest, CoreReady, Outputs, Rejected, Stats, ToEngineCore
 from inferd.engine.process_link import HEARTBEAT_S, ParentLink, run_child
 from inferd.models.checkpoint import TokenizerSpec
 

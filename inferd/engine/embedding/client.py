@@ -24,11 +24,11 @@ import logging
 import numpy as np
 
 from inferd.engine import messages as ipc
-from inferd.engine.embedding import process as ep
 from inferd.engine.client.async_client import EngineOverloadedError
+from inferd.engine.embedding import process as ep
+from inferd.engine.embedding.embedder import EmbedResult
 from inferd.engine.embedding.spec import EmbedConfig, EmbedSpec, SpecFacts
 from inferd.engine.embedding.tokenizer import EmbedInputs, EmbedTokenizer
-from inferd.engine.embedding.embedder import EmbedResult
 from inferd.engine.process_link import EngineDeadError, ProcessLink
 from inferd.models.default_embedding_model import resolve_embedding_model
 

@@ -23,13 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inferd.engine.embedding.spec import (EmbedConfig, EmbedSpec, SpecFacts, encoder_dir, is_encoder_config,
-                                      load_spec)
+from inferd.engine.embedding.spec import EmbedConfig, EmbedSpec, SpecFacts, encoder_dir, is_encoder_config, load_spec
 from inferd.engine.embedding.tokenizer import EmbedInputs, EmbedTokenizer
 from inferd.models.bert import build_bert
 from inferd.models.default_embedding_model import resolve_embedding_model
 from inferd.models.hf_loader import load_hf_dir
-
 
 # padding an input may get in a batch: this many tokens, or this fraction of the width
 PAD_SLACK_TOKENS = 16

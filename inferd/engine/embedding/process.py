@@ -30,7 +30,7 @@ from collections import deque
 import numpy as np
 
 from inferd.engine.embedding.spec import EmbedConfig
-from inferd.engine.messages import EmbedReady, Embeddings, EmbedRequest, EmbedStats, ToEmbedder
+from inferd.engine.messages import Embeddings, EmbedReady, EmbedRequest, EmbedStats, ToEmbedder
 from inferd.engine.process_link import HEARTBEAT_S, ParentLink, run_child
 
 log = logging.getLogger(__name__)

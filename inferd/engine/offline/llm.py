@@ -12,8 +12,8 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from inferd.engine.config import EngineConfig
-from inferd.engine.embedding.spec import is_embedding_model
 from inferd.engine.embedding.embedder import Embedder, EmbeddingOutput, EmbeddingRequestOutput
+from inferd.engine.embedding.spec import is_embedding_model
 from inferd.engine.offline.llm_engine import LLMEngine
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.sampling_params import SamplingParams

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import itertools
 
+from inferd.engine.client.output_processor import OutputProcessor
 from inferd.engine.config import EngineConfig
 from inferd.engine.core.engine_core import EngineCore
-from inferd.engine.client.output_processor import OutputProcessor
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
 from inferd.engine.tokenizer import Tokenizer
