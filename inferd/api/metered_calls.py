@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from inferd.api.protocol import cancel_on_disconnect, json_response, principal, spawn, state
 from inferd.gateway.router import Route
+from inferd.tenancy.intake import Admission
 from inferd.tenancy.metering import RequestMeter
 from inferd.tenancy.response_cache import cache_key, requested_ttl
 from inferd.wire.errors import client_error, http_error
@@ -35,27 +36,27 @@ async def metered(meter: RequestMeter, route: Route, work: Awaitable) -> Any:
         raise
 
 
-async def answer_whole(request: Request, meter: RequestMeter, route: Route, endpoint: str, body: dict,
-                       response_id: str | None = None) -> Response:
+async def answer_whole(request: Request, admission: Admission) -> Response:
     st = state(request)
+    typed, meter, route = admission.request, admission.meter, admission.route
     who = principal(request)
     try:
         ttl = requested_ttl(request.headers.get("x-inferd-cache-ttl"), who.cache_ttl if who else None)
     except ValueError as e:
         await meter.finish(400, route)
         raise http_error(400, str(e), code="invalid_cache_ttl") from None
-    key = cache_key(who.team if who else None, endpoint, body) if ttl else None
+    key = cache_key(typed) if ttl else None
     if key is not None:
         cached = await st.response_cache.lookup(key, ttl)
         if cached is not None:
-            if response_id:
-                cached["id"] = response_id
+            if "id" in cached:  # chat and completions answers have one, embeddings none
+                cached["id"] = typed.response_id
             meter.usage(cached.get("usage"))
             return json_response(cached, headers={"x-inferd-cache": "hit"},
                                  background=BackgroundTask(meter.finish, 200, None, cache_hit=True))
-    answer = await metered(meter, route, cancel_on_disconnect(request, st.gateway.request(endpoint, body, route)))
-    if response_id:
-        answer["id"] = response_id
+    answer = await metered(meter, route, cancel_on_disconnect(request, st.gateway.request(typed, route)))
+    if "id" in answer:  # a remote provider's answer carries the upstream's own
+        answer["id"] = typed.response_id
     meter.usage(answer.get("usage"))
     headers = route.headers()
     if key is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from inferd.engine.client.async_client import RequestMetrics
-from inferd.engine.core.process import Stats
+from inferd.engine.messages import EmbedStats, Stats
 
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
             7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -85,6 +85,13 @@ class EngineMetrics:
         for reason in m.finish_reasons:
             self._success.labels(model, reason).inc()
 
+    def update(self, model: str, stats: Stats | EmbedStats, healthy: bool) -> None:
+        """The latest counters a model process reported (an engine core's or an embedding process's)."""
+        if isinstance(stats, EmbedStats):
+            self.update_embedder(model, stats)
+        else:
+            self.update_engine(model, stats, healthy)
+
     def update_engine(self, model: str, stats: Stats, healthy: bool) -> None:
         self.running.labels(model).set(stats.running)
         self.waiting.labels(model).set(stats.waiting)
@@ -96,7 +103,7 @@ class EngineMetrics:
                                      ("prefix_cache_queries", self.prefix_queries),
                                      ("prefix_cache_hits", self.prefix_hits)))
 
-    def update_embedder(self, model: str, stats) -> None:
+    def update_embedder(self, model: str, stats: EmbedStats) -> None:
         self._advance(model, stats, (("num_requests", self.embed_requests), ("num_batches", self.embed_batches),
                                      ("num_tokens", self.embed_tokens)))
 

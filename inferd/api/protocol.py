@@ -25,13 +25,16 @@ from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits, check_content_type, check_shape, decode, read_limited
 from inferd.api.metrics import EngineMetrics
 from inferd.batch.runner import BatchRunner
+from inferd.engine.tokenizer import Tokenizer
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
-from inferd.providers.local import LocalEngineDeployment
+from inferd.providers.base import ModelInfo
+from inferd.tenancy.intake import Admission, admit
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
 from inferd.tenancy.response_cache import ResponseCache
 from inferd.wire.errors import http_error
+from inferd.wire.request import Endpoint, parse_request
 from inferd.wire.schema import validation_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -50,17 +53,14 @@ class ServerState:
     body_limits: BodyLimits = field(default_factory=BodyLimits)
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def local_engines(self) -> list[LocalEngineDeployment]:
-        return [h.deployment for h in self.gateway.handles() if isinstance(h.deployment, LocalEngineDeployment)]
-
-    def local_engine(self, model: str | None) -> LocalEngineDeployment:
-        """The local engine serving `model` (for tokenizer endpoints)."""
+    def tokenizer(self, model: str | None) -> tuple[Tokenizer, ModelInfo]:
+        """The tokenizer of the model `model` names, and its facts (for the tokenizer endpoints)."""
         group = self.gateway.resolve(model)
         for h in group.handles:
-            if isinstance(h.deployment, LocalEngineDeployment):
-                return h.deployment
+            if h.deployment.tokenizer is not None:
+                return h.deployment.tokenizer, h.deployment.info
         raise http_error(400, f"the model {group.name!r} has no local engine, so no tokenizer here",
-                       param="model")
+                         param="model")
 
 
 def state(request: Request) -> ServerState:
@@ -89,6 +89,17 @@ async def read_json(request: Request) -> dict:
         raise http_error(400, "the request body must be a JSON object")
     check_shape(body, limits.max_depth)
     return body
+
+
+async def admit_body(request: Request, endpoint: Endpoint) -> Admission:
+    """Read and parse the body as one `InferenceRequest` (with the request's id and caller), then resolve,
+    admit and meter it (tenancy/intake.py); the route is kept on the request for the overhead header."""
+    st = state(request)
+    typed = parse_request(endpoint, await read_json(request), request_id=request.state.request_id,
+                          caller=principal(request))
+    admission = await admit(st.gateway, st.metering, typed)
+    request.state.route = admission.route
+    return admission
 
 
 async def read_model(request: Request, model: type[M]) -> M:

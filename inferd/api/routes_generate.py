@@ -1,9 +1,10 @@
 """POST /v1/chat/completions and /v1/completions: validate at the edge, route, answer.
 
-The body is checked against the wire models first, so a malformed request gets
-the same 400 whatever deployment would have served it; the raw body then goes to
-the gateway, so fields a remote provider understands (tools, response_format)
-reach it untouched. A non-streamed answer is one JSON body; a streamed one starts
+The body is parsed once, at the edge, into the typed request every layer below
+reads (wire/request.py), so a malformed request gets the same 400 whatever
+deployment would have served it; remote OpenAI-compatible providers still get
+the body as the client sent it, so fields they understand (tools,
+response_format) reach them untouched. A non-streamed answer is one JSON body; a streamed one starts
 only after the gateway has a first chunk (so failures before it are retried or
 fall back invisibly, and those that remain get a proper status code), then runs
 to `data: [DONE]`, or ends with an error event if the deployment fails mid-way.
@@ -18,47 +19,36 @@ only when the client asked (`stream_options.include_usage`).
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from inferd.api.metered_calls import answer_whole, metered
-from inferd.api.protocol import SSE_DONE, SSE_HEADERS, cancel_on_disconnect, principal, read_json, spawn, sse, state
-from inferd.gateway.router import OpenStream, Route
+from inferd.api.protocol import SSE_DONE, SSE_HEADERS, admit_body, cancel_on_disconnect, spawn, sse, state
+from inferd.gateway.router import OpenStream
+from inferd.tenancy.intake import Admission
 from inferd.tenancy.metering import RequestMeter
 from inferd.wire.errors import InferdError, client_error
-from inferd.wire.schema import ChatCompletionRequest, CompletionRequest, validation_error
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request):
-    return await _serve(request, "chat", ChatCompletionRequest, "chatcmpl")
+    return await _serve(request, await admit_body(request, "chat"))
 
 
 @router.post("/v1/completions")
 async def create_completion(request: Request):
-    return await _serve(request, "completions", CompletionRequest, "cmpl")
+    return await _serve(request, await admit_body(request, "completions"))
 
 
-async def _serve(request: Request, endpoint: str, schema, id_prefix: str):
-    body = await read_json(request)
-    try:
-        parsed = schema.model_validate(body)
-    except ValidationError as e:
-        raise validation_error(e) from None
-    st = state(request)
-    group = st.gateway.resolve(body.get("model"), endpoint)
-    meter = await st.metering.begin(principal(request), endpoint, group.name, body,
-                                    request_id=request.state.request_id, stream=parsed.stream)
-    route = Route(body.get("model"), endpoint)
-    request.state.route = route
-    response_id = f"{id_prefix}-{request.state.request_id}"
-    if not parsed.stream:
-        return await answer_whole(request, meter, route, endpoint, body, response_id)
-    stream = await metered(meter, route, cancel_on_disconnect(request, st.gateway.open_stream(endpoint, body, route)))
-    events = _Events(stream, meter, response_id, parsed.include_usage, parsed.continuous_usage)
+async def _serve(request: Request, admission: Admission):
+    typed, meter, route = admission.request, admission.meter, admission.route
+    if not typed.stream:
+        return await answer_whole(request, admission)
+    gateway = state(request).gateway
+    stream = await metered(meter, route, cancel_on_disconnect(request, gateway.open_stream(typed, route)))
+    events = _Events(stream, meter, typed.response_id, typed.body.include_usage, typed.body.continuous_usage)
     return StreamingResponse(events.run(), media_type="text/event-stream",
                              headers={**SSE_HEADERS, **route.headers()}, background=BackgroundTask(events.finish))
 

@@ -33,22 +33,20 @@ class DetokenizeRequest(WireModel):
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
-    engine = state(request).local_engine(body.model).engine
-    tok = engine.tokenizer
+    tok, info = state(request).tokenizer(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise http_error(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     if body.prompt is not None:
         ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     else:
         ids = encode_messages(tok, body.messages, body.add_generation_prompt)
-    return json_response({"count": len(ids), "max_model_len": engine.info.max_model_len, "tokens": ids})
+    return json_response({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids})
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
-    engine = state(request).local_engine(body.model).engine
-    tok = engine.tokenizer
-    bad = next((t for t in body.tokens if not 0 <= t < engine.info.vocab_size), None)
+    tok, info = state(request).tokenizer(body.model)
+    bad = next((t for t in body.tokens if not 0 <= t < info.vocab_size), None)
     if bad is not None:
         raise http_error(400, f"token id {bad} is outside the vocabulary", param="tokens")
     return json_response({"prompt": tok.decode(body.tokens, skip_special_tokens=False)})
@@ -56,9 +54,9 @@ async def detokenize(body: DetokenizeRequest, request: Request):
 
 @router.get("/tokenizer_info")
 async def tokenizer_info(request: Request, model: str | None = None):
-    engine = state(request).local_engine(model).engine
-    spec = engine.tokenizer.spec
+    tok, info = state(request).tokenizer(model)
+    spec = tok.spec
     return json_response({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec.bos_token,
                           "eos_token": spec.eos_token, "pad_token": spec.pad_token,
                           "add_bos_token": spec.add_bos_token, "chat_template": spec.chat_template,
-                          "model_max_length": engine.info.max_model_len})
+                          "model_max_length": info.max_model_len})

@@ -54,8 +54,6 @@ from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
-from inferd.providers.local import LocalEngineDeployment
-from inferd.providers.local_embeddings import LocalEmbeddingDeployment
 from inferd.store import Store, open_store
 from inferd.tenancy.metering import Metering
 from inferd.tenancy.prices import PriceBook
@@ -118,8 +116,9 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     engine_metrics = EngineMetrics(registry)
     st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator,
                      ResponseCache(metering.store, metering.clock), batch_runner, body_limits)
-    for local in st.local_engines():
-        local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
+    for h in gateway.handles():
+        if h.deployment.info is not None:
+            h.deployment.observe_requests(lambda m, name=h.deployment.info.id: engine_metrics.observe(name, m))
     app.state.inferd = st
     install_error_handlers(app)
     app.include_router(routes_generate.router)
@@ -146,11 +145,10 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     @app.get("/metrics")
     async def metrics_endpoint(request: Request):
         st = state(request)
-        for local in st.local_engines():
-            st.engine_metrics.update_engine(local.model_name, local.engine.stats, local.healthy)
         for h in st.gateway.handles():
-            if isinstance(h.deployment, LocalEmbeddingDeployment):
-                st.engine_metrics.update_embedder(h.deployment.model_name, h.deployment.embedder.stats)
+            stats = h.deployment.stats()
+            if stats is not None:
+                st.engine_metrics.update(h.deployment.info.id, stats, h.deployment.healthy)
             st.gateway_metrics.in_flight.labels(h.name).set(h.stats.in_flight)
             st.gateway_metrics.circuit(h.name, h.breaker.gauge_value)
         body, content_type = render(st.registry)
@@ -160,10 +158,10 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         card = {"id": group.name, "object": "model", "created": st.created, "owned_by": "inferd"}
         if group.aliases:
             card["aliases"] = group.aliases
-        local = next((h.deployment for h in group.handles if isinstance(h.deployment, LocalEngineDeployment)),
-                     None)
-        if local is not None:
-            card.update(root=local.engine.info.source, max_model_len=local.engine.info.max_model_len)
+        info = next((h.deployment.info for h in group.handles
+                     if h.deployment.info is not None and h.deployment.info.source), None)
+        if info is not None:  # a model this server runs itself: where it came from, and its context
+            card.update(root=info.source, max_model_len=info.max_model_len)
         return card
 
     @app.get("/v1/models")
@@ -259,13 +257,13 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         log.info("serving on http://%s:%d", args.host, args.port)
         loop = asyncio.get_running_loop()
         drains: list[asyncio.Task] = []
-        locals_ = app.state.inferd.local_engines()
+        deployments = [h.deployment for h in gateway.handles()]
 
         def on_exit_signal() -> None:
             def start_drain():
                 # batch lines first: in flight they get the same time; unfinished ones stay to their leases
                 drains.append(loop.create_task(batch_runner.stop(shutdown_timeout)))
-                drains.extend(loop.create_task(d.drain(shutdown_timeout)) for d in locals_)
+                drains.extend(loop.create_task(d.drain(shutdown_timeout)) for d in deployments)
             loop.call_soon_threadsafe(start_drain)
 
         uv_config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
@@ -288,8 +286,9 @@ def max_output_tokens(gateway: Gateway) -> dict[str, int]:
     """Per group, the most tokens a request without max_tokens may generate: its local context length."""
     out = {}
     for g in gateway.groups:
-        lengths = [h.deployment.engine.info.max_model_len for h in g.handles
-                   if isinstance(h.deployment, LocalEngineDeployment)]
+        lengths = [h.deployment.info.max_model_len for h in g.handles
+                   if h.deployment.info is not None and h.deployment.info.max_model_len
+                   and "embeddings" not in h.deployment.endpoints]
         if lengths:
             out[g.name] = max(lengths)
     return out

@@ -28,12 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from inferd.batch.files import BATCH_URLS, create_file
-from inferd.gateway.router import Gateway, Route
+from inferd.gateway.router import Gateway
 from inferd.store.base import Store, Tx
 from inferd.tenancy import ledger
+from inferd.tenancy.intake import admit
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
-from inferd.wire.errors import InferdError
+from inferd.wire.errors import client_error
+from inferd.wire.request import parse_request
 
 log = logging.getLogger(__name__)
 
@@ -210,29 +212,27 @@ class BatchRunner:
 
     async def _run_line(self, c: Claimed) -> None:
         endpoint = BATCH_URLS[c.endpoint]
-        body = {**c.body, "priority": c.body.get("priority", self.priority)}
         request_id = "batch_req_" + secrets.token_hex(12)
-        route = Route(body.get("model"), endpoint)
         who = Principal(key_id=c.key_id, team=c.team) if c.key_id else None
+        route = None
         try:
-            group = self.gateway.resolve(body.get("model"), endpoint)
-            meter = await self.metering.begin(who, endpoint, group.name, body, request_id=request_id,
-                                              batch_id=c.batch_id)
+            typed = parse_request(endpoint, c.body, request_id=request_id, caller=who, batch_id=c.batch_id)
+            if "priority" not in c.body:
+                typed = typed.with_priority(self.priority)
+            admission = await admit(self.gateway, self.metering, typed)
+            meter, route = admission.meter, admission.route
             if who is None:  # an open server's batch: the ledger row has no key
                 meter.row.team = c.team
-            answer = await self.gateway.request(endpoint, body, route)
+            answer = await self.gateway.request(typed, route)
             meter.usage(answer.get("usage"))
             ok, status, payload = True, 200, answer
-        except InferdError as e:  # a failed line is a result, written to the error file
-            ok, status, payload, meter = False, e.status, e.body(), None
-        except Exception as e:  # noqa: BLE001 - a bug must fail the line, not the runner
-            log.exception("batch %s line %d failed", c.batch_id, c.line)
-            ok, status, meter = False, 500, None
-            payload = {"error": {"message": f"internal error ({type(e).__name__})", "type": "server_error",
-                                 "param": None, "code": None}}
+        except Exception as e:  # noqa: BLE001 - a failed line is a result, written to the error file
+            error = client_error(e)  # a bug fails the line, not the runner
+            ok, status, payload, meter = False, error.status, error.body(), None
+        model = c.body.get("model")
         row = meter.close(status, route) if meter is not None else ledger.LedgerRow(
             ts=self.clock(), endpoint=endpoint, status=status, request_id=request_id, key_id=c.key_id, team=c.team,
-            model=body.get("model"), batch_id=c.batch_id)
+            model=model if isinstance(model, str) else None, batch_id=c.batch_id)
         if not ok and self._stopping:
             return  # failed because this server is going away: leave the line to its lease, to run again
         result = {"id": request_id, "custom_id": c.custom_id,

@@ -59,9 +59,8 @@ def run(args: argparse.Namespace, engine_config) -> dict:
     }
 
 
-def main(args: argparse.Namespace) -> int:
-    from inferd.cli.main import engine_config
-
+def main(args: argparse.Namespace, engine_config) -> int:
+    """`engine_config(args, model)` builds the engine's config from the command line's flags."""
     if args.num_requests < 1 or args.input_len < 1 or args.output_len < 1:
         raise ValueError("--num-requests, --input-len and --output-len must be at least 1")
     result = run(args, engine_config)

@@ -11,7 +11,8 @@ import argparse
 
 def _throughput(args: argparse.Namespace) -> int:
     from inferd.bench import throughput
-    return throughput.main(args)
+    from inferd.cli.main import engine_config
+    return throughput.main(args, engine_config)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -39,8 +39,9 @@ from inferd.gateway.circuit_breaker import CircuitBreaker
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.stats import DeploymentStats, Outcome
 from inferd.gateway.strategies import RoutingStrategy, routing_key_for
-from inferd.providers.base import Deployment, Endpoint
+from inferd.providers.base import Deployment
 from inferd.wire.errors import ErrorKind, InferdError
+from inferd.wire.request import InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class ModelGroup:
         return [h for h in self.handles if endpoint in h.deployment.endpoints]
 
 
-Call = Callable[[Handle, dict, int], Awaitable[Any]]
+Call = Callable[[Handle, InferenceRequest, int], Awaitable[Any]]
 
 
 class Gateway:
@@ -143,16 +144,16 @@ class Gateway:
 
     # -- the two calls ------------------------------------------------------------------------
 
-    async def request(self, endpoint: Endpoint, body: dict, route: Route) -> dict:
-        async def call(h: Handle, b: dict, in_flight_before: int) -> dict:
-            return await h.deployment.request(endpoint, b)
+    async def request(self, request: InferenceRequest, route: Route) -> dict:
+        async def call(h: Handle, r: InferenceRequest, in_flight_before: int) -> dict:
+            return await h.deployment.request(r)
 
-        return await self._route(endpoint, body, route, call)
+        return await self._route(request, route, call)
 
-    async def open_stream(self, endpoint: Endpoint, body: dict, route: Route) -> OpenStream:
+    async def open_stream(self, request: InferenceRequest, route: Route) -> OpenStream:
         """A stream whose first chunk has arrived: every failure before it was retried or fell back."""
-        async def call(h: Handle, b: dict, in_flight_before: int) -> OpenStream:
-            chunks = h.deployment.stream(endpoint, b)
+        async def call(h: Handle, r: InferenceRequest, in_flight_before: int) -> OpenStream:
+            chunks = h.deployment.stream(r)
             started = self.clock()
             try:
                 first = await chunks.__anext__()
@@ -165,19 +166,19 @@ class Gateway:
             h.stats.observe_ttft(self.clock() - started, in_flight_before)
             return OpenStream(self, h, route, first, chunks)
 
-        return await self._route(endpoint, body, route, call)
+        return await self._route(request, route, call)
 
     # -- routing ------------------------------------------------------------------------------
 
-    async def _route(self, endpoint: Endpoint, body: dict, route: Route, call: Call):
+    async def _route(self, request: InferenceRequest, route: Route, call: Call):
         deadline = self.clock() + self.max_total_s
-        first = self.resolve(body.get("model"), endpoint)
+        first = self.resolve(request.model, request.endpoint)
         group = admit(self, first, route)
         tried: set[str] = set()
         while True:
             tried.add(group.name)
             try:
-                result = await self._try_group(group, endpoint, body, route, call, deadline)
+                result = await self._try_group(group, request, route, call, deadline)
             except InferdError as e:
                 nxt = self._fallback(group, e, tried)
                 if nxt is None:
@@ -204,13 +205,13 @@ class Gateway:
                 return target
         return None
 
-    async def _try_group(self, group: ModelGroup, endpoint: Endpoint, body: dict, route: Route,
-                         call: Call, deadline: float):
-        candidates = group.serves(endpoint)
+    async def _try_group(self, group: ModelGroup, request: InferenceRequest, route: Route, call: Call,
+                         deadline: float):
+        candidates = group.serves(request.endpoint)
         if not candidates:
             raise InferdError(ErrorKind.INVALID_REQUEST, f"the model {group.name!r} does not serve "
                                 f"this endpoint", status=400, param="model")
-        key = routing_key_for(body, endpoint) if group.strategy.uses_routing_key else None
+        key = routing_key_for(request) if group.strategy.uses_routing_key else None
         last: InferdError | None = None
         for h in group.strategy.order(candidates, key):
             if not h.deployment.healthy:
@@ -222,7 +223,7 @@ class Gateway:
                                                  status=503, retry_after=h.breaker.retry_in())
                     break
                 try:
-                    return await self._attempt(h, body, route, call)
+                    return await self._attempt(h, request, route, call)
                 except InferdError as e:
                     last = e
                     if e.kind in _CLIENT_FAULTS or e.kind is ErrorKind.CONTEXT_LENGTH:
@@ -237,12 +238,12 @@ class Gateway:
         raise last or InferdError(ErrorKind.SERVER, f"no deployment of {group.name!r} is available",
                                     status=503)
 
-    async def _attempt(self, h: Handle, body: dict, route: Route, call: Call):
+    async def _attempt(self, h: Handle, request: InferenceRequest, route: Route, call: Call):
         route.attempts += 1
         started = self.clock()
         in_flight_before = h.stats.started()
         try:
-            result = await call(h, body, in_flight_before)
+            result = await call(h, request, in_flight_before)
         except InferdError as e:
             route.errors.append(f"{h.name}: {e.kind.value}")
             h.stats.finished(self._record(h, e.kind, e.status, self.clock() - started))

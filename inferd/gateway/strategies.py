@@ -23,9 +23,11 @@ import hashlib
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from inferd.gateway.stats import DeploymentStats
+from inferd.wire.request import InferenceRequest
+from inferd.wire.schema import ChatMessage, content_text
 
 
 class Candidate(Protocol):
@@ -172,18 +174,18 @@ def make_strategy(name: str, rng: random.Random | None = None) -> RoutingStrateg
 PREFIX_CHARS = 256
 
 
-def routing_key_for(body: dict, endpoint: str, max_chars: int = PREFIX_CHARS) -> str | None:
-    """The prefix-affinity key of an OpenAI request body, or None when it has none.
+def routing_key_for(request: InferenceRequest, max_chars: int = PREFIX_CHARS) -> str | None:
+    """The prefix-affinity key of a request, or None when it has none.
 
     chat: the system (and developer) messages and the first user message, which is the
     part of the rendered prompt shared across turns of a conversation and across users of
     one system prompt; completions: the start of the (first) prompt; embeddings: None (no
     prefix cache to aim at). The key is a hash of the first `max_chars` characters.
     """
-    if endpoint == "chat":
-        prefix = _chat_prefix(body.get("messages"))
-    elif endpoint == "completions":
-        prefix = _prompt_prefix(body.get("prompt"))
+    if request.endpoint == "chat":
+        prefix = _chat_prefix(request.body.messages)
+    elif request.endpoint == "completions":
+        prefix = _prompt_prefix(request.body.prompt)
     else:
         return None
     if not prefix:
@@ -191,37 +193,20 @@ def routing_key_for(body: dict, endpoint: str, max_chars: int = PREFIX_CHARS) ->
     return hashlib.blake2b(prefix[:max_chars].encode(), digest_size=16).hexdigest()
 
 
-def _chat_prefix(messages: Any) -> str:
-    if not isinstance(messages, list):
-        return ""
+def _chat_prefix(messages: list[ChatMessage]) -> str:
     parts: list[str] = []
     for message in messages:
-        if not isinstance(message, dict):
-            continue
-        role = message.get("role")
-        if role in ("system", "developer", "user"):
-            parts.append(f"{role}\0{_content_text(message.get('content'))}")
-        if role == "user":
+        if message.role in ("system", "developer", "user"):
+            parts.append(f"{message.role}\0{content_text(message.content)}")
+        if message.role == "user":
             break
     return "\0".join(parts)
 
 
-def _content_text(content: Any) -> str:
-    """A message's text: the string itself, or its text parts (other parts by type)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") if part.get("type") == "text" else f"<{part.get('type')}>"
-                       for part in content if isinstance(part, dict))
-    return ""
-
-
-def _prompt_prefix(prompt: Any) -> str:
+def _prompt_prefix(prompt: str | list[int] | list[str] | list[list[int]]) -> str:
     # A batch of prompts routes as one request: key it by its first prompt.
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+    if prompt and isinstance(prompt, list) and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list):   # token ids
-        return " ".join(str(t) for t in prompt)
-    return ""
+    return " ".join(str(t) for t in prompt)   # token ids

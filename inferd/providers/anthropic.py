@@ -26,10 +26,11 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from inferd.providers.base import Deployment, Endpoint
+from inferd.providers.base import Deployment
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
 from inferd.wire.errors import ErrorKind, InferdError, classify_status
-from inferd.wire.schema import output_limit
+from inferd.wire.request import InferenceRequest
+from inferd.wire.schema import ChatCompletionRequest, ContentPart
 
 _FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
                    "refusal": "content_filter", "pause_turn": "stop"}
@@ -66,21 +67,18 @@ def _invalid(param: str, message: str) -> InferdError:
     return InferdError(ErrorKind.INVALID_REQUEST, f"{param}: {message}", status=400, param=param)
 
 
-def _content_blocks(content: Any, param: str) -> list[dict]:
-    if content is None or content == "":
+def _content_blocks(content: str | list[ContentPart] | None, param: str) -> list[dict]:
+    if not content:
         return []
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise _invalid(param, "must be a string or a list of content parts")
     blocks = []
     for i, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if part.get("text"):  # the API rejects empty text blocks
-                blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url", "")
+        if part.type == "text":
+            if part.text:  # the API rejects empty text blocks
+                blocks.append({"type": "text", "text": part.text})
+        elif part.type == "image_url":
+            url = part.image_url.url if part.image_url else ""
             if url.startswith("data:"):
                 media_type, _, data = url[len("data:"):].partition(";base64,")
                 source = {"type": "base64", "media_type": media_type, "data": data}
@@ -88,24 +86,24 @@ def _content_blocks(content: Any, param: str) -> list[dict]:
                 source = {"type": "url", "url": url}
             blocks.append({"type": "image", "source": source})
         else:
-            raise _invalid(f"{param}[{i}].type", f"{kind!r} parts are not supported by Anthropic deployments; "
+            raise _invalid(f"{param}[{i}].type", f"{part.type!r} parts are not supported by Anthropic deployments; "
                            "use text or image_url")
     return blocks
 
 
-def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict:
+def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tokens: int) -> dict:
     """The Messages API request for an OpenAI chat request (without `stream`)."""
-    if (body.get("n") or 1) != 1:
+    if body.n != 1:
         raise _invalid("n", "Anthropic deployments return one choice; n must be 1")
     system: list[str] = []
     messages: list[dict] = []
-    for i, message in enumerate(body.get("messages") or ()):
-        role, param = message.get("role"), f"messages[{i}].content"
+    for i, message in enumerate(body.messages):
+        role, param = message.role, f"messages[{i}].content"
         if role in ("system", "developer"):
-            system.extend(block["text"] for block in _content_blocks(message.get("content"), param)
+            system.extend(block["text"] for block in _content_blocks(message.content, param)
                           if block["type"] == "text")
         elif role in ("user", "assistant"):
-            blocks = _content_blocks(message.get("content"), param)
+            blocks = _content_blocks(message.content, param)
             if not blocks:
                 continue
             if messages and messages[-1]["role"] == role:
@@ -115,19 +113,18 @@ def to_messages_request(body: dict, model: str, default_max_tokens: int) -> dict
         else:
             raise _invalid(f"messages[{i}].role", f"{role!r} is not supported by Anthropic deployments; use "
                            "system, developer, user or assistant")
-    limit = output_limit(body)
+    limit = body.output_limit
     request: dict[str, Any] = {"model": model, "messages": messages,
                                "max_tokens": default_max_tokens if limit is None else limit}
     if system:
         request["system"] = "\n\n".join(system)
     for name in ("temperature", "top_p", "top_k"):
-        if body.get(name) is not None:
-            request[name] = body[name]
-    stop = body.get("stop")
-    if stop:
-        request["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    if body.get("user"):
-        request["metadata"] = {"user_id": body["user"]}
+        if getattr(body, name) is not None:
+            request[name] = getattr(body, name)
+    if body.stop:
+        request["stop_sequences"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    if body.user:
+        request["metadata"] = {"user_id": body.user}
     return request
 
 
@@ -199,18 +196,18 @@ class AnthropicDeployment(Deployment):
             headers["x-api-key"] = config.api_key
         self._http = RemoteClient(config, headers=headers, read_error=read_anthropic_error)
 
-    def _request(self, endpoint: Endpoint, body: dict) -> dict:
-        require_endpoint(self.name, self.endpoints, endpoint)
-        return to_messages_request(body, self.config.model, self.config.default_max_tokens)
+    def _messages_request(self, request: InferenceRequest) -> dict:
+        require_endpoint(self.name, self.endpoints, request.endpoint)
+        return to_messages_request(request.body, self.config.model, self.config.default_max_tokens)
 
-    async def request(self, endpoint: Endpoint, body: dict) -> dict:
-        message = await self._http.post_json("/v1/messages", self._request(endpoint, body))
+    async def request(self, request: InferenceRequest) -> dict:
+        message = await self._http.post_json("/v1/messages", self._messages_request(request))
         return to_chat_completion(message, int(time.time()))
 
-    async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
-        request = {**self._request(endpoint, body), "stream": True}
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
+        upstream = {**self._messages_request(request), "stream": True}
         translator = ChunkTranslator(int(time.time()))
-        async with aclosing(self._http.post_sse("/v1/messages", request, is_last=_is_stop,
+        async with aclosing(self._http.post_sse("/v1/messages", upstream, is_last=_is_stop,
                                                 last_name="message_stop")) as events:
             async for event in events:
                 chunk = translator.translate(parse_chunk(self.name, event.data), event.data)

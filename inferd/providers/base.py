@@ -7,9 +7,10 @@ A `Deployment` is one place a public model can be served from: a local engine co
 owns retries, fallback and timeouts policy; deployments never retry on their own.
 
 The contract:
-- `request(endpoint, body)` returns the OpenAI response body (a dict) for a
-  non-streamed call: `chat.completion`, `text_completion` or an embeddings `list`.
-- `stream(endpoint, body)` is an async iterator of OpenAI chunk bodies (dicts,
+- `request(request)` takes the typed `InferenceRequest` (wire/request.py) and returns
+  the OpenAI response body (a dict) for a non-streamed call: `chat.completion`,
+  `text_completion` or an embeddings `list`, its `id` the request's `response_id`.
+- `stream(request)` is an async iterator of OpenAI chunk bodies (dicts,
   without the final `[DONE]`). It ends normally only when the answer really ended;
   a cut stream, a malformed chunk or a missing `[DONE]` raises `InferdError`.
   Streams always end with a chunk carrying `usage` (with `choices: []`), whatever
@@ -17,21 +18,22 @@ The contract:
   client did not ask for usage.
 - Every failure is an `InferdError` (wire/errors.py) whose `kind` says what the gateway
   may do about it (retry, fall back, or hand it to the client as is).
+- What the server shows of a deployment (its model's facts, a tokenizer, engine
+  counters for /metrics, draining at shutdown) is asked through the same interface;
+  remote deployments keep the defaults (nothing to show, nothing to drain).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from inferd.engine.client.async_client import RequestMetrics
+from inferd.engine.tokenizer import Tokenizer
 from inferd.wire.errors import ErrorKind, InferdError
-
-Endpoint = Literal["chat", "completions", "embeddings"]
-
-ENDPOINT_PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-                                  "embeddings": "/v1/embeddings"}
+from inferd.wire.request import InferenceRequest
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,12 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What /v1/models says about a deployment's model."""
+    """What /v1/models says about a model a deployment runs itself."""
 
     id: str
-    owned_by: str = "inferd"
+    source: str | None = None          # the checkpoint it was loaded from
     max_model_len: int | None = None
+    vocab_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,11 +66,11 @@ class Deployment(ABC):
     endpoints: frozenset[str] = frozenset({"chat", "completions"})
 
     @abstractmethod
-    async def request(self, endpoint: Endpoint, body: dict) -> dict:
+    async def request(self, request: InferenceRequest) -> dict:
         """The full response body for a non-streamed request; raises `InferdError`."""
 
     @abstractmethod
-    def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
+    def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
         """Chunk bodies of a streamed request, ending with a usage chunk; raises `InferdError`."""
 
     async def start(self) -> None:
@@ -81,6 +84,26 @@ class Deployment(ABC):
     def unavailable(self) -> InferdError:
         """The error for a request that finds the deployment not `healthy`."""
         return InferdError(ErrorKind.SERVER, f"{self.name} is not accepting requests", status=503)
+
+    @property
+    def info(self) -> ModelInfo | None:
+        """The facts of a model this deployment runs itself (None: a remote one's are not known here)."""
+        return None
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer, for /tokenize and /detokenize (None: not available here)."""
+        return None
+
+    def stats(self) -> Any:
+        """The engine's latest counters for /metrics (a `Stats` or `EmbedStats` message; None: none)."""
+        return None
+
+    def observe_requests(self, on_done: Callable[[RequestMetrics], None]) -> None:
+        """Have `on_done` called with each finished request's timings (engines that time them do)."""
+
+    async def drain(self, timeout: float) -> None:
+        """At shutdown: refuse new work, give what is in flight `timeout` seconds."""
 
     async def aclose(self) -> None:
         """Release connections / processes."""

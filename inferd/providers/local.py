@@ -1,7 +1,8 @@
 """`LocalEngineDeployment`: a model running on inferd's own engine, as a gateway deployment.
 
-It owns an `AsyncEngine` (the engine core in its own process), parses request
-bodies with the wire models, runs them through `LocalChat` / `LocalCompletion`,
+It owns an `AsyncEngine` (the engine core in its own process), runs typed
+requests through `LocalChat` / `LocalCompletion` (the request id is the
+engine's, so its log lines name it),
 and turns the engine's exceptions into classified `InferdError`s so the gateway
 treats a local engine exactly like a remote one: overload is `OVERLOADED` with
 the engine's retry hint, a prompt over the context length is `CONTEXT_LENGTH`,
@@ -11,30 +12,27 @@ a dead core is `SERVER`, a bad parameter is `INVALID_REQUEST` naming it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-
-from pydantic import ValidationError
+from collections.abc import AsyncIterator, Callable
 
 from inferd.engine.client.async_client import (AsyncEngine, EngineDeadError, EngineOverloadedError, RequestAbortedError,
-                                               RequestRejectedError)
+                                               RequestMetrics, RequestRejectedError)
 from inferd.engine.config import EngineConfig
+from inferd.engine.messages import Stats
 from inferd.engine.sampling_params import InvalidParameterError
-from inferd.engine.tokenizer import ChatTemplateError
-from inferd.providers.base import Deployment, Endpoint, ModelInfo
+from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
+from inferd.providers.base import Deployment, ModelInfo
 from inferd.providers.local_chat import LocalChat
 from inferd.providers.local_completions import LocalCompletion
 from inferd.wire.errors import ErrorKind, InferdError
-from inferd.wire.schema import ChatCompletionRequest, CompletionRequest, validation_error
+from inferd.wire.request import InferenceRequest
 
-_RUNS = {"chat": (ChatCompletionRequest, LocalChat), "completions": (CompletionRequest, LocalCompletion)}
+_RUNS = {"chat": LocalChat, "completions": LocalCompletion}
 
 
 def engine_error(exc: Exception) -> InferdError | None:
     """The classified error for an engine-side exception (None: not an engine error, a bug)."""
     if isinstance(exc, InferdError):
         return exc
-    if isinstance(exc, ValidationError):
-        return validation_error(exc)
     if isinstance(exc, InvalidParameterError):
         if "maximum context length" in str(exc):
             return InferdError(ErrorKind.CONTEXT_LENGTH, str(exc), status=400, param=exc.param,
@@ -89,7 +87,17 @@ class LocalEngineDeployment(Deployment):
     @property
     def info(self) -> ModelInfo:
         i = self.engine.info
-        return ModelInfo(self.model_name, max_model_len=i.max_model_len, extra={"root": i.source})
+        return ModelInfo(self.model_name, source=i.source, max_model_len=i.max_model_len, vocab_size=i.vocab_size)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def stats(self) -> Stats:
+        return self.engine.stats
+
+    def observe_requests(self, on_done: Callable[[RequestMetrics], None]) -> None:
+        self.engine.on_request_done = on_done
 
     @property
     def healthy(self) -> bool:
@@ -103,20 +111,19 @@ class LocalEngineDeployment(Deployment):
         """Requests the engine runs at once; more wait in its queue."""
         return self.engine.info.max_num_seqs
 
-    def _run(self, endpoint: Endpoint, body: dict):
-        if endpoint not in _RUNS:
-            raise InferdError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} does not serve {endpoint}",
-                                status=400, param="model")
-        schema, run = _RUNS[endpoint]
-        return run(self.engine, schema.model_validate(body), self.model_name)
+    def _run(self, request: InferenceRequest):
+        if request.endpoint not in _RUNS:
+            raise InferdError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} does not serve {request.endpoint}",
+                              status=400, param="model")
+        return _RUNS[request.endpoint](self.engine, request, self.model_name)
 
-    async def request(self, endpoint: Endpoint, body: dict) -> dict:
+    async def request(self, request: InferenceRequest) -> dict:
         with classified():
-            return await self._run(endpoint, body).response()
+            return await self._run(request).response()
 
-    async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
         with classified():
-            chunks = self._run(endpoint, body).stream()
+            chunks = self._run(request).stream()
             try:
                 async for chunk in chunks:
                     yield chunk

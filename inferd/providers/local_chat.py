@@ -13,7 +13,6 @@ chunk last.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import jinja2
@@ -23,6 +22,7 @@ from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.wire.errors import ErrorKind, InferdError
+from inferd.wire.request import InferenceRequest
 from inferd.wire.schema import ChatCompletionRequest, ChatMessage, usage
 
 
@@ -79,23 +79,24 @@ def prompt_logprobs_field(out: RequestOutput) -> list | None:
 class LocalChat:
     """One chat request on a local engine: `response()` or `stream()`."""
 
-    def __init__(self, engine: AsyncEngine, body: ChatCompletionRequest, model: str):
+    def __init__(self, engine: AsyncEngine, request: InferenceRequest, model: str):
+        body: ChatCompletionRequest = request.body
         if body.tools:
             raise invalid("tools are not supported by this model", "tools")
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs: requires logprobs to be true", "top_logprobs")
-        self.engine, self.body, self.model = engine, body, model
+        self.engine, self.request, self.body, self.model = engine, request, body, model
         self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt)
         max_tokens = body.output_limit
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs)
         engine.check_accepting(self.params.n)
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = request.response_id
         self.created = int(time.time())
         self.top_n = body.top_logprobs or 0
 
     def _start(self):
-        return [self.engine.generate(uuid.uuid4().hex, self.prompt_ids, self.params,
+        return [self.engine.generate(self.request.request_id, self.prompt_ids, self.params,
                                      priority=self.body.priority)]
 
     async def response(self) -> dict:

@@ -12,7 +12,6 @@ Logprobs use the completions format: tokens, token_logprobs, top_logprobs
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from inferd.engine.client.async_client import AsyncEngine
@@ -20,6 +19,7 @@ from inferd.engine.outputs import PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import Tokenizer
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.providers.local_chat import invalid, prompt_logprobs_field
+from inferd.wire.request import InferenceRequest
 from inferd.wire.schema import CompletionRequest, usage
 
 
@@ -38,12 +38,13 @@ def _prompts(prompt, tok: Tokenizer) -> list[tuple[str | None, list[int]]]:
 class LocalCompletion:
     """One completions request on a local engine: `response()` or `stream()`."""
 
-    def __init__(self, engine: AsyncEngine, body: CompletionRequest, model: str):
+    def __init__(self, engine: AsyncEngine, request: InferenceRequest, model: str):
+        body: CompletionRequest = request.body
         if body.suffix:
             raise invalid("suffix is not supported", "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise invalid("best_of: only best_of equal to n is supported", "best_of")
-        self.engine, self.body, self.model = engine, body, model
+        self.engine, self.request, self.body, self.model = engine, request, body, model
         self.tok = engine.tokenizer
         self.prompts = _prompts(body.prompt, self.tok)
         prompt_lp = body.prompt_logprobs
@@ -51,13 +52,14 @@ class LocalCompletion:
             prompt_lp = body.logprobs
         self.params = body.sampling_params(body.max_tokens, body.logprobs, prompt_lp)
         engine.check_accepting(self.params.n * len(self.prompts))
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.id = request.response_id
         self.created = int(time.time())
         self.n = body.n
 
     def _start(self):
-        base = uuid.uuid4().hex
-        return [self.engine.generate(f"{base}-{i}", ids, self.params, text, priority=self.body.priority)
+        # one engine request per prompt, named after the request (a single prompt: the request id itself)
+        rid = self.request.request_id
+        return [self.engine.generate(rid if len(self.prompts) == 1 else f"{rid}-{i}", ids, self.params, text, priority=self.body.priority)
                 for i, (text, ids) in enumerate(self.prompts)]
 
     def prompt_text(self, i: int) -> str:

@@ -12,40 +12,14 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Literal
-
-from pydantic import Field
 
 from inferd.engine.embedding.client import AsyncEmbedder
 from inferd.engine.embedding.spec import EmbedConfig
-from inferd.providers.base import Deployment, Endpoint, ModelInfo
+from inferd.engine.messages import EmbedStats
+from inferd.providers.base import Deployment, ModelInfo
 from inferd.providers.local import classified, refusal
 from inferd.wire.errors import ErrorKind, InferdError
-from inferd.wire.schema import WireModel
-
-_I32 = 2**31 - 1
-
-
-class EmbeddingRequest(WireModel):
-    input: str | list[str] | list[int] | list[list[int]]
-    model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, le=_I32)
-    user: str | None = None
-    truncate: bool = False
-    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=_I32)
-
-    def inputs(self) -> list[str] | list[list[int]]:
-        if isinstance(self.input, str):
-            return [self.input]
-        if not self.input:
-            raise InferdError(ErrorKind.INVALID_REQUEST, "input: must not be empty", status=400, param="input")
-        if isinstance(self.input[0], int):
-            return [self.input]
-        if any(isinstance(x, str) for x in self.input) and any(not isinstance(x, str) for x in self.input):
-            raise InferdError(ErrorKind.INVALID_REQUEST, "input: mix of strings and token ids", status=400,
-                                param="input")
-        return list(self.input)
+from inferd.wire.request import InferenceRequest
 
 
 class LocalEmbeddingDeployment(Deployment):
@@ -70,12 +44,15 @@ class LocalEmbeddingDeployment(Deployment):
         return ModelInfo(self.model_name, max_model_len=self.embedder.max_len,
                          extra={"dimension": self.embedder.dimension})
 
-    async def request(self, endpoint: Endpoint, body: dict) -> dict:
-        if endpoint != "embeddings":
+    def stats(self) -> EmbedStats:
+        return self.embedder.stats
+
+    async def request(self, request: InferenceRequest) -> dict:
+        if request.endpoint != "embeddings":
             raise InferdError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} is an embedding model; "
-                                "use /v1/embeddings", status=400, param="model")
+                              "use /v1/embeddings", status=400, param="model")
+        req = request.body
         with classified():
-            req = EmbeddingRequest.model_validate(body)
             truncate = req.truncate or req.truncate_prompt_tokens is not None
             result = await self.embedder.embed(req.inputs(), truncate=truncate, dimensions=req.dimensions)
         data = []
@@ -87,7 +64,7 @@ class LocalEmbeddingDeployment(Deployment):
         return {"object": "list", "data": data, "model": self.model_name, "created": int(time.time()),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    async def stream(self, endpoint: Endpoint, body: dict):
+    async def stream(self, request: InferenceRequest):
         raise InferdError(ErrorKind.INVALID_REQUEST, "embeddings are not streamed", status=400, param="stream")
         yield  # pragma: no cover - makes this an async generator
 

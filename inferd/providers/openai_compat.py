@@ -23,9 +23,10 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from inferd.providers.base import ENDPOINT_PATHS, Deployment, Endpoint
+from inferd.providers.base import Deployment
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
 from inferd.wire.errors import ErrorKind, InferdError, classify_status
+from inferd.wire.request import ENDPOINT_PATHS, Endpoint, InferenceRequest
 
 _CHUNK_IDENTITY = ("id", "object", "created", "model")
 
@@ -69,13 +70,6 @@ def _is_done(event: SSEEvent) -> bool:
 
 
 # inferd's own request extensions, which a provider's API would refuse as unknown arguments
-_INFERD_ONLY = ("priority",)
-
-
-def _upstream_body(body: dict, model: str) -> dict:
-    return {**{k: v for k, v in body.items() if k not in _INFERD_ONLY}, "model": model}
-
-
 class OpenAICompatDeployment(Deployment):
     def __init__(self, config: OpenAICompatConfig):
         self.name, self.endpoints, self.config = config.name, config.endpoints, config
@@ -86,21 +80,23 @@ class OpenAICompatDeployment(Deployment):
         require_endpoint(self.name, self.endpoints, endpoint)
         return ENDPOINT_PATHS[endpoint].removeprefix("/v1")  # base_url ends where the SDK's does
 
-    async def request(self, endpoint: Endpoint, body: dict) -> dict:
-        path = self._path(endpoint)
-        upstream = _upstream_body(body, self.config.model)
-        if endpoint != "embeddings":
+    async def request(self, request: InferenceRequest) -> dict:
+        path = self._path(request.endpoint)
+        upstream = request.passthrough(self.config.model)
+        if request.endpoint != "embeddings":
             upstream["stream"] = False
             upstream.pop("stream_options", None)  # OpenAI rejects it on non-streamed calls
         return await self._http.post_json(path, upstream)
 
-    async def stream(self, endpoint: Endpoint, body: dict) -> AsyncIterator[dict]:
-        if endpoint == "embeddings":
+    async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
+        if request.endpoint == "embeddings":
             raise InferdError(ErrorKind.INVALID_REQUEST, "embeddings cannot be streamed", status=400,
-                                param="stream")
-        path = self._path(endpoint)
-        upstream = {**_upstream_body(body, self.config.model), "stream": True,
-                    "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+                              param="stream")
+        path = self._path(request.endpoint)
+        upstream = request.passthrough(self.config.model)
+        # always ask for usage: the gateway meters every stream
+        upstream["stream"] = True
+        upstream["stream_options"] = {**(upstream.get("stream_options") or {}), "include_usage": True}
         last: dict = {}
         final: dict | None = None
         async with aclosing(self._http.post_sse(path, upstream, is_last=_is_done, last_name="[DONE]")) as events:

@@ -11,51 +11,51 @@ limit, the group's default: its local engine's context length, else 4096.
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from inferd.wire.schema import output_limit
+from inferd.wire.request import InferenceRequest
+from inferd.wire.schema import ContentPart
 
 DEFAULT_MAX_OUTPUT = 4096
 _PER_MESSAGE = 8        # role markers and separators a chat template adds
 _TEMPLATE_ALLOWANCE = 64  # a default system prompt (SmolLM2's is ~30 tokens) and generation prompt
 
 
-def _text_bytes(value: Any) -> int:
+def _text_bytes(value: str | list | None) -> int:
     if isinstance(value, str):
         return len(value.encode())
-    if isinstance(value, list):  # content parts, or token ids
-        if value and all(isinstance(v, int) for v in value):
-            return len(value)
-        return sum(_text_bytes(v.get("text", "") if isinstance(v, dict) else v) for v in value)
-    return 0
+    if not value:
+        return 0
+    if isinstance(value[0], int):  # token ids count exactly
+        return len(value)
+    if isinstance(value[0], ContentPart):
+        return sum(_text_bytes(part.text) for part in value)
+    return sum(_text_bytes(v) for v in value)  # several prompts or inputs
 
 
-def prompt_bound(endpoint: str, body: dict) -> int:
-    if endpoint == "chat":
-        messages = body.get("messages") or []
-        tokens = _TEMPLATE_ALLOWANCE + sum(_text_bytes(m.get("content")) + _PER_MESSAGE
-                                           for m in messages if isinstance(m, dict))
-        if body.get("tools"):
-            tokens += len(json.dumps(body["tools"]).encode())
+def prompt_bound(request: InferenceRequest) -> int:
+    body = request.body
+    if request.endpoint == "chat":
+        tokens = _TEMPLATE_ALLOWANCE + sum(_text_bytes(m.content) + _PER_MESSAGE for m in body.messages)
+        if body.tools:
+            tokens += len(json.dumps(body.tools).encode())
         return tokens
-    if endpoint == "completions":
-        return _text_bytes(body.get("prompt"))
-    return _text_bytes(body.get("input"))
+    if request.endpoint == "completions":
+        return _text_bytes(body.prompt)
+    return _text_bytes(body.input)
 
 
-def _num_prompts(body: dict) -> int:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+def _num_prompts(prompt: str | list) -> int:
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         return len(prompt)
     return 1
 
 
-def output_bound(endpoint: str, body: dict, default_max_output: int = DEFAULT_MAX_OUTPUT) -> int:
-    if endpoint == "embeddings":
+def output_bound(request: InferenceRequest, default_max_output: int = DEFAULT_MAX_OUTPUT) -> int:
+    body = request.body
+    if request.endpoint == "embeddings":
         return 0
-    limit = output_limit(body)  # the engine's precedence and meaning
+    limit = body.output_limit  # the engine's precedence and meaning
     if limit is None:
         limit = default_max_output
-    n = body.get("n") or 1
-    count = _num_prompts(body) if endpoint == "completions" else 1
-    return max(0, int(limit)) * max(1, int(n)) * count
+    count = _num_prompts(body.prompt) if request.endpoint == "completions" else 1
+    return max(0, limit) * body.n * count

@@ -28,6 +28,7 @@ from inferd.tenancy import estimate, quota
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.ledger import LedgerRow
 from inferd.tenancy.prices import PriceBook
+from inferd.wire.request import InferenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +114,19 @@ class Metering:
             log.exception("could not write the cleared ledger row %s; will retry", row.id)
             return False
 
-    async def begin(self, principal: Principal | None, endpoint: str, group: str, body: dict, *,
-                    request_id: str | None = None, stream: bool = False, batch_id: str | None = None
-                    ) -> RequestMeter:
-        """Admit a request (QuotaExceeded if a limit refuses it) and start its meter."""
-        prompt = estimate.prompt_bound(endpoint, body)
-        output = estimate.output_bound(endpoint, body, self.max_output.get(group, estimate.DEFAULT_MAX_OUTPUT))
-        worst = self.prices.worst(group).cost(prompt, 0, output, batch=batch_id is not None)
+    async def begin(self, request: InferenceRequest, group: str) -> RequestMeter:
+        """Admit a request to `group` (QuotaExceeded if a limit refuses it) and start its meter."""
+        principal: Principal | None = request.caller
+        prompt = estimate.prompt_bound(request)
+        output = estimate.output_bound(request, self.max_output.get(group, estimate.DEFAULT_MAX_OUTPUT))
+        batched = request.batch_id is not None
+        worst = self.prices.worst(group).cost(prompt, 0, output, batch=batched)
         demand = quota.Demand(tokens=prompt + output, cost_usd=worst)
         now = self.clock()
-        model = body.get("model")
-        row = LedgerRow(ts=now, endpoint=endpoint, status=0, request_id=request_id, stream=stream,
-                        key_id=principal.key_id if principal else None,
-                        team=principal.team if principal else None,
-                        model=model if isinstance(model, str) else None,
-                        batch_id=batch_id)
+        row = LedgerRow(ts=now, endpoint=request.endpoint, status=0, request_id=request.request_id,
+                        stream=request.stream, key_id=principal.key_id if principal else None,
+                        team=principal.team if principal else None, model=request.model,
+                        batch_id=request.batch_id)
         if principal is None or not principal.limited:  # nothing to check: no store round trip before it runs
             return RequestMeter(self, quota.Ticket("", principal, demand, now), row, prompt_estimate=prompt)
         try:

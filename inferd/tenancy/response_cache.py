@@ -18,14 +18,14 @@ import random
 from collections.abc import Callable
 
 from inferd.store.base import Store
+from inferd.wire.request import InferenceRequest
 
-_IGNORED = ("stream", "stream_options", "user")
 _SWEEP_CHANCE = 0.01  # one write in a hundred also clears expired entries
 
 
-def cache_key(team: str | None, endpoint: str, body: dict) -> str:
-    kept = {k: v for k, v in body.items() if k not in _IGNORED}
-    canonical = json.dumps([team, endpoint, kept], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def cache_key(request: InferenceRequest) -> str:
+    canonical = json.dumps([request.team, request.endpoint, request.cache_identity()], sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -8,20 +8,20 @@ bounds (so nothing out of range reaches msgpack or torch); `SamplingParams` chec
 meaning and names the offending parameter. Unknown fields are ignored, as vLLM
 does, so clients that send extras keep working.
 
-Both the API edge and the local engine deployment parse bodies with these
-models; `validation_error()` turns pydantic's complaint into one OpenAI-style
-message that names the parameter.
+Bodies are validated once, at the edge (wire/request.py's `parse_request`);
+`validation_error()` turns pydantic's complaint into one OpenAI-style message
+that names the parameter. `output_limit` is the one rule for a chat answer's
+token cap, read by the engine, the estimate and the provider translations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
-from inferd.wire.errors import ErrorKind, InferdError
+from inferd.wire.errors import ErrorKind, InferdError, invalid
 
 _I32 = 2**31 - 1
 _I63 = 2**63 - 1
@@ -108,10 +108,28 @@ class CompletionRequest(_SamplingRequest):
     best_of: int | None = Field(None, ge=-_I32, le=_I32)
     suffix: str | None = None
 
+    @property
+    def output_limit(self) -> int:
+        """Tokens each completion may have (OpenAI's default: 16)."""
+        return self.max_tokens
+
+
+class ImageURL(WireModel):
+    url: str
+    detail: str | None = None
+
 
 class ContentPart(WireModel):
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
+
+
+def content_text(content: str | list[ContentPart] | None) -> str:
+    """A message's text: the string itself, or its text parts joined (other parts as `<type>`)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join((part.text or "") if part.type == "text" else f"<{part.type}>" for part in content)
 
 
 class ChatMessage(WireModel):
@@ -133,15 +151,30 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @property
     def output_limit(self) -> int | None:
-        """The client's output cap: `max_completion_tokens` wins over `max_tokens`; None: no cap."""
-        return output_limit(self.__dict__)
+        """The client's output cap: `max_completion_tokens` wins over `max_tokens`; None: no cap.
+        The one rule for the engine, the estimate and the provider translations."""
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
 
-def output_limit(body: Mapping[str, Any]) -> int | None:
-    """The output cap a body asks for: `max_completion_tokens` wins over `max_tokens`, an explicit 0
-    is 0 (not "unset"); None: no cap. The one rule for the engine, the estimate and translations."""
-    limit = body.get("max_completion_tokens")
-    return body.get("max_tokens") if limit is None else limit
+class EmbeddingRequest(WireModel):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=_I32)
+    user: str | None = None
+    truncate: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=_I32)
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        if isinstance(self.input, str):
+            return [self.input]
+        if not self.input:
+            raise invalid("input: must not be empty", "input")
+        if isinstance(self.input[0], int):
+            return [self.input]
+        if any(isinstance(x, str) for x in self.input) and any(not isinstance(x, str) for x in self.input):
+            raise invalid("input: mix of strings and token ids", "input")
+        return list(self.input)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -44,18 +44,19 @@ def free_port() -> int:
 
 
 class ServerProc:
-    def __init__(self, model: Path, *extra: str, api_key: str | None = API_KEY):
+    def __init__(self, model: Path, *extra: str, api_key: str | None = API_KEY, log_level: str = "warning"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        argv = ["--log-level", "warning", "serve", str(model), "--port", str(self.port),
+        argv = ["--log-level", log_level, "serve", str(model), "--port", str(self.port),
                 "--served-model-name", MODEL, "--dtype", "float32", "--kv-cache-bytes", "16MiB",
                 "--num-threads", "1", *extra]
         if api_key:
             argv += ["--api-key", api_key]
         self.log = tempfile.NamedTemporaryFile("w+", prefix="inferd-server-", suffix=".log", delete=False)
+        self.store_path = f"{self.log.name}.db"
         if "--store" not in extra:  # each server its own ledger, never the user's
-            argv += ["--store", f"sqlite:///{self.log.name}.db"]
+            argv += ["--store", f"sqlite:///{self.store_path}"]
         cmd = [sys.executable, "-m", "inferd.cli", *argv]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)

@@ -17,6 +17,7 @@ from inferd.providers.anthropic import to_messages_request
 from inferd.tenancy.estimate import output_bound
 from inferd.wire.schema import ChatCompletionRequest
 from tests.api.conftest import MODEL
+from tests.typed import typed
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -51,14 +52,14 @@ def test_token_counts_out_of_bounds_are_400_and_take_nothing(client, path, body,
 def test_zero_and_precedence_mean_the_same_in_the_estimate_the_engine_and_the_anthropic_translation():
     both = {**CHAT, "max_tokens": 9, "max_completion_tokens": 5}
     assert ChatCompletionRequest.model_validate(both).output_limit == 5
-    assert output_bound("chat", both) == 5
-    assert to_messages_request(both, "claude", 4096)["max_tokens"] == 5
+    assert output_bound(typed("chat", both)) == 5
+    assert to_messages_request(typed("chat", both).body, "claude", 4096)["max_tokens"] == 5
     unset = dict(CHAT)
     assert ChatCompletionRequest.model_validate(unset).output_limit is None
-    assert output_bound("chat", unset, 777) == 777
-    assert to_messages_request(unset, "claude", 4096)["max_tokens"] == 4096
+    assert output_bound(typed("chat", unset), 777) == 777
+    assert to_messages_request(typed("chat", unset).body, "claude", 4096)["max_tokens"] == 4096
     # a completion may ask for 0 tokens (prompt logprobs only): 0 is reserved, not the default
-    assert output_bound("completions", {"prompt": "x", "max_tokens": 0}, 777) == 0
+    assert output_bound(typed("completions", {"prompt": "x", "max_tokens": 0}), 777) == 0
 
 
 def requests_metered(client) -> int:

@@ -39,7 +39,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def admit(self, prompt):
         req = Request(str(self.next_id), prompt, SamplingParams())
         self.next_id += 1
-        self.kv.attach_cached_prefix(req)
+        req.num_computed_tokens = self.kv.attach_cached_prefix(req)
         for i, b in enumerate(req.block_ids):  # a hit block holds exactly this prefix
             assert self.content[b] == tuple(req.token_ids[:(i + 1) * BLOCK])
         if self.kv.allocate(req, req.num_tokens - req.num_computed_tokens):

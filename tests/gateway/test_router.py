@@ -20,6 +20,9 @@ from inferd.gateway.stats import DeploymentStats, LoadPredictor
 from inferd.gateway.strategies import make_strategy
 from inferd.providers.base import Deployment
 from inferd.wire.errors import ErrorKind, InferdError
+from tests.typed import typed
+
+HI = [{"role": "user", "content": "hi"}]
 
 
 class FakeClock:
@@ -48,11 +51,11 @@ class Scripted(Deployment):
             raise outcome
         return outcome
 
-    async def request(self, endpoint, body):
+    async def request(self, request):
         self._next()
         return {"object": "chat.completion", "model": self.name, "choices": []}
 
-    async def stream(self, endpoint, body):
+    async def stream(self, request):
         outcome = self._next()
         yield {"model": self.name, "choices": [{"index": 0, "delta": {"content": "a"}}]}
         if outcome == "cut":
@@ -77,7 +80,7 @@ def gateway(*groups: ModelGroup, clock: FakeClock) -> Gateway:
 
 def run(gw: Gateway, model: str = "a") -> tuple[dict, Route]:
     route = Route(model, "chat")
-    return asyncio.run(gw.request("chat", {"model": model}, route)), route
+    return asyncio.run(gw.request(typed("chat", {"model": model, "messages": HI}), route)), route
 
 
 def test_a_server_error_is_retried_with_backoff_then_answers():
@@ -165,7 +168,7 @@ def test_stream_failure_before_first_chunk_is_invisible_after_it_is_not():
 
     async def consume():
         route = Route("a", "chat")
-        stream = await gw.open_stream("chat", {"model": "a"}, route)
+        stream = await gw.open_stream(typed("chat", {"model": "a", "messages": HI}), route)
         got = []
         try:
             async for chunk in stream:

@@ -10,6 +10,8 @@ import pytest
 
 from inferd.gateway.stats import DeploymentStats
 from inferd.gateway.strategies import STRATEGIES, PrefixAffinity, make_strategy, routing_key_for
+from inferd.wire.errors import InferdError
+from tests.typed import typed
 
 
 @dataclass
@@ -183,41 +185,47 @@ def _chat(*messages) -> dict:
 
 def test_chat_key_covers_system_and_first_user_message():
     first = {"role": "user", "content": "Hello"}
-    key = routing_key_for(_chat(SYSTEM, first), "chat")
+    key = routing_key_for(typed("chat", _chat(SYSTEM, first)))
     assert key is not None and len(key) == 32
     # later turns of the same conversation keep the key (their prefix is cached there)
     later = _chat(SYSTEM, first, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "More"})
-    assert routing_key_for(later, "chat") == key
+    assert routing_key_for(typed("chat", later)) == key
     # content parts read as their text
     parts = {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}
-    assert routing_key_for(_chat(SYSTEM, parts), "chat") == key
-    assert routing_key_for(_chat(SYSTEM, {"role": "user", "content": "Bye"}), "chat") != key
-    assert routing_key_for(_chat({"role": "system", "content": "Other"}, first), "chat") != key
-    assert routing_key_for(_chat(first), "chat") != key
+    assert routing_key_for(typed("chat", _chat(SYSTEM, parts))) == key
+    assert routing_key_for(typed("chat", _chat(SYSTEM, {"role": "user", "content": "Bye"}))) != key
+    assert routing_key_for(typed("chat", _chat({"role": "system", "content": "Other"}, first))) != key
+    assert routing_key_for(typed("chat", _chat(first))) != key
 
 
 def test_chat_key_is_truncated_so_a_long_shared_prefix_shares_it():
     long_system = {"role": "system", "content": "x" * 1000}
-    a = routing_key_for(_chat(long_system, {"role": "user", "content": "a"}), "chat")
-    b = routing_key_for(_chat(long_system, {"role": "user", "content": "b"}), "chat")
+    a = routing_key_for(typed("chat", _chat(long_system, {"role": "user", "content": "a"})))
+    b = routing_key_for(typed("chat", _chat(long_system, {"role": "user", "content": "b"})))
     assert a == b
-    assert routing_key_for(_chat(long_system, {"role": "user", "content": "a"}), "chat", max_chars=2000) != \
-        routing_key_for(_chat(long_system, {"role": "user", "content": "b"}), "chat", max_chars=2000)
+    assert routing_key_for(typed("chat", _chat(long_system, {"role": "user", "content": "a"})), max_chars=2000) != \
+        routing_key_for(typed("chat", _chat(long_system, {"role": "user", "content": "b"})), max_chars=2000)
 
 
 def test_completions_key_uses_the_prompt_start():
     body = {"prompt": "p" * 256 + "tail one"}
-    assert routing_key_for(body, "completions") == routing_key_for({"prompt": "p" * 256 + "other"}, "completions")
-    assert routing_key_for({"prompt": ["abc", "zzz"]}, "completions") == \
-        routing_key_for({"prompt": "abc"}, "completions")
-    tokens = routing_key_for({"prompt": [1, 2, 3]}, "completions")
-    assert tokens is not None and tokens == routing_key_for({"prompt": [[1, 2, 3], [4]]}, "completions")
-    assert tokens != routing_key_for({"prompt": [1, 2, 4]}, "completions")
+    assert routing_key_for(typed("completions", body)) == routing_key_for(typed("completions", {"prompt": "p" * 256 + "other"}))
+    assert routing_key_for(typed("completions", {"prompt": ["abc", "zzz"]})) == \
+        routing_key_for(typed("completions", {"prompt": "abc"}))
+    tokens = routing_key_for(typed("completions", {"prompt": [1, 2, 3]}))
+    assert tokens is not None and tokens == routing_key_for(typed("completions", {"prompt": [[1, 2, 3], [4]]}))
+    assert tokens != routing_key_for(typed("completions", {"prompt": [1, 2, 4]}))
 
 
-@pytest.mark.parametrize("body,endpoint", [({"input": "text"}, "embeddings"), ({}, "chat"),
-                                           ({"messages": "nope"}, "chat"), ({"messages": []}, "chat"),
-                                           ({"prompt": ""}, "completions"), ({"prompt": 5}, "completions"),
-                                           ({"messages": [SYSTEM]}, "unknown")])
+@pytest.mark.parametrize("body,endpoint", [({"input": "text"}, "embeddings"), ({"prompt": ""}, "completions"),
+                                           ({"messages": [{"role": "assistant", "content": "hi"}]}, "chat")])
 def test_no_key_when_there_is_no_prefix(body, endpoint):
-    assert routing_key_for(body, endpoint) is None
+    assert routing_key_for(typed(endpoint, body)) is None
+
+
+@pytest.mark.parametrize("body,endpoint", [({}, "chat"), ({"messages": "nope"}, "chat"), ({"messages": []}, "chat"),
+                                           ({"prompt": 5}, "completions")])
+def test_bodies_without_a_prompt_never_reach_routing(body, endpoint):
+    with pytest.raises(InferdError) as info:
+        typed(endpoint, body)
+    assert info.value.status == 400

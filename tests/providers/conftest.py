@@ -12,6 +12,7 @@ import pytest
 from inferd.providers.base import Deployment, Timeouts
 from inferd.wire.errors import InferdError
 from tests.gateway.mock_upstream import MockUpstream
+from tests.typed import typed
 
 T = TypeVar("T")
 UPSTREAM_MODEL = "upstream-model"
@@ -58,6 +59,6 @@ def fails(make: Callable[[], Deployment], call: Callable[[Deployment], Awaitable
 async def collect(deployment: Deployment, endpoint: str, body: dict, into: list | None = None) -> list[dict]:
     """Every chunk of a stream; `into` keeps those that arrived before a failure."""
     chunks = [] if into is None else into
-    async for chunk in deployment.stream(endpoint, body):
+    async for chunk in deployment.stream(typed(endpoint, body)):
         chunks.append(chunk)
     return chunks

@@ -9,6 +9,7 @@ from inferd.providers.anthropic import (AnthropicConfig, AnthropicDeployment, Ch
 from inferd.wire.errors import ErrorKind, InferdError
 from tests.gateway.mock_upstream import WORDS, Fault
 from tests.providers.conftest import FAST, UPSTREAM_MODEL, collect, fails, run
+from tests.typed import typed
 
 MESSAGES = [{"role": "system", "content": "be brief"},
             {"role": "developer", "content": [{"type": "text", "text": "no lists"}]},
@@ -29,7 +30,7 @@ def deployment(mock, **config):
 
 
 def chat(d):
-    return d.request("chat", CHAT)
+    return d.request(typed("chat", CHAT))
 
 
 def stream_chat(d):
@@ -37,7 +38,7 @@ def stream_chat(d):
 
 
 def test_request_is_translated_both_ways(mock):
-    body = run(deployment(mock), lambda d: d.request("chat", {**CHAT, "stop": "zulu", "temperature": 0.5}))
+    body = run(deployment(mock), lambda d: d.request(typed("chat", {**CHAT, "stop": "zulu", "temperature": 0.5})))
     assert body["object"] == "chat.completion" and body["model"] == UPSTREAM_MODEL
     assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": REPLY},
                                   "finish_reason": "length"}
@@ -57,7 +58,7 @@ def test_request_is_translated_both_ways(mock):
 
 def test_stop_sequence_and_default_max_tokens(mock):
     body = run(deployment(mock, default_max_tokens=5),
-               lambda d: d.request("chat", {"messages": MESSAGES[2:3], "stop": ["delta"]}))
+               lambda d: d.request(typed("chat", {"messages": MESSAGES[2:3], "stop": ["delta"]})))
     assert mock.requests[0].body["max_tokens"] == 5
     assert body["choices"][0]["message"]["content"] == REPLY and body["choices"][0]["finish_reason"] == "stop"
 
@@ -73,7 +74,7 @@ def test_stream_yields_role_content_finish_then_usage(mock):
 
 
 def test_only_chat_is_served(mock):
-    error, _ = fails(deployment(mock), lambda d: d.request("completions", {"prompt": "x"}))
+    error, _ = fails(deployment(mock), lambda d: d.request(typed("completions", {"prompt": "x"})))
     assert error.kind is ErrorKind.INVALID_REQUEST and not mock.requests
 
 
@@ -138,13 +139,13 @@ def test_error_event_mid_stream():
 
 
 def test_images_and_unsupported_roles():
-    request = to_messages_request({"messages": [{"role": "user", "content": [
+    request = to_messages_request(typed("chat", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-        {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]}, "c", 10)
+        {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]}).body, "c", 10)
     assert [block["source"] for block in request["messages"][0]["content"]] == [
         {"type": "base64", "media_type": "image/png", "data": "AAAA"}, {"type": "url", "url": "https://x/cat.png"}]
     with pytest.raises(InferdError) as info:
-        to_messages_request({"messages": [{"role": "tool", "content": "42"}]}, "c", 10)
+        to_messages_request(typed("chat", {"messages": [{"role": "tool", "content": "42"}]}).body, "c", 10)
     assert info.value.kind is ErrorKind.INVALID_REQUEST and info.value.param == "messages[0].role"
     with pytest.raises(InferdError, match="n must be 1"):
-        to_messages_request({"n": 2, "messages": []}, "c", 10)
+        to_messages_request(typed("chat", {"n": 2, "messages": [{"role": "user", "content": "hi"}]}).body, "c", 10)

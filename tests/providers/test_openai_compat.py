@@ -13,6 +13,7 @@ from inferd.providers.openai_compat import OpenAICompatConfig, OpenAICompatDeplo
 from inferd.wire.errors import ErrorKind
 from tests.gateway.mock_upstream import WORDS, Fault
 from tests.providers.conftest import FAST, UPSTREAM_MODEL, collect, fails, run
+from tests.typed import typed
 
 CHAT = {"model": "public-name", "max_tokens": 4, "messages": [{"role": "user", "content": "say four words"}]}
 REPLY = " ".join(WORDS[:4])
@@ -26,7 +27,7 @@ def deployment(mock, timeouts: Timeouts = FAST, **config):
 
 
 def chat(d):
-    return d.request("chat", CHAT)
+    return d.request(typed("chat", CHAT))
 
 
 def stream_chat(d):
@@ -46,9 +47,9 @@ def test_request_replaces_model_and_returns_the_body(mock):
 
 def test_completions_and_embeddings(mock):
     make = deployment(mock, endpoints=frozenset({"completions", "embeddings"}), headers={"x-team": "a"})
-    text = run(make, lambda d: d.request("completions", {"model": "m", "prompt": "a b", "max_tokens": 2}))
+    text = run(make, lambda d: d.request(typed("completions", {"model": "m", "prompt": "a b", "max_tokens": 2})))
     assert text["choices"][0]["text"] == "alpha bravo"
-    vectors = run(make, lambda d: d.request("embeddings", {"model": "m", "input": ["x", "y z"]}))
+    vectors = run(make, lambda d: d.request(typed("embeddings", {"model": "m", "input": ["x", "y z"]})))
     assert len(vectors["data"]) == 2 and vectors["usage"]["prompt_tokens"] == 3
     assert "stream" not in mock.requests[-1].body and mock.requests[-1].headers["x-team"] == "a"
     error, _ = fails(make, chat)

@@ -7,6 +7,7 @@ import pytest
 from inferd.gateway.config import parse_config
 from inferd.tenancy import estimate
 from inferd.tenancy.prices import FREE, Price, PriceBook
+from tests.typed import typed
 
 
 def config():
@@ -49,11 +50,11 @@ def test_price_spec_needs_one_complete_form():
 def test_estimates():
     chat = {"messages": [{"role": "system", "content": "héllo"},
                          {"role": "user", "content": [{"type": "text", "text": "abc"}]}], "max_tokens": 7, "n": 2}
-    assert estimate.prompt_bound("chat", chat) == 64 + (6 + 8) + (3 + 8)
-    assert estimate.output_bound("chat", chat) == 14
-    assert estimate.output_bound("chat", {"messages": []}, default_max_output=512) == 512
-    assert estimate.prompt_bound("completions", {"prompt": [1, 2, 3]}) == 3
-    assert estimate.prompt_bound("completions", {"prompt": ["ab", "cde"]}) == 5
-    assert estimate.output_bound("completions", {"prompt": ["ab", "cde"], "max_tokens": 4}) == 8
-    assert estimate.prompt_bound("embeddings", {"input": [[1, 2], [3]]}) == 3
-    assert estimate.output_bound("embeddings", {"input": "x"}) == 0
+    assert estimate.prompt_bound(typed("chat", chat)) == 64 + (6 + 8) + (3 + 8)
+    assert estimate.output_bound(typed("chat", chat)) == 14
+    assert estimate.output_bound(typed("chat", {"messages": [{"role": "user", "content": "x"}]}), default_max_output=512) == 512
+    assert estimate.prompt_bound(typed("completions", {"prompt": [1, 2, 3]})) == 3
+    assert estimate.prompt_bound(typed("completions", {"prompt": ["ab", "cde"]})) == 5
+    assert estimate.output_bound(typed("completions", {"prompt": ["ab", "cde"], "max_tokens": 4})) == 8
+    assert estimate.prompt_bound(typed("embeddings", {"input": [[1, 2], [3]]})) == 3
+    assert estimate.output_bound(typed("embeddings", {"input": "x"})) == 0

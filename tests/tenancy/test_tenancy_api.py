@@ -21,6 +21,7 @@ import yaml
 
 from inferd.tenancy.estimate import prompt_bound
 from tests.api.conftest import ROOT, ServerProc, wait_for
+from tests.typed import typed
 
 ADMIN = "admin-secret-key"
 PRICE = {"input": 100.0, "output": 1000.0}  # USD per million tokens: a request costs around a cent
@@ -108,7 +109,7 @@ def test_team_limit_applies_to_all_its_keys(srv):
 
 def test_tokens_per_minute_counts_the_worst_case_and_refunds_the_rest(srv):
     body = chat(100)
-    bound = prompt_bound("chat", body) + 100  # what each request reserves
+    bound = prompt_bound(typed("chat", body)) + 100  # what each request reserves
     probe = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=admin(srv)).json()["usage"]
     used = probe["total_tokens"]  # what each settles at: the difference goes back to the bucket
     tpm = 2 * used + bound + 5  # three fit only thanks to the refunds; without them, two
@@ -138,7 +139,7 @@ def test_parallel_limit(srv):
 def test_budget_holds_under_200_parallel_requests(srv):
     body = chat(8)
     # worst case of one request: the prompt bound at the input price, 8 output tokens at the output price
-    worst = (prompt_bound("chat", body) * PRICE["input"] + 8 * PRICE["output"]) / 1e6
+    worst = (prompt_bound(typed("chat", body)) * PRICE["input"] + 8 * PRICE["output"]) / 1e6
     budget = 50 * worst
     key = new_key(srv, "budget", budget_usd=budget, budget_period="daily")
     responses = asyncio.run(_fire(srv, key, 200, body))

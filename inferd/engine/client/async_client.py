@@ -60,6 +60,7 @@ class RequestMetrics:
 
     arrival: float
     num_prompt_tokens: int
+    request_id: str = ""
     scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
@@ -126,6 +127,7 @@ class AsyncEngine:
         self.stats = ipc.Stats()
         self._draining = False
         self._streams: dict[str, _Stream] = {}
+        self._reused = 0  # suffixes handed out by `_unique`
         self._link = ProcessLink("engine core", "engine", ipc.FromEngineCore, on_message=self._on_message,
                                  fail_all=self._fail_all, log=log)
 
@@ -192,7 +194,8 @@ class AsyncEngine:
         worse priority (vLLM's convention; batch work runs at 10, interactive at 0).
         """
         self.check_accepting(params.n)
-        metrics = RequestMetrics(time.monotonic(), len(prompt_ids))
+        request_id = self._unique(request_id)
+        metrics = RequestMetrics(time.monotonic(), len(prompt_ids), request_id)
         children = self._processor.add_request(request_id, prompt_text, list(prompt_ids), params)
         stream = self._streams[request_id] = _Stream(params.n, metrics)
         if not self._link.send(ipc.AddRequest(request_id, list(prompt_ids), children, priority)):
@@ -208,6 +211,14 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def _unique(self, request_id: str) -> str:
+        """`request_id`, or, while a request of that id is still in flight (a client that sends its
+        own ids may reuse one), the id with a suffix: the log lines still name the client's id."""
+        if request_id not in self._streams:
+            return request_id
+        self._reused += 1
+        return f"{request_id}~{self._reused}"
 
     def abort(self, request_id: str) -> None:
         """Stop a request: the core frees its KV blocks; its stream ends."""
@@ -229,6 +240,10 @@ class AsyncEngine:
 
     def _request_done(self, m: RequestMetrics) -> None:
         m.finished = time.monotonic()
+        log.debug("request %s finished (%s): %d prompt tokens, %d generated, first token after %s, %.1f ms",
+                  m.request_id, ",".join(m.finish_reasons), m.num_prompt_tokens, m.num_generation_tokens,
+                  "-" if m.first_token is None else f"{(m.first_token - m.arrival) * 1000:.1f} ms",
+                  (m.finished - m.arrival) * 1000)
         if self.on_request_done is not None:
             try:
                 self.on_request_done(m)

@@ -2,7 +2,10 @@
 
 The cache tensors live with the model runner; this module hands out block ids.
 A request owns `ceil(num_computed_tokens / block_size)` blocks (its block table),
-appended as it grows and released at once on finish, abort or preemption.
+appended as it grows and released at once on finish, abort or preemption. The
+manager is the only writer of a request's block fields (`block_ids`,
+`block_hashes`, `num_cached_blocks`) and never writes its progress: it says how
+many tokens a cached prefix holds, and the scheduler counts them as computed.
 
 Prefix caching: once a block is full, it is identified by a hash chained to its
 parent block's hash (sha256 over the parent digest and the block's token ids),
@@ -67,7 +70,7 @@ class KVCacheManager:
 
     def attach_cached_prefix(self, req: Request) -> int:
         """Give a request with nothing computed the cached blocks of its longest cached
-        prefix; returns the number of tokens they hold (now counted as computed)."""
+        prefix; returns the number of tokens they hold, which the scheduler counts as computed."""
         if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return 0  # prompt logprobs need every prompt position computed
         # at least the last token is always computed, to get logits to sample from
@@ -83,11 +86,8 @@ class KVCacheManager:
             self._ref(block)
         req.block_ids = hit
         req.num_cached_blocks = len(hit)
-        req.num_computed_tokens = len(hit) * self.block_size
-        if req.num_preemptions == 0:  # usage reports what the first admission found
-            req.num_cached_tokens = req.num_computed_tokens
-        self.prefix_hits += req.num_computed_tokens
-        return req.num_computed_tokens
+        self.prefix_hits += len(hit) * self.block_size
+        return len(hit) * self.block_size
 
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         total = req.num_computed_tokens + num_new_tokens

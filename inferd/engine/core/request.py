@@ -37,12 +37,12 @@ class Request:
         self.token_ids: list[int] = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        # the KV cache manager's alone: the block table, the chained hashes of full blocks,
+        # and how many of the table are registered in the prefix cache
         self.block_ids: list[int] = []
-        # prefix caching: chained hashes of full blocks, how many of the block table
-        # are registered in the cache, and prompt tokens served from it
         self.block_hashes: list[bytes] = []
         self.num_cached_blocks = 0
-        self.num_cached_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (for usage)
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.finish_reason: str | None = None

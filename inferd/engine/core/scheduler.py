@@ -210,7 +210,9 @@ class Scheduler:
                 preempted.append(self._preempt_worst())
                 continue
             if req.num_computed_tokens == 0:
-                kv.attach_cached_prefix(req)
+                req.num_computed_tokens = kv.attach_cached_prefix(req)
+                if req.num_preemptions == 0:  # usage reports what the first admission found
+                    req.num_cached_tokens = req.num_computed_tokens
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not kv.allocate(req, n):
                 kv.free(req)  # let go of any cached prefix while it waits (or retries)
