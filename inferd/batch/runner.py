@@ -224,6 +224,8 @@ class BatchRunner:
             if who is None:  # an open server's batch: the ledger row has no key
                 meter.row.team = c.team
             answer = await self.gateway.request(typed, route)
+            if "id" in answer:  # a remote provider's answer carries the upstream's own
+                answer["id"] = typed.response_id
             meter.usage(answer.get("usage"))
             ok, status, payload = True, 200, answer
         except Exception as e:  # noqa: BLE001 - a failed line is a result, written to the error file

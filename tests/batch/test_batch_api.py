@@ -102,6 +102,8 @@ def test_lifecycle_with_partial_failures_and_billing(srv):
     assert len(billed) == 10
     for o in out:
         row = billed[o["response"]["request_id"]]
+        assert o["id"] == o["response"]["request_id"]  # one id: the line's, the ledger row's, the body's
+        assert o["response"]["body"]["id"].endswith("-" + row.request_id)
         usage = o["response"]["body"]["usage"]
         assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
         full = (usage["prompt_tokens"] * PRICE["input"] + usage["completion_tokens"] * PRICE["output"]) / 1e6
