@@ -38,6 +38,8 @@ class SamplingParams:
     logprobs: int | None = None          # top-N alternatives per sampled token
     prompt_logprobs: int | None = None   # top-N alternatives per prompt token
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    grammar: str | None = None           # an llguidance grammar the output must match (engine/structured.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -84,6 +86,11 @@ class SamplingParams:
                 bad(name, f"must be an integer in [0, 20], got {v!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or token < 0:
+                bad("logit_bias", f"keys must be token ids (non-negative integers), got {token!r}")
+            if not -100 <= bias <= 100:
+                bad("logit_bias", f"values must be in [-100, 100], got {bias} for token {token}")
 
     @property
     def greedy(self) -> bool:

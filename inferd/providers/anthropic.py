@@ -15,7 +15,8 @@ Errors: the API's `{"type": "error", "error": {"type", "message"}}` bodies, as
 responses or as `error` events mid-stream, map through `classify_status`;
 `overloaded_error` (HTTP 529) is `OVERLOADED` with status 503, a prompt that is too
 long is `CONTEXT_LENGTH`, output blocked by the content filter is `CONTENT_POLICY`,
-with OpenAI's codes for the last two. Tool calls are not translated.
+with OpenAI's codes for the last two. Structured output, `logit_bias` and tools have
+no translation here and are refused with a 400 naming the field, never dropped.
 """
 
 from __future__ import annotations
@@ -95,6 +96,14 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
     """The Messages API request for an OpenAI chat request (without `stream`)."""
     if body.n != 1:
         raise _invalid("n", "Anthropic deployments return one choice; n must be 1")
+    constraint = body.output_constraint()
+    if constraint is not None:
+        raise _invalid(constraint[2], "the Anthropic Messages API has no equivalent; use a local or "
+                       "OpenAI-compatible deployment for structured output")
+    if body.logit_bias:
+        raise _invalid("logit_bias", "the Anthropic Messages API has no equivalent")
+    if body.tools:
+        raise _invalid("tools", "tool calls are not translated for Anthropic deployments yet")
     system: list[str] = []
     messages: list[dict] = []
     for i, message in enumerate(body.messages):

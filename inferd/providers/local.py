@@ -21,6 +21,7 @@ from inferd.engine.messages import Stats
 from inferd.engine.sampling_params import InvalidParameterError
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 from inferd.providers.base import Deployment, ModelInfo
+from inferd.providers.constraints import check_grammar
 from inferd.providers.local_chat import LocalChat
 from inferd.providers.local_completions import LocalCompletion
 from inferd.wire.errors import ErrorKind, InferdError
@@ -119,11 +120,15 @@ class LocalEngineDeployment(Deployment):
 
     async def request(self, request: InferenceRequest) -> dict:
         with classified():
-            return await self._run(request).response()
+            run = self._run(request)
+            await check_grammar(run.params.grammar, run.constraint_param)
+            return await run.response()
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
         with classified():
-            chunks = self._run(request).stream()
+            run = self._run(request)
+            await check_grammar(run.params.grammar, run.constraint_param)
+            chunks = run.stream()
             try:
                 async for chunk in chunks:
                     yield chunk

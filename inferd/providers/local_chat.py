@@ -20,6 +20,7 @@ import jinja2
 from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
+from inferd.providers.constraints import output_grammar
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.request import InferenceRequest
@@ -89,7 +90,8 @@ class LocalChat:
         self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt)
         max_tokens = body.output_limit
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs)
+        grammar, self.constraint_param = output_grammar(body)
+        self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs, grammar)
         engine.check_accepting(self.params.n)
         self.id = request.response_id
         self.created = int(time.time())

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import Tokenizer
+from inferd.providers.constraints import output_grammar
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.providers.local_chat import invalid, prompt_logprobs_field
 from inferd.wire.request import InferenceRequest
@@ -50,7 +51,8 @@ class LocalCompletion:
         prompt_lp = body.prompt_logprobs
         if prompt_lp is None and body.echo and body.logprobs is not None:
             prompt_lp = body.logprobs
-        self.params = body.sampling_params(body.max_tokens, body.logprobs, prompt_lp)
+        grammar, self.constraint_param = output_grammar(body)
+        self.params = body.sampling_params(body.max_tokens, body.logprobs, prompt_lp, grammar)
         engine.check_accepting(self.params.n * len(self.prompts))
         self.id = request.response_id
         self.created = int(time.time())

@@ -23,6 +23,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError
 
+from inferd.engine.sampling_params import InvalidParameterError
+from inferd.wire.errors import invalid
 from inferd.wire.schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, validation_error
 
 Endpoint = Literal["chat", "completions", "embeddings"]
@@ -97,4 +99,10 @@ def parse_request(endpoint: Endpoint, raw: Mapping[str, Any], *, request_id: str
         body = _SCHEMAS[endpoint].model_validate(raw)
     except ValidationError as e:
         raise validation_error(e) from None
+    if endpoint != "embeddings":
+        try:  # what pydantic cannot see field by field: one output constraint at most, token-id keys
+            body.output_constraint()
+            body.token_bias()
+        except InvalidParameterError as e:
+            raise invalid(str(e), e.param) from None
     return InferenceRequest(endpoint, body, raw, request_id, caller, batch_id)

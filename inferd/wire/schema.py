@@ -43,6 +43,28 @@ class StreamOptions(WireModel):
     continuous_usage_stats: bool = False  # vLLM's: the running usage in every chunk
 
 
+class JSONSchemaFormat(WireModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(WireModel):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _SamplingRequest(WireModel):
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -68,11 +90,52 @@ class _SamplingRequest(WireModel):
     prompt_logprobs: int | None = Field(None, ge=-_I32, le=_I32)
     # vLLM's scheduling extra: lower is scheduled sooner; the Batch API runs at 10
     priority: int = Field(0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT, strict=True)
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def output_constraint(self) -> tuple[str, Any, str] | None:
+        """(kind, spec, parameter) of what the output must match, if anything (engine/structured.py's
+        kinds); a 400 when the request names two constraints or a malformed one."""
+        found: list[tuple[str, Any, str]] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(("json_object", None, "response_format"))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise InvalidParameterError("response_format", "json_schema.schema is required for type "
+                                            "json_schema")
+            found.append(("json", fmt.json_schema.schema_, "response_format"))
+        so = self.structured_outputs
+        if so is not None:
+            named = [(kind, value) for kind, value in (("json", so.json_), ("regex", so.regex),
+                     ("choice", so.choice), ("grammar", so.grammar), ("json_object", so.json_object or None))
+                     if value is not None]
+            found += [(kind, value, "structured_outputs") for kind, value in named]
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                found.append((kind, value, f"guided_{kind}"))
+        if len(found) > 1:
+            raise InvalidParameterError(found[1][2], "give one output constraint, not several ("
+                                        + ", ".join(sorted({f[2] for f in found})) + ")")
+        return found[0] if found else None
+
+    def token_bias(self) -> dict[int, float] | None:
+        """`logit_bias` with its keys as token ids (OpenAI sends them as strings)."""
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError:
+            raise InvalidParameterError("logit_bias", "keys must be token ids") from None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None) -> SamplingParams:
-        if self.logit_bias:
-            raise InvalidParameterError("logit_bias", "is not supported")
+                        prompt_logprobs: int | None, grammar: str | None = None) -> SamplingParams:
         if any(not -_I32 <= t <= _I32 for t in self.stop_token_ids or []):
             raise InvalidParameterError("stop_token_ids", "values must be 32-bit integers")
 
@@ -88,7 +151,7 @@ class _SamplingRequest(WireModel):
             min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, logit_bias=self.token_bias(), grammar=grammar)
 
     @property
     def include_usage(self) -> bool:

@@ -149,3 +149,13 @@ def test_images_and_unsupported_roles():
     assert info.value.kind is ErrorKind.INVALID_REQUEST and info.value.param == "messages[0].role"
     with pytest.raises(InferdError, match="n must be 1"):
         to_messages_request(typed("chat", {"n": 2, "messages": [{"role": "user", "content": "hi"}]}).body, "c", 10)
+
+
+@pytest.mark.parametrize("extra,param", [({"response_format": {"type": "json_object"}}, "response_format"),
+                                         ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+                                         ({"logit_bias": {"5": 1}}, "logit_bias")])
+def test_what_has_no_translation_is_refused_not_dropped(extra, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(InferdError) as info:
+        to_messages_request(typed("chat", body).body, "c", 10)
+    assert info.value.status == 400 and info.value.param == param

@@ -7,12 +7,14 @@ process and exchange small typed messages with the API process.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 
 import torch
 
 from inferd.engine.config import EngineConfig
+from inferd.engine.core.guidance import GrammarCompiler
 from inferd.engine.core.kv_cache import KVCacheManager
 from inferd.engine.core.model_runner import ModelRunner
 from inferd.engine.core.request import Request
@@ -57,6 +59,8 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv)
+        self.grammars = GrammarCompiler(ckpt.tokenizer, mc.vocab_size, eos_token_ids)
+        self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
                                   TorchAttentionBackend(), self.device)
 
@@ -82,10 +86,14 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0) -> None:
-        """Queue a request; `priority`: lower is scheduled sooner (see engine/core/scheduler.py)."""
+        """Queue a request; `priority`: lower is scheduled sooner (see engine/core/scheduler.py). A
+        constrained one waits for its grammar to compile (on a worker thread) before it is scheduled."""
         self.validate(prompt_token_ids, params, priority)
-        self.scheduler.add(Request(request_id, list(prompt_token_ids), params, self.eos_token_ids,
-                                   priority=priority))
+        req = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids, priority=priority)
+        if params.grammar is None:
+            self.scheduler.add(req)
+        else:
+            self._compiling[request_id] = (req, self.grammars.submit(params.grammar))
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -97,6 +105,9 @@ class EngineCore:
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise InvalidParameterError("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab})")
         if n + (params.max_tokens or 0) > self.max_model_len or n >= self.max_model_len:
             raise InvalidParameterError(
                 "max_tokens" if n < self.max_model_len else "prompt",
@@ -104,15 +115,48 @@ class EngineCore:
                 f"has {n} tokens and max_tokens is {params.max_tokens}")
 
     def abort(self, request_id: str) -> bool:
+        pending = self._compiling.pop(request_id, None)
+        if pending is not None:
+            pending[1].cancel()
+            return True
         return self.scheduler.abort(request_id)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._compiling)
+
+    @property
+    def compiling(self) -> set[str]:
+        """Requests still waiting for their grammar."""
+        return set(self._compiling)
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Schedule the requests whose grammar is ready; end those whose grammar failed (the edge checks
+        grammars with the same compiler and limits, so this is not expected)."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_unfinished:  # nothing else to run: wait a little for a compile
+            concurrent.futures.wait([f for _, f in self._compiling.values()], timeout=0.01,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        failed = []
+        for rid, (req, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[rid]
+            try:
+                req.matcher = future.result()
+            except Exception as e:  # noqa: BLE001 - a grammar the edge let through: end this request only
+                log.error("request %s: its grammar did not compile in the engine: %s", rid, e)
+                failed.append(EngineCoreOutput(rid, [], finish_reason="abort",
+                                               num_prompt_tokens=req.num_prompt_tokens))
+                continue
+            self.scheduler.add(req)
+        return failed
 
     def step(self) -> list[EngineCoreOutput]:
+        failed = self._admit_compiled()
         out = self.scheduler.schedule()
         if not out.requests:
-            return []
+            return failed
         result = self.runner.execute(out)
-        return self.scheduler.update(out, result)
+        return failed + self.scheduler.update(out, result)

@@ -120,7 +120,7 @@ class _CoreLoop:
             return
         scheduled = []
         if self.queued:
-            waiting = {r.request_id for r in self.core.scheduler.waiting}
+            waiting = {r.request_id for r in self.core.scheduler.waiting} | self.core.compiling
             for cid in [c for c in self.queued if c not in waiting]:
                 scheduled.append((self.queued.pop(cid), started))
         self.link.send(Outputs(outputs, scheduled, self.stats()))

@@ -50,6 +50,9 @@ class Request:
         # prompt logprobs already produced (for positions 1..num_prompt_tokens-1);
         # kept across preemption so recomputation does not report them twice
         self.num_prompt_logprobs_done = 0
+        # an llguidance matcher when the output is constrained (engine/core/guidance.py), advanced
+        # by each sampled token; preemption keeps it, since the tokens it has seen stay
+        self.matcher = None
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:
             self.generator = torch.Generator()

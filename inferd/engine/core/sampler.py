@@ -2,8 +2,9 @@
 
 Order of operations (as vLLM): logprobs are taken from the raw model logits;
 then penalties (repetition on prompt+output, frequency/presence on output),
-min_tokens masking of stop ids, then greedy argmax or temperature / top-k / top-p /
-min-p filtering and sampling.
+`logit_bias`, the grammar's mask for constrained requests (engine/core/guidance.py),
+min_tokens masking of stop ids (never down to nothing: the grammar wins), then
+greedy argmax or temperature / top-k / top-p / min-p filtering and sampling.
 
 Sampling draws exponential noise `q` and picks `argmax(p / q)`, which is an exact
 sample from `p`. A seeded request draws its noise from its own generator, one row
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from inferd.engine.core.guidance import apply_masks
 from inferd.engine.core.request import Request
 from inferd.engine.messages import PositionLogprobs
 
@@ -25,6 +27,8 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[P
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
 
     logits = _apply_penalties(logits, reqs)
+    logits = _apply_logit_bias(logits, reqs)
+    logits = apply_masks(logits, [r.matcher for r in reqs])
     logits = _mask_early_stops(logits, reqs)
 
     tokens = torch.empty(len(reqs), dtype=torch.long)
@@ -78,6 +82,14 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     return logits
 
 
+def _apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    for i, r in enumerate(reqs):
+        if r.params.logit_bias:
+            ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long)
+            logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype)
+    return logits
+
+
 def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     for i, r in enumerate(reqs):
         if r.num_output_tokens < r.params.min_tokens:
@@ -85,7 +97,7 @@ def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor
             if not r.params.ignore_eos:
                 stop_ids |= r.eos_token_ids
             ids = [t for t in stop_ids if t < logits.shape[-1]]
-            if ids:
+            if ids and (r.matcher is None or int(torch.isfinite(logits[i]).sum()) > len(ids)):
                 logits[i, ids] = float("-inf")
     return logits
 

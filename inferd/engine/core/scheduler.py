@@ -277,6 +277,11 @@ class Scheduler:
         core_out.new_token_ids.append(token)
         if req.request_id in result.logprobs:
             core_out.new_logprobs = [result.logprobs[req.request_id]]
+        if req.matcher is not None and token not in req.eos_token_ids:
+            if not req.matcher.consume_token(token) or req.matcher.is_stopped():
+                # the grammar is complete (nothing but EOS could follow), or, with the mask applied,
+                # a state that cannot happen: either way this answer ends here
+                return self._finish(req, "stop" if not req.matcher.is_error() else "abort", core_out)
         n_out = req.num_output_tokens
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:

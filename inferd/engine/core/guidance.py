@@ -1,0 +1,91 @@
+"""Constrained decoding in the engine core: grammar matchers, compiled off the step loop, and their masks.
+
+`GrammarCompiler` builds one llguidance matcher per constrained request on a
+worker thread (llguidance releases the GIL while it compiles), so a large schema
+never stalls the step loop; compiled grammars are kept by their text (a new
+request with the same schema copies the compiled one instead of compiling it
+again). The llguidance tokenizer is built from the model's own `tokenizers` JSON
+once, on first use.
+
+In a step, `apply_masks` writes each constrained row's allowed-token bitmask and
+sets every other logit to -inf; rows without a grammar are not touched, so
+unconstrained requests in the same batch pay nothing. The scheduler advances a
+request's matcher by the token that was sampled (`Request.matcher`), and a
+grammar that admits nothing more ends the request with `stop`; EOS is in the
+mask only where the grammar accepts, so an answer cut by `max_tokens` ends with
+`length` and never claims to be complete. Matchers can roll back tokens, which
+is what checking a run of speculative draft tokens needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+
+import torch
+
+from inferd.engine.structured import limits
+from inferd.models.checkpoint import TokenizerSpec
+
+_CACHE_SIZE = 128
+
+
+class GrammarCompiler:
+    def __init__(self, spec: TokenizerSpec, vocab_size: int, eos_token_ids: list[int]):
+        self._spec, self._vocab_size, self._eos = spec, vocab_size, list(eos_token_ids)
+        self._tokenizer = None
+        self._lock = threading.Lock()
+        self._compiled: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inferd-grammar")
+
+    @property
+    def tokenizer(self):
+        with self._lock:
+            if self._tokenizer is None:
+                from llguidance import LLTokenizer
+
+                self._tokenizer = LLTokenizer(self._spec.tokenizer_json, n_vocab=self._vocab_size,
+                                              eos_token=self._eos)
+            return self._tokenizer
+
+    def submit(self, grammar: str) -> concurrent.futures.Future:
+        """A future of a fresh matcher for `grammar` (its exception: why it does not compile)."""
+        return self._pool.submit(self.matcher, grammar)
+
+    def matcher(self, grammar: str):
+        from llguidance import LLMatcher
+
+        with self._lock:
+            template = self._compiled.get(grammar)
+            if template is not None:
+                self._compiled.move_to_end(grammar)
+        if template is None:
+            template = LLMatcher(self.tokenizer, grammar, log_level=0, limits=limits())
+            if template.is_error():
+                raise ValueError(template.get_error())
+            with self._lock:
+                self._compiled[grammar] = template
+                while len(self._compiled) > _CACHE_SIZE:
+                    self._compiled.popitem(last=False)
+        return template.deep_copy()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def apply_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
+    """Keep only the grammar-allowed tokens of each row whose matcher is not None."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    words = (vocab + 31) // 32
+    bitmask = torch.empty(len(rows), words, dtype=torch.int32)
+    for j, i in enumerate(rows):
+        row = bitmask[j]
+        matchers[i].unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = bits.reshape(len(rows), words * 32)[:, :vocab].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    return logits
