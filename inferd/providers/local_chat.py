@@ -20,6 +20,8 @@ import jinja2
 from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
+from inferd.engine.structured import grammar_for
+from inferd.providers import local_tools
 from inferd.providers.constraints import output_grammar
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.wire.errors import ErrorKind, InferdError
@@ -31,8 +33,10 @@ def invalid(message: str, param: str | None) -> InferdError:
     return InferdError(ErrorKind.INVALID_REQUEST, message, status=400, param=param)
 
 
-def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """Render chat messages with the model's template and tokenize them (text parts only)."""
+def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool,
+                    request: ChatCompletionRequest | None = None) -> list[int]:
+    """Render chat messages with the model's template and tokenize them (text parts only); with the
+    `request` they came in, its tools and earlier tool calls too (providers/local_tools.py)."""
     messages = []
     for i, m in enumerate(chat):
         content = m.content
@@ -48,8 +52,11 @@ def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prom
         if m.name:
             msg["name"] = m.name
         messages.append(msg)
+    extra = {}
+    if request is not None:
+        messages, extra = local_tools.template_messages(request, messages, "tools" in (tok.spec.chat_template or ""))
     try:
-        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
     except ChatTemplateError:
         raise
     except (jinja2.TemplateError, TypeError, ValueError) as e:
@@ -82,15 +89,16 @@ class LocalChat:
 
     def __init__(self, engine: AsyncEngine, request: InferenceRequest, model: str):
         body: ChatCompletionRequest = request.body
-        if body.tools:
-            raise invalid("tools are not supported by this model", "tools")
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs: requires logprobs to be true", "top_logprobs")
         self.engine, self.request, self.body, self.model = engine, request, body, model
-        self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt)
+        self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt, body)
+        self.tools = local_tools.active(body)
         max_tokens = body.output_limit
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         grammar, self.constraint_param = output_grammar(body)
+        if self.tools:
+            grammar, self.constraint_param = grammar_for("grammar", local_tools.grammar(body), "tools"), "tools"
         self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs, grammar)
         engine.check_accepting(self.params.n)
         self.id = request.response_id
@@ -105,8 +113,12 @@ class LocalChat:
         [final] = await final_outputs(self._start())
         choices = []
         for o in final.outputs:
-            choice = {"index": o.index, "message": {"role": "assistant", "content": o.text},
-                      "logprobs": None, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+            message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
+            if self.tools:
+                message, called = local_tools.message(o.text)
+                finish = "tool_calls" if called and finish == "stop" else finish
+            choice = {"index": o.index, "message": message,
+                      "logprobs": None, "finish_reason": finish, "stop_reason": o.stop_reason}
             if self.body.logprobs:
                 choice["logprobs"] = {"content": chat_logprobs(o.token_ids, o.logprobs or [], self.top_n)}
             choices.append(choice)
@@ -127,6 +139,7 @@ class LocalChat:
         streams = self._start()
         firsts = await first_outputs(streams)  # admission errors raise here, before any chunk
         finished: set[int] = set()
+        calls = [local_tools.CallStream() for _ in range(body.n)] if self.tools else None
         completion_tokens = cached_tokens = generated = 0
         yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                            "logprobs": None, "finish_reason": None} for i in range(body.n)])
@@ -138,10 +151,15 @@ class LocalChat:
                 if finish:
                     finished.add(o.index)
                 lps = chat_logprobs(o.token_ids_delta, o.logprobs_delta, self.top_n) if body.logprobs else []
-                if not (o.text_delta or lps or finish):
+                delta = {"content": o.text_delta} if o.text_delta else {}
+                if calls is not None:
+                    delta = local_tools.merged(calls[o.index].feed(o.text_delta, final=bool(finish)))
+                    if finish == "stop" and calls[o.index].has_calls:
+                        finish = "tool_calls"
+                if not (delta or lps or finish):
                     continue
                 choices.append({"index": o.index,
-                                "delta": {"content": o.text_delta} if o.text_delta else {},
+                                "delta": delta,
                                 "logprobs": {"content": lps} if body.logprobs else None,
                                 "finish_reason": finish,
                                 "stop_reason": o.stop_reason if finish else None})

@@ -37,7 +37,7 @@ def prompt_bound(request: InferenceRequest) -> int:
     if request.endpoint == "chat":
         tokens = _TEMPLATE_ALLOWANCE + sum(_text_bytes(m.content) + _PER_MESSAGE for m in body.messages)
         if body.tools:
-            tokens += len(json.dumps(body.tools).encode())
+            tokens += len(json.dumps([tool.model_dump(exclude_none=True) for tool in body.tools]).encode())
         return tokens
     if request.endpoint == "completions":
         return _text_bytes(body.prompt)

@@ -103,6 +103,8 @@ def parse_request(endpoint: Endpoint, raw: Mapping[str, Any], *, request_id: str
         try:  # what pydantic cannot see field by field: one output constraint at most, token-id keys
             body.output_constraint()
             body.token_bias()
+            if endpoint == "chat":
+                body.check_tools()
         except InvalidParameterError as e:
             raise invalid(str(e), e.param) from None
     return InferenceRequest(endpoint, body, raw, request_id, caller, batch_id)

@@ -195,10 +195,44 @@ def content_text(content: str | list[ContentPart] | None) -> str:
     return "".join((part.text or "") if part.type == "text" else f"<{part.type}>" for part in content)
 
 
+class FunctionCall(WireModel):
+    name: str
+    arguments: str = "{}"  # a JSON object, as text (OpenAI's form)
+
+
+class ToolCall(WireModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(WireModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(WireModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None           # a tool message: the call it answers
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -209,8 +243,24 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=_I32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=-_I32, le=_I32)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = Field(None, max_length=512)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
+
+    def check_tools(self) -> None:
+        """What a tool request must hold beyond its fields' shapes (InvalidParameterError otherwise)."""
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise InvalidParameterError("tools", "function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidParameterError("tool_choice", f"names {choice.function.name!r}, which is not in tools")
+        if choice == "required" and not names:
+            raise InvalidParameterError("tool_choice", "'required' needs tools")
+        if self.tools and self.output_constraint() is not None:
+            raise InvalidParameterError("tools", "cannot be combined with an output constraint "
+                                        "(response_format, structured_outputs)")
 
     @property
     def output_limit(self) -> int | None:

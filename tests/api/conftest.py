@@ -137,6 +137,16 @@ def server(tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def embedded():
+    """`inferd serve` on the embedded SmolLM2-135M-Instruct: for what needs a model that follows instructions."""
+    from inferd.models.default_model import default_model_path
+
+    srv = ServerProc(default_model_path(), "--max-model-len", "2048", "--kv-cache-bytes", "256MiB").wait_ready(timeout=180)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_long(tmp_path_factory):
     """The tiny Llama with a 4096-token context: long generations take seconds, not ms."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-long"), "llama", max_position_embeddings=4096)

@@ -19,8 +19,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from inferd.models.default_model import default_model_path
-from tests.api.conftest import MODEL, ServerProc
+from tests.api.conftest import MODEL
 
 
 class Color(str, Enum):
@@ -55,13 +54,6 @@ class Verdict(BaseModel):
 
 SCHEMAS = [(Person, "Invent a person who lives somewhere."), (Inventory, "List what is in a small shop."),
            (Verdict, "Which color is the sky?")]
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    srv = ServerProc(default_model_path(), "--max-model-len", "1024").wait_ready(timeout=180)
-    yield srv
-    srv.stop()
 
 
 def _ask(content: str) -> list[dict]:
