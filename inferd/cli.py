@@ -1,4 +1,4 @@
-"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch`.
+"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch | examples`.
 
 Engine options are shared by every command that loads a model, so `serve` and
 `generate` accept the same flags with the same meaning.
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     from inferd.bench.cli import add_bench_parser
+    from inferd.classic.examples_cli import add_examples_parser
     from inferd.platform.batch_cli import add_batch_parser
     from inferd.platform.keys_cli import add_keys_parsers
     from inferd.platform.usage_cli import add_usage_parser
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_parsers(sub)  # inferd keys ... | teams ...
     add_usage_parser(sub)  # inferd usage
     add_batch_parser(sub)  # inferd batch submit | status | results
+    add_examples_parser(sub)  # inferd examples fraud | recommender
     return parser
 
 

@@ -11,7 +11,8 @@ the exit code is 0.
 
 The app: /v1/completions and /v1/chat/completions (routes_generate.py),
 /v1/embeddings, /v1/files and /v1/batches (with the batch runner in the
-background), /v1/usage, /admin (keys and teams), /v1/models, /health (503 once a
+background), /v1/usage, /admin (keys and teams), the Open Inference Protocol for
+tensor models under /v2 (routes_infer.py), /v1/models, /health (503 once a
 local engine core is gone or draining), /version and /metrics. An ASGI
 middleware gives every response an `X-Request-Id` (the client's, if it sent a
 sane one) and an `x-inferd-overhead-ms` header (time spent in inferd itself,
@@ -40,7 +41,7 @@ from starlette.responses import Response
 
 from inferd import __version__
 from inferd.api import (routes_admin, routes_batches, routes_embeddings, routes_files, routes_generate,
-                        routes_tokenize, routes_usage)
+                        routes_infer, routes_tokenize, routes_usage)
 from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits
 from inferd.api.errors import APIError, install_error_handlers
@@ -128,6 +129,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     app.include_router(routes_usage.router)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
+    app.include_router(routes_infer.router)
+    routes_infer.attach(app, st)
     app.add_middleware(RequestContextMiddleware, authenticator=authenticator)
 
     @app.get("/health")

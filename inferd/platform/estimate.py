@@ -40,6 +40,8 @@ def prompt_bound(endpoint: str, body: dict) -> int:
         return tokens
     if endpoint == "completions":
         return _text_bytes(body.get("prompt"))
+    if endpoint == "infer":
+        return 0  # tensors, not text: priced per prediction
     return _text_bytes(body.get("input"))
 
 
@@ -51,7 +53,7 @@ def _num_prompts(body: dict) -> int:
 
 
 def output_bound(endpoint: str, body: dict, default_max_output: int = DEFAULT_MAX_OUTPUT) -> int:
-    if endpoint == "embeddings":
+    if endpoint in ("embeddings", "infer"):  # no tokens come out of an embedding or a tensor model
         return 0
     limit = output_limit(body)  # the engine's precedence and meaning
     if limit is None:

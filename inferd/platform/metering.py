@@ -3,7 +3,8 @@
 `Metering.begin` estimates the request's worst case (tokens, and cost at the
 dearest deployment that could answer), admits it against the key's and team's
 limits (`quota.admit`, in the store) and returns a `RequestMeter`. The route
-feeds the meter what the client is given: the usage of a whole answer, or the
+feeds the meter what the client is given: the usage of a whole answer (for a
+tensor model, its count of `predictions`), or the
 chunks of a stream (the last usage seen in them; for a stream that ends
 without one, because the client left, the content chunks are counted and the
 row is marked estimated). `finish` prices the usage at the deployment that
@@ -114,12 +115,14 @@ class Metering:
             return False
 
     async def begin(self, principal: Principal | None, endpoint: str, group: str, body: dict, *,
-                    request_id: str | None = None, stream: bool = False, batch_id: str | None = None
-                    ) -> RequestMeter:
-        """Admit a request (QuotaExceeded if a limit refuses it) and start its meter."""
+                    request_id: str | None = None, stream: bool = False, batch_id: str | None = None,
+                    predictions: int = 0) -> RequestMeter:
+        """Admit a request (QuotaExceeded if a limit refuses it) and start its meter; `predictions`:
+        the rows a tensor model is asked to score."""
         prompt = estimate.prompt_bound(endpoint, body)
         output = estimate.output_bound(endpoint, body, self.max_output.get(group, estimate.DEFAULT_MAX_OUTPUT))
-        worst = self.prices.worst(group).cost(prompt, 0, output, batch=batch_id is not None)
+        worst = self.prices.worst(group).cost(prompt, 0, output, batch=batch_id is not None,
+                                              predictions=predictions)
         demand = quota.Demand(tokens=prompt + output, cost_usd=worst)
         now = self.clock()
         model = body.get("model")
@@ -200,6 +203,7 @@ class RequestMeter:
             row.usage_estimated = True
         if not cache_hit:
             price = self.metering.prices.price(row.deployment)
+            predictions = int((self._usage or {}).get("predictions") or 0)
             row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
-                                      batch=row.batch_id is not None)
+                                      batch=row.batch_id is not None, predictions=predictions)
         return row
