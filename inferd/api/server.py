@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import logging
 import re
@@ -122,6 +123,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
     app.state.inferd = st
     install_error_handlers(app)
+    app.include_router(routes_infer.router)  # first: routes are matched in order, and infer calls are the most frequent
+    routes_infer.attach(app, st)
     app.include_router(routes_generate.router)
     app.include_router(routes_embeddings.router)
     app.include_router(routes_tokenize.router)
@@ -129,8 +132,6 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     app.include_router(routes_usage.router)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
-    app.include_router(routes_infer.router)
-    routes_infer.attach(app, st)
     app.add_middleware(RequestContextMiddleware, authenticator=authenticator)
 
     @app.get("/health")
@@ -275,6 +276,10 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
                                    timeout_graceful_shutdown=shutdown_timeout + 5)
         server = _Server(uv_config, on_exit_signal)
         batch_runner.start()
+        # everything loaded so far (torch, the models' modules, the app) lives as long as the
+        # process: moved out of the collector's view, a full collection no longer walks it (under
+        # load one took ~70 ms, the P99 of every request then)
+        gc.freeze()
         await server.serve(sockets=[sock])
         for task in drains:
             await task
