@@ -59,6 +59,56 @@ def _deployments(st: ServerState, name: str, version: str | None = None) -> list
     return found
 
 
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(_HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise TensorError(f"{_HEADER_LENGTH}: must be a number of bytes, got {value[:40]!r}")
+    return int(value)
+
+
+async def infer(request: Request):
+    """POST /v2/models/{name}[/versions/{version}]/infer. A plain Starlette endpoint, not a FastAPI one:
+    the hot path of a tensor model is a few hundred microseconds, and FastAPI's per-request
+    dependency solving would be a third of it."""
+    arrival = time.perf_counter()
+    name, version = request.path_params["name"], request.path_params.get("version")
+    st = state(request)
+    status = 500
+    try:
+        raw = await read_limited(request.stream(), st.body_limits.max_bytes)
+        req = decode_request(raw, _header_length(request))
+        group = _deployments(st, name, version)[0].model_name
+        first = req.inputs[0].shape
+        meter = await st.metering.begin(principal(request), "infer", group, {"model": name},
+                                        request_id=request.state.request_id,
+                                        predictions=first[0] if first else 1)
+        route = request.state.route = Route(name, "infer")
+        work = st.gateway.request("infer" if version is None else f"infer@{version}", {"model": name, "infer": req},
+                                  route)
+        result = await metered(meter, route, work)
+        meter.usage({"predictions": result.rows})
+        body, header_length = encode_result(result)
+        headers = route.headers()
+        if header_length is not None:
+            headers[_HEADER_LENGTH] = str(header_length)
+        status = 200
+        return Response(body, media_type="application/octet-stream" if header_length else "application/json",
+                        headers=headers, background=BackgroundTask(meter.finish, 200, route))
+    except Exception as e:  # noqa: BLE001 - every failure is the protocol's error body
+        response = _error(e)
+        status = response.status_code
+        return response
+    finally:
+        request.app.state.infer_metrics.answered(name, status, time.perf_counter() - arrival)
+
+
+# before the other /v2 routes: routes are matched in order, and infer calls are the hot path
+router.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
+router.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
+
+
 @router.get("/v2")
 async def server_metadata():
     return json_response({"name": "inferd", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -115,52 +165,3 @@ async def model_config(name: str, request: Request, version: str | None = None):
     if batching:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": round(d.max_queue_delay_s * 1e6)}
     return json_response(config)
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(_HEADER_LENGTH)
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise TensorError(f"{_HEADER_LENGTH}: must be a number of bytes, got {value[:40]!r}")
-    return int(value)
-
-
-async def infer(request: Request):
-    """POST /v2/models/{name}[/versions/{version}]/infer. A plain Starlette endpoint, not a FastAPI one:
-    the hot path of a tensor model is a few hundred microseconds, and FastAPI's per-request
-    dependency solving would be a third of it."""
-    arrival = time.perf_counter()
-    name, version = request.path_params["name"], request.path_params.get("version")
-    st = state(request)
-    status = 500
-    try:
-        raw = await read_limited(request.stream(), st.body_limits.max_bytes)
-        req = decode_request(raw, _header_length(request))
-        _deployments(st, name, version)
-        first = req.inputs[0].shape
-        meter = await st.metering.begin(principal(request), "infer", st.gateway.resolve(name).name, {"model": name},
-                                        request_id=request.state.request_id,
-                                        predictions=first[0] if first else 1)
-        route = request.state.route = Route(name, "infer")
-        work = st.gateway.request("infer" if version is None else f"infer@{version}", {"model": name, "infer": req},
-                                  route)
-        result = await metered(meter, route, work)
-        meter.usage({"predictions": result.rows})
-        body, header_length = encode_result(result)
-        headers = route.headers()
-        if header_length is not None:
-            headers[_HEADER_LENGTH] = str(header_length)
-        status = 200
-        return Response(body, media_type="application/octet-stream" if header_length else "application/json",
-                        headers=headers, background=BackgroundTask(meter.finish, 200, route))
-    except Exception as e:  # noqa: BLE001 - every failure is the protocol's error body
-        response = _error(e)
-        status = response.status_code
-        return response
-    finally:
-        request.app.state.infer_metrics.answered(name, status, time.perf_counter() - arrival)
-
-
-router.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
-router.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
