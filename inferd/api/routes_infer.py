@@ -75,13 +75,13 @@ async def infer(request: Request):
     arrival = time.perf_counter()
     name, version = request.path_params["name"], request.path_params.get("version")
     st = state(request)
-    status = 500
+    status, model = 500, ""  # metrics are labelled with served models only, never a name a client made up
     try:
+        model = _deployments(st, name, version)[0].model_name
         raw = await read_limited(request.stream(), st.body_limits.max_bytes)
         req = decode_request(raw, _header_length(request))
-        group = _deployments(st, name, version)[0].model_name
         first = req.inputs[0].shape
-        meter = await st.metering.begin(principal(request), "infer", group, {"model": name},
+        meter = await st.metering.begin(principal(request), "infer", model, {"model": name},
                                         request_id=request.state.request_id,
                                         predictions=first[0] if first else 1)
         route = request.state.route = Route(name, "infer")
@@ -101,7 +101,7 @@ async def infer(request: Request):
         status = response.status_code
         return response
     finally:
-        request.app.state.infer_metrics.answered(name, status, time.perf_counter() - arrival)
+        request.app.state.infer_metrics.answered(model, status, time.perf_counter() - arrival)
 
 
 # before the other /v2 routes: routes are matched in order, and infer calls are the hot path

@@ -14,6 +14,7 @@ to `on_batch` as a `BatchRecord` (rows, requests, each one's queue time, compute
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class DynamicBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self.closed
+
     async def submit(self, feeds: Arrays, rows: int) -> Arrays:
         """The model's outputs for these inputs (`rows` along the batch dimension)."""
         if self.closed:
@@ -90,7 +96,12 @@ class DynamicBatcher:
             if not self._queue:
                 self._wake.clear()
             if batch:
-                await self._run(batch)
+                try:
+                    await self._run(batch)
+                except Exception as e:  # noqa: BLE001 - a bug here must fail its batch, not stop the loop
+                    log.exception("the batcher failed a batch of %d requests", len(batch))
+                    for p in batch:
+                        _settle(p.future, error=e)
 
     async def _gather(self) -> None:
         """Wait, at most until the oldest request has waited max_queue_delay, for a full batch."""

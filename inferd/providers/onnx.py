@@ -59,7 +59,7 @@ class OnnxDeployment(Deployment):
 
     @property
     def healthy(self) -> bool:
-        return self.batcher is not None and not self.batcher.closed
+        return self.batcher is not None and self.batcher.running
 
     async def request(self, endpoint: Endpoint, body: dict) -> InferResult:
         if not endpoint.startswith("infer"):

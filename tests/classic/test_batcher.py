@@ -69,3 +69,29 @@ def test_closed_batcher_refuses_work(model_dir):
             await batcher.submit({"a": np.ones((1, 4), np.float32), "b": np.ones((1, 2), np.float32)}, 1)
 
     asyncio.run(go())
+
+
+def test_a_bug_outside_onnx_runtime_fails_its_batch_and_the_loop_goes_on(model_dir):
+    """Outputs that cannot be split by rows (a broken run function) fail that batch; later requests are served."""
+    model = OnnxModel.load(model_dir / "affine.onnx")
+    calls = []
+
+    def run(feeds):
+        calls.append(len(feeds["a"]))
+        return None if len(calls) == 1 else model.run(feeds)  # the first run returns garbage
+
+    async def go():
+        batcher = DynamicBatcher(run, max_batch_size=4)
+        batcher.start()
+        one = {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 2), np.float32)}
+        first = await asyncio.wait_for(asyncio.gather(batcher.submit(one, 1), batcher.submit(one, 1),
+                                                      return_exceptions=True), 10)
+        assert calls == [2] and all(isinstance(e, AttributeError) for e in first)
+        assert batcher.running
+        out = await asyncio.wait_for(batcher.submit(one, 1), 10)  # a dead loop would never answer
+        await batcher.aclose()
+        assert not batcher.running
+        return out
+
+    np.testing.assert_allclose(asyncio.run(go())["y"], model.run({"a": np.ones((1, 4), np.float32),
+                                                                   "b": np.ones((1, 2), np.float32)})["y"])

@@ -127,10 +127,11 @@ def test_requests_that_do_not_fit_get_400_naming_the_input(srv, body, message):
 
 
 def test_unknown_models_and_models_that_are_not_tensor_models(srv):
-    r = httpx.post(srv.url + "/v2/models/nope/infer", json={"inputs": []}, headers=AUTH)
-    assert r.status_code == 400  # the body is checked first
-    r = httpx.get(srv.url + "/v2/models/nope", headers=AUTH)
-    assert r.status_code == 404 and "'nope' does not exist" in r.json()["error"]
+    for r in (httpx.post(srv.url + "/v2/models/nope/infer", json={"inputs": []}, headers=AUTH),
+              httpx.get(srv.url + "/v2/models/nope", headers=AUTH)):
+        assert r.status_code == 404 and "'nope' does not exist" in r.json()["error"]
+    text = httpx.get(srv.url + "/metrics").text
+    assert 'model_name="nope"' not in text  # a name a client made up is no metric label
     r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "fraud", "messages": []}, headers=AUTH)
     assert r.status_code == 400
 
