@@ -123,7 +123,7 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         local.engine.on_request_done = lambda m, name=local.model_name: engine_metrics.observe(name, m)
     app.state.inferd = st
     install_error_handlers(app)
-    app.include_router(routes_infer.router)  # first: routes are matched in order, and infer calls are the most frequent
+    app.include_router(routes_infer.router)  # first: routes match in order, and infer calls are the most frequent
     routes_infer.attach(app, st)
     app.include_router(routes_generate.router)
     app.include_router(routes_embeddings.router)
