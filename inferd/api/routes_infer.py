@@ -155,11 +155,12 @@ async def model_config(name: str, request: Request, version: str | None = None):
         d = _deployments(state(request), name, version)[0]
     except Exception as e:  # noqa: BLE001
         return _error(e)
+    batching = d.batcher.max_batch_size > 0
 
-    def dims(specs):
+    def dims(specs):  # Triton's dims leave out the batch dimension of a batching model
         return [{"name": s.name, "data_type": f"TYPE_{s.datatype}", "dims": list(s.shape[1:] if batching else s.shape)}
                 for s in specs]
-    batching = d.batcher.max_batch_size > 0
+
     config = {"name": d.model_name, "platform": d.platform, "max_batch_size": d.batcher.max_batch_size,
               "input": dims(d.signature.inputs), "output": dims(d.signature.outputs)}
     if batching:
