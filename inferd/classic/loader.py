@@ -3,7 +3,8 @@
 A scikit-learn estimator or pipeline (preprocessing included) is converted with skl2onnx at load:
 one float32 input named `input` of shape [-1, n_features_in_]; a classifier's outputs are `label`
 and `probabilities` (a plain tensor, not skl2onnx's default list of dicts), a regressor's is
-`variable`. Unpickling runs code from the file: serve only model files you trust.
+`variable`. LightGBM estimators (alone or ending a pipeline) convert too when lightgbm and
+onnxmltools are installed. Unpickling runs code from the file: serve only model files you trust.
 """
 
 from __future__ import annotations
@@ -51,9 +52,30 @@ def sklearn_to_onnx(model, source: str = "the model") -> bytes:
     if not isinstance(n_features, int):
         raise ValueError(f"{source}: not a fitted scikit-learn model (it has no n_features_in_)")
     options = {"zipmap": False} if base.is_classifier(model) else None
+    opset = None
+    if _is_lightgbm(model):
+        _register_lightgbm()
+        opset = {"": skl2onnx.get_latest_tested_opset_version(), "ai.onnx.ml": 3}  # onnxmltools' newest
     try:
         onx = skl2onnx.to_onnx(model, initial_types=[("input", data_types.FloatTensorType([None, n_features]))],
-                               options=options)
+                               options=options, target_opset=opset)
     except Exception as e:  # noqa: BLE001 - unsupported estimators raise many kinds
         raise ValueError(f"{source}: skl2onnx cannot convert {type(model).__name__}: {str(e)[:300]}") from None
     return onx.SerializeToString()
+
+
+def _is_lightgbm(model) -> bool:
+    last = model.steps[-1][1] if hasattr(model, "steps") else model
+    return type(last).__module__.split(".")[0] == "lightgbm"
+
+
+def _register_lightgbm() -> None:
+    """Teach skl2onnx LightGBM's estimators, with onnxmltools' converter."""
+    lightgbm = require("lightgbm")
+    converter = require("onnxmltools.convert.lightgbm.operator_converters.LightGbm").convert_lightgbm
+    skl2onnx, shapes = require("skl2onnx"), require("skl2onnx.common.shape_calculator")
+    skl2onnx.update_registered_converter(lightgbm.LGBMClassifier, "LightGbmLGBMClassifier",
+                                         shapes.calculate_linear_classifier_output_shapes, converter,
+                                         options={"nocl": [True, False], "zipmap": [True, False, "columns"]})
+    skl2onnx.update_registered_converter(lightgbm.LGBMRegressor, "LightGbmLGBMRegressor",
+                                         shapes.calculate_linear_regressor_output_shapes, converter)

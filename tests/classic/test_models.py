@@ -29,6 +29,26 @@ def test_sklearn_pipeline_converted_at_load_predicts_as_sklearn(model_dir, fraud
     np.testing.assert_array_equal(out["label"], model.predict(x[:200]))
 
 
+def test_lightgbm_pipeline_converted_at_load_predicts_as_lightgbm(tmp_path, fraud_model):
+    pytest.importorskip("lightgbm")
+    pytest.importorskip("onnxmltools")
+    import joblib
+    from lightgbm import LGBMClassifier, LGBMRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    _, x = fraud_model
+    y = (x[:, 0] + x[:, 3] > 0.5).astype(int)
+    classifier = make_pipeline(StandardScaler(), LGBMClassifier(n_estimators=20, verbose=-1)).fit(x, y)
+    regressor = LGBMRegressor(n_estimators=20, verbose=-1).fit(x, x[:, 1])
+    joblib.dump(classifier, tmp_path / "c.joblib")
+    joblib.dump(regressor, tmp_path / "r.joblib")
+    out = OnnxModel.load(tmp_path / "c.joblib").run({"input": x[:100]})
+    np.testing.assert_allclose(out["probabilities"], classifier.predict_proba(x[:100]), atol=1e-5)
+    out = OnnxModel.load(tmp_path / "r.joblib").run({"input": x[:100]})
+    np.testing.assert_allclose(out["variable"].ravel(), regressor.predict(x[:100]), rtol=1e-4, atol=1e-4)
+
+
 def test_session_threads_are_bounded(model_dir):
     onnx_model = OnnxModel.load(model_dir / "affine.onnx", intra_op_num_threads=2)
     options = onnx_model.session.get_session_options()
