@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"gateway"},
     {"providers"},
     {"wire", "store"},
-    {"engine"},
+    {"engine", "classic"},
     {"models"},
     {"layers"},
 ]

@@ -1,4 +1,5 @@
-"""Who is calling: the API key on every route but /health, /metrics and /version, resolved to a `Principal`.
+"""Who is calling: the API key on every route but the probes (/health, /metrics, /version and the Open
+Inference Protocol's /v2/health/live and /v2/health/ready), resolved to a `Principal`.
 
 Keys come as `Authorization: Bearer <key>` (or `x-api-key`). The admin key given
 at start-up (`--api-key` / `INFERD_API_KEY`) is an admin principal of its own;
@@ -48,7 +49,7 @@ class Authenticator:
         self._open: tuple[bool, float] | None = None
 
     # the only routes anyone may call: load balancers, scrapers and probes send no key
-    PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version"})
+    PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version", "/v2/health/live", "/v2/health/ready"})
 
     def protects(self, path: str) -> bool:
         """One rule for every route: all need a key (when keys exist) but the public ones."""

@@ -1,4 +1,4 @@
-"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch`.
+"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch | examples`.
 
 Engine options are shared by every command that loads a model, so `serve` and
 `generate` accept the same flags with the same meaning.
@@ -119,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from inferd.cli.batch import add_batch_parser
     from inferd.cli.bench import add_bench_parser
+    from inferd.cli.examples import add_examples_parser
     from inferd.cli.keys import add_keys_parsers
     from inferd.cli.usage import add_usage_parser
     add_bench_parser(sub)  # inferd bench throughput | serve
     add_keys_parsers(sub)  # inferd keys ... | teams ...
     add_usage_parser(sub)  # inferd usage
     add_batch_parser(sub)  # inferd batch submit | status | results
+    add_examples_parser(sub)  # inferd examples fraud | recommender
     return parser
 
 

@@ -15,8 +15,8 @@ import random
 from inferd.engine.config import EngineConfig
 from inferd.gateway.backoff import RetryPolicy
 from inferd.gateway.circuit_breaker import CircuitBreaker
-from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OpenAISpec, PriceSpec,
-                                   local_embed_config, local_engine_config)
+from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OnnxSpec, OpenAISpec,
+                                   PriceSpec, local_embed_config, local_engine_config)
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway, Handle, ModelGroup
 from inferd.gateway.stats import DeploymentStats, LoadPredictor
@@ -36,6 +36,11 @@ def _make_deployment(spec, group: str, base: EngineConfig, where: str, max_waiti
         config = local_engine_config(spec, base, where)
         from inferd.providers.local import LocalEngineDeployment
         return LocalEngineDeployment(spec.name, group, config, max_waiting_requests=waiting)
+    if isinstance(spec, OnnxSpec):
+        from inferd.providers.onnx import OnnxDeployment
+        return OnnxDeployment(spec.name, group, spec.model, version=spec.version, max_batch_size=spec.max_batch_size,
+                              max_queue_delay_s=spec.max_queue_delay_microseconds / 1e6,
+                              intra_op_num_threads=spec.intra_op_num_threads)
     if spec.api_key_env and spec.api_key() is None:
         raise ValueError(f"{where}.api_key_env: the environment variable {spec.api_key_env} is not set")
     timeouts = Timeouts(**spec.timeouts.model_dump())

@@ -23,6 +23,13 @@ models:
       - provider: anthropic
         model: claude-haiku-4-5
         api_key_env: ANTHROPIC_API_KEY
+  - name: fraud                     # a tabular model on /v2/models/fraud/infer (docs/classic_ml.md)
+    deployments:
+      - provider: onnx              # an .onnx file, or a pickled/joblib scikit-learn model
+        model: fraud.onnx
+        max_batch_size: 64
+        max_queue_delay_microseconds: 200
+        price: {per_1k_predictions: 0.01}
 ```
 
 Every mistake is reported with the path of the offending key
@@ -61,6 +68,8 @@ class PriceSpec(_Spec):
     the `tokens_per_s` it processes (from `inferd bench throughput`), which prices
     every computed token, prompt or output, at hourly_usd / 3600 / tokens_per_s;
     prompt tokens served from the prefix cache are not computed and cost nothing.
+    Tensor models (`provider: onnx`) are priced per prediction instead:
+    `per_1k_predictions` USD per 1,000 rows scored.
     """
 
     input: float | None = Field(None, ge=0)
@@ -68,15 +77,17 @@ class PriceSpec(_Spec):
     cached_input: float | None = Field(None, ge=0)
     hourly_usd: float | None = Field(None, ge=0)
     tokens_per_s: float | None = Field(None, gt=0)
+    per_1k_predictions: float | None = Field(None, ge=0)
     batch_discount: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _one_form(self) -> PriceSpec:
         listed = self.input is not None or self.output is not None or self.cached_input is not None
         running = self.hourly_usd is not None or self.tokens_per_s is not None
-        if listed == running:
-            raise ValueError("give either input and output (USD per million tokens) or hourly_usd and "
-                             "tokens_per_s")
+        predictions = self.per_1k_predictions is not None
+        if listed + running + predictions != 1:
+            raise ValueError("give either input and output (USD per million tokens), hourly_usd and "
+                             "tokens_per_s, or per_1k_predictions")
         if listed and (self.input is None or self.output is None):
             raise ValueError("a price list needs both input and output")
         if running and (self.hourly_usd is None or self.tokens_per_s is None):
@@ -85,6 +96,8 @@ class PriceSpec(_Spec):
 
     def per_million(self) -> tuple[float, float, float]:
         """(input, cached input, output) in USD per million tokens."""
+        if self.per_1k_predictions is not None:
+            return 0.0, 0.0, 0.0
         if self.hourly_usd is not None:
             per_token = self.hourly_usd / 3600.0 / self.tokens_per_s
             return per_token * 1e6, 0.0, per_token * 1e6
@@ -134,7 +147,19 @@ class AnthropicSpec(_RemoteSpec):
     version: str = "2023-06-01"
 
 
-DeploymentSpec = Annotated[LocalSpec | OpenAISpec | AnthropicSpec, Field(discriminator="provider")]
+class OnnxSpec(_DeploymentSpec):
+    """A tensor model run by ONNX Runtime, served on the Open Inference Protocol (/v2); the batcher's
+    options have Triton's names (inferd/classic/)."""
+
+    provider: Literal["onnx"]
+    model: str                      # an .onnx file, or a pickled/joblib scikit-learn model
+    version: str = Field("1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    max_batch_size: int = Field(64, ge=0, le=65536)   # 0: every request runs alone
+    max_queue_delay_microseconds: int = Field(0, ge=0, le=1_000_000)
+    intra_op_num_threads: int = Field(1, ge=1, le=256)
+
+
+DeploymentSpec = Annotated[LocalSpec | OpenAISpec | AnthropicSpec | OnnxSpec, Field(discriminator="provider")]
 
 
 class RetrySpec(_Spec):
@@ -202,7 +227,7 @@ def _error_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("local", "openai", "anthropic") and out.endswith("]"):
+        elif part in ("local", "openai", "anthropic", "onnx") and out.endswith("]"):
             continue  # the discriminator's branch name is noise in the path
         else:
             out += f".{part}" if out else str(part)

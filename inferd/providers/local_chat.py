@@ -19,8 +19,8 @@ import jinja2
 
 from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
-from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 from inferd.engine.structured import grammar_for
+from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 from inferd.providers import local_tools
 from inferd.providers.constraints import output_grammar
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge

@@ -3,7 +3,8 @@
 `Metering.begin` estimates the request's worst case (tokens, and cost at the
 dearest deployment that could answer), admits it against the key's and team's
 limits (`quota.admit`, in the store) and returns a `RequestMeter`. The route
-feeds the meter what the client is given: the usage of a whole answer, or the
+feeds the meter what the client is given: the usage of a whole answer (for a
+tensor model, its count of `predictions`), or the
 chunks of a stream (the last usage seen in them; for a stream that ends
 without one, because the client left, the content chunks are counted and the
 row is marked estimated). `finish` prices the usage at the deployment that
@@ -116,26 +117,34 @@ class Metering:
 
     async def begin(self, request: InferenceRequest, group: str) -> RequestMeter:
         """Admit a request to `group` (QuotaExceeded if a limit refuses it) and start its meter."""
-        principal: Principal | None = request.caller
         prompt = estimate.prompt_bound(request)
         output = estimate.output_bound(request, self.max_output.get(group, estimate.DEFAULT_MAX_OUTPUT))
-        batched = request.batch_id is not None
-        worst = self.prices.worst(group).cost(prompt, 0, output, batch=batched)
-        demand = quota.Demand(tokens=prompt + output, cost_usd=worst)
-        now = self.clock()
-        row = LedgerRow(ts=now, endpoint=request.endpoint, status=0, request_id=request.request_id,
-                        stream=request.stream, key_id=principal.key_id if principal else None,
-                        team=principal.team if principal else None, model=request.model,
-                        batch_id=request.batch_id)
+        worst = self.prices.worst(group).cost(prompt, 0, output, batch=request.batch_id is not None)
+        row = LedgerRow(ts=self.clock(), endpoint=request.endpoint, status=0, request_id=request.request_id,
+                        stream=request.stream, model=request.model, batch_id=request.batch_id)
+        return await self._admit(request.caller, row, quota.Demand(tokens=prompt + output, cost_usd=worst), prompt)
+
+    async def begin_predictions(self, principal: Principal | None, group: str, model: str, request_id: str,
+                                predictions: int) -> RequestMeter:
+        """The same for a tensor model's call (`infer`) that asks it to score `predictions` rows."""
+        worst = self.prices.worst(group).cost(0, 0, 0, predictions=predictions)
+        row = LedgerRow(ts=self.clock(), endpoint="infer", status=0, request_id=request_id, model=model)
+        return await self._admit(principal, row, quota.Demand(tokens=0, cost_usd=worst), 0)
+
+    async def _admit(self, principal: Principal | None, row: LedgerRow, demand: quota.Demand,
+                     prompt_estimate: int) -> RequestMeter:
+        now = row.ts
+        row.key_id = principal.key_id if principal else None
+        row.team = principal.team if principal else None
         if principal is None or not principal.limited:  # nothing to check: no store round trip before it runs
-            return RequestMeter(self, quota.Ticket("", principal, demand, now), row, prompt_estimate=prompt)
+            return RequestMeter(self, quota.Ticket("", principal, demand, now), row, prompt_estimate=prompt_estimate)
         try:
             ticket = await self.store.run(lambda tx: quota.admit(tx, principal, demand, now))
         except quota.QuotaExceeded as refusal:  # refused requests are rows too: showback counts them
             row.status = refusal.status
             self.settle_soon(quota.Ticket("", principal, demand, now), row)
             raise
-        return RequestMeter(self, ticket, row, prompt_estimate=prompt)
+        return RequestMeter(self, ticket, row, prompt_estimate=prompt_estimate)
 
 
 class RequestMeter:
@@ -199,6 +208,7 @@ class RequestMeter:
             row.usage_estimated = True
         if not cache_hit:
             price = self.metering.prices.price(row.deployment)
+            predictions = int((self._usage or {}).get("predictions") or 0)
             row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
-                                      batch=row.batch_id is not None)
+                                      batch=row.batch_id is not None, predictions=predictions)
         return row

@@ -5,6 +5,7 @@ group's, else free (a self-hosted model nobody priced). `worst(group)` is the
 highest input and output price among every deployment that could answer a
 request to that group, following its fallback chains and degradation target,
 because budgets reserve before anyone knows which deployment will answer.
+Tensor models are priced per prediction (a row scored), per 1,000 of them.
 """
 
 from __future__ import annotations
@@ -16,24 +17,26 @@ from inferd.gateway.config import GatewayConfig, PriceSpec
 
 @dataclass(frozen=True)
 class Price:
-    """USD per million tokens."""
+    """USD per million tokens (and per 1,000 predictions, for tensor models)."""
 
     input: float = 0.0
     cached_input: float = 0.0
     output: float = 0.0
     batch_discount: float = 0.5
+    per_1k_predictions: float = 0.0
 
     @classmethod
     def from_spec(cls, spec: PriceSpec | None) -> Price:
         if spec is None:
             return FREE
         inp, cached, out = spec.per_million()
-        return cls(inp, cached, out, spec.batch_discount)
+        return cls(inp, cached, out, spec.batch_discount, spec.per_1k_predictions or 0.0)
 
-    def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+    def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int, batch: bool = False,
+             predictions: int = 0) -> float:
         cached = min(cached_tokens, prompt_tokens)
         usd = ((prompt_tokens - cached) * self.input + cached * self.cached_input
-               + completion_tokens * self.output) / 1e6
+               + completion_tokens * self.output) / 1e6 + predictions * self.per_1k_predictions / 1e3
         return usd * (1.0 - self.batch_discount) if batch else usd
 
 
@@ -67,7 +70,8 @@ class PriceBook:
             candidates = [p for name in seen for p in own[name]]
             worst[g.name] = Price(max(p.input for p in candidates), max(p.cached_input for p in candidates),
                                   max(p.output for p in candidates),
-                                  min(p.batch_discount for p in candidates))
+                                  min(p.batch_discount for p in candidates),
+                                  max(p.per_1k_predictions for p in candidates))
         return cls(by_deployment, worst)
 
     def price(self, deployment: str | None) -> Price:

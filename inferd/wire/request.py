@@ -48,16 +48,17 @@ class Caller(Protocol):
 
 @dataclass(frozen=True)
 class InferenceRequest:
-    endpoint: Endpoint
-    body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+    """`endpoint` is chat, completions or embeddings with their wire bodies; a tensor model's call is
+    `infer` (or `infer@<version>`) with its decoded tensors (classic/tensors.py) as the body."""
+
+    endpoint: Endpoint | str
+    body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | Any
     raw: Mapping[str, Any]
     request_id: str
     caller: Caller | None = None
     batch_id: str | None = None
+    model: str | None = None    # the model (group) it names
 
-    @property
-    def model(self) -> str | None:
-        return self.body.model
 
     @property
     def stream(self) -> bool:
@@ -107,4 +108,4 @@ def parse_request(endpoint: Endpoint, raw: Mapping[str, Any], *, request_id: str
                 body.check_tools()
         except InvalidParameterError as e:
             raise invalid(str(e), e.param) from None
-    return InferenceRequest(endpoint, body, raw, request_id, caller, batch_id)
+    return InferenceRequest(endpoint, body, raw, request_id, caller, batch_id, body.model)
