@@ -40,7 +40,16 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+# a template that thinks as Qwen3's does: the generation prompt opens <think>, or, with
+# enable_thinking false, writes an empty thinking block so the model answers at once
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ '<|im_start|>assistant\n' }}",
+    "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% else %}{{ '<think>\n' }}{% endif %}")
+
+
+def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, chat_template: str = CHAT_TEMPLATE,
+                     **overrides) -> Path:
     """Write a tiny random `arch` (llama | qwen2 | qwen3) model directory to `path`."""
     import transformers
 
@@ -74,5 +83,5 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, **overrides
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "add_bos_token": False,
-        "chat_template": CHAT_TEMPLATE}))
+        "chat_template": chat_template}))
     return path

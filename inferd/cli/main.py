@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="int8 (<= 3 rows) or 4-bit (<= 16 rows, Q4_1-style groups of 32) weight "
                         "copies for small batches (lossy: see docs/benchmarks.md)")
+    g.add_argument("--reasoning-parser", default=None, choices=["think", "deepseek_r1", "qwen3", "none"],
+                   help="split <think>...</think> into reasoning_content (default: when the chat template "
+                        "thinks)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prompt prefixes (default: on)")
 
@@ -39,7 +42,8 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         gpu_memory_fraction=args.gpu_memory_fraction, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads,
-        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization)
+        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+        reasoning_parser=args.reasoning_parser)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -79,6 +79,7 @@ class EngineConfig(DeviceOptions):
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     quantization: str | None = None     # None | "int8" | "int4": weight copies for small batches
+    reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
     progress: bool = True
 
     def __post_init__(self):

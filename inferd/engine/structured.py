@@ -82,6 +82,31 @@ def grammar_for(kind: str, spec: Any, param: str) -> str:
     raise InvalidParameterError(param, f"unknown constraint {kind!r}; allowed: {', '.join(KINDS)}")
 
 
+def lark_rule(name: str, kind: str, spec: Any, param: str) -> str:
+    """Lark rules (llguidance's dialect) defining rule `name` as the constraint, to compose into a larger
+    grammar (an answer after a model's thinking); a Lark grammar of the client's own cannot be composed."""
+    if kind == "json_object":
+        spec = {"type": "object"}
+    if kind in ("json", "json_object"):
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except ValueError as e:
+                raise InvalidParameterError(param, f"the JSON schema is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise InvalidParameterError(param, "the JSON schema must be an object")
+        styled = {**spec, "x-guidance": {**_JSON_STYLE, **spec.get("x-guidance", {})}}
+        return f"{name}: %json {json.dumps(styled)}\n"
+    if kind == "regex":
+        grammar_for(kind, spec, param)  # the same checks of its shape
+        return f"{name}: {name.upper()}_RE\n{name.upper()}_RE: /{spec.replace('/', chr(92) + '/')}/\n"
+    if kind == "choice":
+        grammar_for(kind, spec, param)
+        return f"{name}: " + " | ".join(json.dumps(c) for c in spec) + "\n"
+    raise InvalidParameterError(param, "a Lark or GBNF grammar cannot follow a model's reasoning; use json, "
+                                "regex or choice, or turn reasoning off")
+
+
 def _check_size(text: str, param: str) -> None:
     if len(text.encode()) > MAX_GRAMMAR_BYTES:
         raise InvalidParameterError(param, f"is larger than {MAX_GRAMMAR_BYTES} bytes")

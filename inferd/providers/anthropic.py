@@ -104,6 +104,9 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
         raise _invalid("logit_bias", "the Anthropic Messages API has no equivalent")
     if body.tools:
         raise _invalid("tools", "tool calls are not translated for Anthropic deployments yet")
+    for name in ("max_reasoning_tokens", "reasoning_effort"):
+        if getattr(body, name) is not None:
+            raise _invalid(name, "thinking is not translated for Anthropic deployments yet")
     system: list[str] = []
     messages: list[dict] = []
     for i, message in enumerate(body.messages):

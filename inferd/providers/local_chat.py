@@ -13,15 +13,16 @@ chunk last.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator
 
 import jinja2
 
 from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
-from inferd.engine.structured import grammar_for
+from inferd.engine.structured import grammar_for, lark_rule
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
-from inferd.providers import local_tools
+from inferd.providers import local_reasoning, local_tools
 from inferd.providers.constraints import output_grammar
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.wire.errors import ErrorKind, InferdError
@@ -55,6 +56,8 @@ def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prom
     extra = {}
     if request is not None:
         messages, extra = local_tools.template_messages(request, messages, "tools" in (tok.spec.chat_template or ""))
+        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"}
+        extra = {**{k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in reserved}, **extra}
     try:
         return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
     except ChatTemplateError:
@@ -94,29 +97,83 @@ class LocalChat:
         self.engine, self.request, self.body, self.model = engine, request, body, model
         self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt, body)
         self.tools = local_tools.active(body)
+        tok = engine.tokenizer
+        self.thinking = None  # where the prompt leaves the model, when this model's reasoning is split
+        if local_reasoning.detect(tok.spec.chat_template, engine.config.reasoning_parser):
+            self.thinking = local_reasoning.prompt_state(tok.decode(self.prompt_ids[-16:], skip_special_tokens=False))
         max_tokens = body.output_limit
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        grammar, self.constraint_param = output_grammar(body)
-        if self.tools:
-            grammar, self.constraint_param = grammar_for("grammar", local_tools.grammar(body), "tools"), "tools"
+        self.answer_grammar = None
+        grammar, self.constraint_param = self._grammar(body)
+        self.budget = None
+        if self.thinking is None and (body.max_reasoning_tokens is not None or body.reasoning_effort):
+            param = "max_reasoning_tokens" if body.max_reasoning_tokens is not None else "reasoning_effort"
+            raise invalid(f"{param}: {model!r} does not reason (no --reasoning-parser, and its chat template "
+                          "does not think)", param)
+        if self.thinking in ("thinking", "free"):
+            self.budget = local_reasoning.budget(body.max_reasoning_tokens, body.reasoning_effort)
+            if self.budget is not None and body.n != 1:
+                raise invalid("a thinking budget (max_reasoning_tokens, reasoning_effort) needs n = 1",
+                              "max_reasoning_tokens")
         self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs, grammar)
         engine.check_accepting(self.params.n)
         self.id = request.response_id
         self.created = int(time.time())
         self.top_n = body.top_logprobs or 0
 
+    def _grammar(self, body: ChatCompletionRequest) -> tuple[str | None, str | None]:
+        """The answer's grammar (tools, or the output constraint), after the thinking when there is any."""
+        if self.thinking in (None, "answering"):
+            if self.tools:
+                return grammar_for("grammar", local_tools.grammar(body), "tools"), "tools"
+            return output_grammar(body)
+        if self.tools:
+            rules, param = local_tools.grammar(body, top="answer"), "tools"
+        elif (constraint := body.output_constraint()) is not None:
+            kind, spec, param = constraint
+            rules = lark_rule("answer", kind, spec, param)
+        else:
+            return None, None
+        # after a thinking budget is spent, the answer is generated on its own, under this grammar
+        self.answer_grammar = grammar_for("grammar", local_reasoning.grammar(rules, "answering"), param)
+        return grammar_for("grammar", local_reasoning.grammar(rules, self.thinking), param), param
+
+    def _message(self, text: str, finish: str | None) -> tuple[dict, str | None, int]:
+        """The assistant message of a whole answer, its finish reason, and its reasoning tokens."""
+        reasoning, content = (None, text) if self.thinking is None else local_reasoning.split(text, self.thinking)
+        message = {"role": "assistant", "content": content}
+        if self.tools:
+            message, called = local_tools.message(content or "")
+            finish = "tool_calls" if called and finish == "stop" else finish
+        if reasoning is not None and self.body.include_reasoning:
+            message["reasoning_content"] = reasoning
+        return message, finish, self._count(reasoning)
+
+    def _count(self, reasoning: str | None) -> int:
+        return len(self.engine.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+
     def _start(self):
-        return [self.engine.generate(self.request.request_id, self.prompt_ids, self.params,
-                                     priority=self.body.priority)]
+        stream = self.engine.generate(self.request.request_id, self.prompt_ids, self.params,
+                                      priority=self.body.priority)
+        if self.budget is not None:
+            stream = local_reasoning.within_budget(self.engine, stream, self.budget, self.thinking, self._answer)
+        return [stream]
+
+    def _answer(self, output_ids: list[int]):
+        """The rest of an answer whose thinking budget was spent: a continuation of the same sequence."""
+        limit = self.params.max_tokens
+        params = replace(self.params, grammar=self.answer_grammar,
+                         max_tokens=None if limit is None else max(0, limit - len(output_ids)))
+        return self.engine.generate(f"{self.request.request_id}.answer", self.prompt_ids + output_ids, params,
+                                    priority=self.body.priority)
 
     async def response(self) -> dict:
         [final] = await final_outputs(self._start())
         choices = []
+        reasoning_tokens = 0
         for o in final.outputs:
-            message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
-            if self.tools:
-                message, called = local_tools.message(o.text)
-                finish = "tool_calls" if called and finish == "stop" else finish
+            message, finish, thought = self._message(o.text, o.finish_reason)
+            reasoning_tokens += thought
             choice = {"index": o.index, "message": message,
                       "logprobs": None, "finish_reason": finish, "stop_reason": o.stop_reason}
             if self.body.logprobs:
@@ -125,7 +182,7 @@ class LocalChat:
         out = {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                "choices": choices,
                "usage": usage(len(self.prompt_ids), sum(len(o.token_ids) for o in final.outputs),
-                              final.num_cached_tokens)}
+                              final.num_cached_tokens, reasoning_tokens if self.thinking else None)}
         if self.body.prompt_logprobs is not None:
             out["prompt_logprobs"] = prompt_logprobs_field(final)
         return out
@@ -140,6 +197,8 @@ class LocalChat:
         firsts = await first_outputs(streams)  # admission errors raise here, before any chunk
         finished: set[int] = set()
         calls = [local_tools.CallStream() for _ in range(body.n)] if self.tools else None
+        thoughts = [local_reasoning.ReasoningStream(self.thinking) for _ in range(body.n)] if self.thinking else None
+        reasoning_text = [""] * body.n
         completion_tokens = cached_tokens = generated = 0
         yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                            "logprobs": None, "finish_reason": None} for i in range(body.n)])
@@ -151,11 +210,17 @@ class LocalChat:
                 if finish:
                     finished.add(o.index)
                 lps = chat_logprobs(o.token_ids_delta, o.logprobs_delta, self.top_n) if body.logprobs else []
-                delta = {"content": o.text_delta} if o.text_delta else {}
+                thought, text = o.text_delta, o.text_delta
+                if thoughts is not None:
+                    thought, text = thoughts[o.index].feed(o.text_delta, final=bool(finish))
+                    reasoning_text[o.index] += thought
+                delta = {"content": text} if text else {}
                 if calls is not None:
-                    delta = local_tools.merged(calls[o.index].feed(o.text_delta, final=bool(finish)))
+                    delta = local_tools.merged(calls[o.index].feed(text, final=bool(finish)))
                     if finish == "stop" and calls[o.index].has_calls:
                         finish = "tool_calls"
+                if thoughts is not None and thought and body.include_reasoning:
+                    delta = {"reasoning_content": thought, **delta}
                 if not (delta or lps or finish):
                     continue
                 choices.append({"index": o.index,
@@ -169,4 +234,5 @@ class LocalChat:
             if choices:  # the running count: what metering bills if the client leaves mid-stream
                 yield {**self.chunk(choices),
                        "usage": usage(len(self.prompt_ids), generated, out.num_cached_tokens)}
-        yield {**self.chunk([]), "usage": usage(len(self.prompt_ids), completion_tokens, cached_tokens)}
+        thought_tokens = sum(self._count(r) for r in reasoning_text) if self.thinking else None
+        yield {**self.chunk([]), "usage": usage(len(self.prompt_ids), completion_tokens, cached_tokens, thought_tokens)}

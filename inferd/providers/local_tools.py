@@ -95,8 +95,9 @@ def template_messages(body: ChatCompletionRequest, messages: list[dict], native:
     return out, {}
 
 
-def grammar(body: ChatCompletionRequest) -> str | None:
-    """The Lark grammar (llguidance's dialect) the answer must follow, or None to leave it free."""
+def grammar(body: ChatCompletionRequest, top: str = "start") -> str | None:
+    """The Lark grammar (llguidance's dialect) the answer must follow, its top rule named `top`, or None
+    to leave it free."""
     if not active(body):
         return None
     choice = body.tool_choice
@@ -109,7 +110,7 @@ def grammar(body: ChatCompletionRequest) -> str | None:
         "required": ["name", "arguments"], "additionalProperties": False} for t in tools],
         "x-guidance": _JSON_STYLE}
     many = body.parallel_tool_calls and not isinstance(choice, NamedToolChoice)
-    lines = ["start: calls" + (" | TEXT" if choice in (None, "auto") else ""),
+    lines = [f"{top}: calls" + (" | TEXT" if choice in (None, "auto") else ""),
              'calls: call' + (' ("\\n" call)*' if many else ""),
              f'call: "{OPEN}\\n" %json {json.dumps(schema)} "\\n{CLOSE}"']
     if choice in (None, "auto"):

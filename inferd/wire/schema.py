@@ -244,6 +244,12 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=-_I32, le=_I32)
     tools: list[Tool] | None = Field(None, max_length=512)
+    # reasoning models: a thinking budget (inferd's and vLLM's name; OpenAI's effort levels map to budgets),
+    # whether to return the thinking, and arguments for the chat template (Qwen3's enable_thinking)
+    max_reasoning_tokens: int | None = Field(None, ge=0, le=_I32)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    include_reasoning: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
@@ -290,11 +296,16 @@ class EmbeddingRequest(WireModel):
         return list(self.input)
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI usage; `cached_tokens` are prompt tokens served from the prefix cache."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
+          reasoning_tokens: int | None = None) -> dict:
+    """OpenAI usage; `cached_tokens` are prompt tokens served from the prefix cache, `reasoning_tokens`
+    the completion tokens a reasoning model spent thinking (given only for such models)."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens,
+           "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": min(reasoning_tokens, completion_tokens)}
+    return out
 
 
 def validation_error(exc: ValidationError) -> InferdError:
