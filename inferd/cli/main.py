@@ -32,6 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reasoning-parser", default=None, choices=["think", "deepseek_r1", "qwen3", "none"],
                    help="split <think>...</think> into reasoning_content (default: when the chat template "
                         "thinks)")
+    g.add_argument("--chat-template", default=None, metavar="TEMPLATE",
+                   help="a Jinja chat template, or a file holding one, instead of the model's own")
+    g.add_argument("--grammar-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a structured-output or tool grammar that takes longer to compile is refused (400)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prompt prefixes (default: on)")
 
@@ -43,7 +47,8 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-        reasoning_parser=args.reasoning_parser)
+        reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
+        grammar_timeout_s=args.grammar_timeout)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

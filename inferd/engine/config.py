@@ -80,6 +80,8 @@ class EngineConfig(DeviceOptions):
     enable_prefix_caching: bool = True
     quantization: str | None = None     # None | "int8" | "int4": weight copies for small batches
     reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
+    chat_template: str | None = None     # a Jinja chat template (or a file of one) instead of the model's
+    grammar_timeout_s: float = 10.0      # the longest a request's grammar may take to compile at the edge
     progress: bool = True
 
     def __post_init__(self):

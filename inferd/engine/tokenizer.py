@@ -9,8 +9,10 @@ gives the same prompt as `apply_chat_template`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
+from pathlib import Path
 from functools import cached_property
 from typing import Any
 
@@ -23,6 +25,18 @@ from inferd.models.checkpoint import TokenizerSpec
 
 class ChatTemplateError(ValueError):
     pass
+
+
+def with_chat_template(spec: TokenizerSpec, template: str | None) -> TokenizerSpec:
+    """`spec` with `template` (Jinja text, or the path of a file holding it) as its chat template."""
+    if template is None:
+        return spec
+    path = Path(template)
+    if "{" not in template and path.is_file():
+        template = path.read_text()
+    elif "{" not in template:
+        raise ValueError(f"chat_template: {template!r} is neither a file nor a Jinja template")
+    return dataclasses.replace(spec, chat_template=template)
 
 
 class Tokenizer:

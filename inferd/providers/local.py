@@ -121,13 +121,13 @@ class LocalEngineDeployment(Deployment):
     async def request(self, request: InferenceRequest) -> dict:
         with classified():
             run = self._run(request)
-            await check_grammar(run.params.grammar, run.constraint_param)
+            await check_grammar(run.params.grammar, run.constraint_param, self.engine.config.grammar_timeout_s)
             return await run.response()
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
         with classified():
             run = self._run(request)
-            await check_grammar(run.params.grammar, run.constraint_param)
+            await check_grammar(run.params.grammar, run.constraint_param, self.engine.config.grammar_timeout_s)
             chunks = run.stream()
             try:
                 async for chunk in chunks:

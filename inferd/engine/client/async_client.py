@@ -39,7 +39,7 @@ from inferd.engine.core import process as cp
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.process_link import EngineDeadError, ProcessLink, RequestAbortedError
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
-from inferd.engine.tokenizer import Tokenizer
+from inferd.engine.tokenizer import Tokenizer, with_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class AsyncEngine:
     async def start(self, timeout: float = 900.0) -> ipc.CoreReady:
         """Spawn the core and wait until it has loaded the model."""
         self.info = ready = await self._link.start(cp.run_core, self.config, ipc.CoreReady, timeout)
-        self.tokenizer = Tokenizer(ready.tokenizer)
+        self.tokenizer = Tokenizer(with_chat_template(ready.tokenizer, self.config.chat_template))
         self._processor = OutputProcessor(self.tokenizer)
         self.stats = ipc.Stats(num_free_blocks=ready.num_blocks, num_blocks=ready.num_blocks)
         self._link.listen()

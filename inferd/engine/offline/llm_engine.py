@@ -13,7 +13,7 @@ from inferd.engine.config import EngineConfig
 from inferd.engine.core.engine_core import EngineCore
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
-from inferd.engine.tokenizer import Tokenizer
+from inferd.engine.tokenizer import Tokenizer, with_chat_template
 from inferd.models.loader import load_checkpoint
 
 
@@ -21,7 +21,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         ckpt = load_checkpoint(config.model, progress=config.progress)
-        self.tokenizer = Tokenizer(ckpt.tokenizer)
+        self.tokenizer = Tokenizer(with_chat_template(ckpt.tokenizer, config.chat_template))
         self.core = EngineCore(config, ckpt, self.tokenizer.eos_token_ids)
         self.processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
