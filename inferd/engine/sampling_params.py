@@ -18,6 +18,17 @@ class InvalidParameterError(ValueError):
         self.param = param
 
 
+def check_context(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """InvalidParameterError when a prompt and its output cap do not fit the context (the API side checks
+    before sending the prompt to the engine, the core again as it admits it)."""
+    n = num_prompt_tokens
+    if n + (max_tokens or 0) > max_model_len or n >= max_model_len:
+        raise InvalidParameterError(
+            "max_tokens" if n < max_model_len else "prompt",
+            f"this model's maximum context length is {max_model_len} tokens; the prompt "
+            f"has {n} tokens and max_tokens is {max_tokens}")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import datetime
-from pathlib import Path
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -60,6 +60,17 @@ class Tokenizer:
             if self.spec.add_eos_token and self.eos_token_id is not None:
                 ids = ids + [self.eos_token_id]
         return ids
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for: a text of B bytes has at least B / this tokens."""
+        return max(1, max(len(self._tok.decode([i], skip_special_tokens=False).encode())
+                          for i in range(self.vocab_size)))
+
+    def too_long(self, text_bytes: int, max_model_len: int) -> bool:
+        """Whether a prompt of `text_bytes` bytes is sure to exceed `max_model_len` tokens, before
+        tokenizing it (a multi-megabyte prompt is refused without the work)."""
+        return text_bytes > self.max_token_bytes * max_model_len
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -11,6 +11,7 @@ a dead core is `SERVER`, a bad parameter is `INVALID_REQUEST` naming it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
@@ -118,16 +119,21 @@ class LocalEngineDeployment(Deployment):
                               status=400, param="model")
         return _RUNS[request.endpoint](self.engine, request, self.model_name)
 
+    async def _prepared(self, request: InferenceRequest):
+        """The request tokenized (its template rendered) on a worker thread, so a long prompt never holds
+        the event loop, and its grammar checked within its bound."""
+        run = await asyncio.to_thread(self._run, request)
+        await check_grammar(run.params.grammar, run.constraint_param, self.engine.config.grammar_timeout_s)
+        return run
+
     async def request(self, request: InferenceRequest) -> dict:
         with classified():
-            run = self._run(request)
-            await check_grammar(run.params.grammar, run.constraint_param, self.engine.config.grammar_timeout_s)
+            run = await self._prepared(request)
             return await run.response()
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
         with classified():
-            run = self._run(request)
-            await check_grammar(run.params.grammar, run.constraint_param, self.engine.config.grammar_timeout_s)
+            run = await self._prepared(request)
             chunks = run.stream()
             try:
                 async for chunk in chunks:

@@ -13,13 +13,14 @@ chunk last.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import jinja2
 
 from inferd.engine.client.async_client import AsyncEngine
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
+from inferd.engine.sampling_params import InvalidParameterError
 from inferd.engine.structured import grammar_for, lark_rule
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 from inferd.providers import local_reasoning, local_tools
@@ -27,11 +28,19 @@ from inferd.providers.constraints import output_grammar
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
 from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.request import InferenceRequest
-from inferd.wire.schema import ChatCompletionRequest, ChatMessage, usage
+from inferd.wire.schema import ChatCompletionRequest, ChatMessage, content_text, usage
 
 
 def invalid(message: str, param: str | None) -> InferdError:
     return InferdError(ErrorKind.INVALID_REQUEST, message, status=400, param=param)
+
+
+def refuse_long_text(engine: AsyncEngine, text_bytes: int, param: str) -> None:
+    """A context-length 400 for a prompt sure to exceed the context, before the work of tokenizing it."""
+    max_len = engine.info.max_model_len
+    if engine.tokenizer.too_long(text_bytes, max_len):
+        raise InvalidParameterError(param, f"this model's maximum context length is {max_len} tokens; the "
+                                    f"prompt's {text_bytes} bytes are more than that many tokens")
 
 
 def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool,
@@ -95,6 +104,7 @@ class LocalChat:
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs: requires logprobs to be true", "top_logprobs")
         self.engine, self.request, self.body, self.model = engine, request, body, model
+        refuse_long_text(engine, sum(len(content_text(m.content).encode()) for m in body.messages), "messages")
         self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt, body)
         self.tools = local_tools.active(body)
         tok = engine.tokenizer

@@ -19,9 +19,13 @@ from inferd.engine.outputs import PositionLogprobDict, RequestOutput
 from inferd.engine.tokenizer import Tokenizer
 from inferd.providers.constraints import output_grammar
 from inferd.providers.engine_streams import final_outputs, first_outputs, merge
-from inferd.providers.local_chat import invalid, prompt_logprobs_field
+from inferd.providers.local_chat import invalid, prompt_logprobs_field, refuse_long_text
 from inferd.wire.request import InferenceRequest
 from inferd.wire.schema import CompletionRequest, usage
+
+
+def _texts(prompt) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
 
 
 def _prompts(prompt, tok: Tokenizer) -> list[tuple[str | None, list[int]]]:
@@ -47,6 +51,7 @@ class LocalCompletion:
             raise invalid("best_of: only best_of equal to n is supported", "best_of")
         self.engine, self.request, self.body, self.model = engine, request, body, model
         self.tok = engine.tokenizer
+        refuse_long_text(engine, max((len(p.encode()) for p in _texts(body.prompt)), default=0), "prompt")
         self.prompts = _prompts(body.prompt, self.tok)
         prompt_lp = body.prompt_logprobs
         if prompt_lp is None and body.echo and body.logprobs is not None:

@@ -16,7 +16,7 @@ token cap, read by the engine, the estimate and the provider translations.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -25,7 +25,8 @@ from inferd.wire.errors import ErrorKind, InferdError, invalid
 
 _I32 = 2**31 - 1
 _I63 = 2**63 - 1
-PRIORITY_LIMIT = 1000  # `priority` is an int in [-PRIORITY_LIMIT, PRIORITY_LIMIT]
+PRIORITY_LIMIT = 1000
+MAX_STOPS, MAX_STOP_CHARS = 64, 512  # stop strings a request may give, and the longest  # `priority` is an int in [-PRIORITY_LIMIT, PRIORITY_LIMIT]
 
 
 class WireModel(BaseModel):
@@ -73,7 +74,9 @@ class _SamplingRequest(WireModel):
     seed: int | None = Field(None, ge=-_I63, le=_I63)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    stop: str | list[str] | None = None
+    # stop strings are matched against every detokenized delta: bounded in count and length
+    stop: Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)] | list[
+        Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] | None = Field(None, max_length=MAX_STOPS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

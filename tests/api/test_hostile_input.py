@@ -10,6 +10,8 @@ dropped).
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -135,3 +137,18 @@ def test_batch_lines_split_at_newlines_only_and_refuse_lone_surrogates():
     deep = line("c", "ok").replace('"ok"', "[" * 5000 + "]" * 5000)  # json.loads recursed past its limit
     with pytest.raises(ValueError, match="line 1: nested more than 64 levels deep"):
         parse_batch_input(deep)
+
+
+def test_a_prompt_sure_to_exceed_the_context_is_refused_before_tokenizing(client):
+    for path, body in [("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 2_000_000}]}),
+                       ("/v1/completions", {"model": MODEL, "prompt": "y" * 2_000_000})]:
+        started = time.perf_counter()
+        r = client.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert time.perf_counter() - started < 5
+
+
+def test_stop_strings_are_bounded(client):
+    for stop in (["s"] * 65, "x" * 513, [""]):
+        r = client.post("/v1/chat/completions", json={**CHAT, "stop": stop, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text

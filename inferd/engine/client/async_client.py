@@ -38,7 +38,7 @@ from inferd.engine.config import EngineConfig
 from inferd.engine.core import process as cp
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.process_link import EngineDeadError, ProcessLink, RequestAbortedError
-from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
+from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
 from inferd.engine.tokenizer import Tokenizer, with_chat_template
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,7 @@ class AsyncEngine:
         worse priority (vLLM's convention; batch work runs at 10, interactive at 0).
         """
         self.check_accepting(params.n)
+        check_context(len(prompt_ids), params.max_tokens, self.info.max_model_len)  # before sending the ids
         request_id = self._unique(request_id)
         metrics = RequestMetrics(time.monotonic(), len(prompt_ids), request_id)
         children = self._processor.add_request(request_id, prompt_text, list(prompt_ids), params)

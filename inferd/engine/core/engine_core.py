@@ -20,7 +20,7 @@ from inferd.engine.core.model_runner import ModelRunner
 from inferd.engine.core.request import Request
 from inferd.engine.core.scheduler import Scheduler, SchedulerConfig
 from inferd.engine.messages import EngineCoreOutput
-from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
+from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
 from inferd.layers import cpu_kernels
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import Checkpoint
@@ -108,11 +108,7 @@ class EngineCore:
         bad = next((t for t in params.logit_bias or () if t >= vocab), None)
         if bad is not None:
             raise InvalidParameterError("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab})")
-        if n + (params.max_tokens or 0) > self.max_model_len or n >= self.max_model_len:
-            raise InvalidParameterError(
-                "max_tokens" if n < self.max_model_len else "prompt",
-                f"this model's maximum context length is {self.max_model_len} tokens; the prompt "
-                f"has {n} tokens and max_tokens is {params.max_tokens}")
+        check_context(n, params.max_tokens, self.max_model_len)
 
     def abort(self, request_id: str) -> bool:
         pending = self._compiling.pop(request_id, None)
