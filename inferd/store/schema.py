@@ -145,6 +145,10 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (batch_id, line))""",
         "CREATE INDEX batch_lines_state ON batch_lines (batch_id, state)",
     ],
+    [
+        # completion tokens a reasoning model spent thinking (part of completion_tokens)
+        "ALTER TABLE ledger ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 

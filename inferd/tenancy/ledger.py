@@ -2,7 +2,7 @@
 
 A row says who asked (key, team), what for (endpoint, the public model asked
 for, the group and deployment that answered), what it used (prompt, cached and
-completion tokens, from the usage the client was given, or counted from the
+completion tokens, the reasoning tokens among them, from the usage the client was given, or counted from the
 stream when a client left early), what it cost, how long it took, and how it
 went (HTTP status, cancelled, fell back, degraded, answered from the response
 cache, usage estimated). Attempts that failed and fell over to another
@@ -40,6 +40,7 @@ class LedgerRow:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0              # of the completion tokens, those spent thinking
     cost_usd: float = 0.0
     latency_s: float | None = None
     ttft_s: float | None = None

@@ -201,6 +201,8 @@ class RequestMeter:
             row.completion_tokens = int(self._usage.get("completion_tokens") or 0)
             details = self._usage.get("prompt_tokens_details") or {}
             row.cached_tokens = int(details.get("cached_tokens") or 0)
+            thinking = self._usage.get("completion_tokens_details") or {}
+            row.reasoning_tokens = int(thinking.get("reasoning_tokens") or 0)
         elif row.deployment is not None and (self._content_chunks or cancelled):
             # the deployment worked but never said how much: count what reached the client
             row.prompt_tokens = math.ceil(self._prompt_estimate / 4)

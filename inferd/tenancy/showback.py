@@ -31,7 +31,7 @@ _GROUP_COLUMNS = {"team": "team", "model": "model", "key": "key_id", "day": "ts"
 
 # What the aggregation reads, besides the group columns: never whole rows.
 _METRIC_COLUMNS = ("status", "cancelled", "cache_hit", "prompt_tokens", "cached_tokens",
-                   "completion_tokens", "cost_usd", "latency_s", "ttft_s")
+                   "completion_tokens", "reasoning_tokens", "cost_usd", "latency_s", "ttft_s")
 
 # Shown for a NULL group value: requests to an open server carry no key and no team.
 NONE_LABEL = "-"
@@ -95,6 +95,7 @@ class UsageGroup:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
     total_tokens: int = 0
     cached_share: float = 0.0
     cost_usd: float = 0.0
@@ -124,6 +125,7 @@ class _Acc:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
     costs: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
@@ -137,6 +139,7 @@ class _Acc:
         self.prompt_tokens += m["prompt_tokens"]
         self.cached_tokens += m["cached_tokens"]
         self.completion_tokens += m["completion_tokens"]
+        self.reasoning_tokens += m["reasoning_tokens"]
         self.costs.append(m["cost_usd"])
         # an error's latency is how fast it failed, not how fast the service answers
         if not failed and m["latency_s"] is not None:
@@ -149,7 +152,7 @@ class _Acc:
             group=group,
             requests=self.requests, errors=self.errors, cancelled=self.cancelled, cache_hits=self.cache_hits,
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
-            completion_tokens=self.completion_tokens,
+            completion_tokens=self.completion_tokens, reasoning_tokens=self.reasoning_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
             cached_share=self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             cost_usd=math.fsum(self.costs),  # many tiny prices: fsum keeps the total exact-ish and order-free

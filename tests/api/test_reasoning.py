@@ -109,3 +109,23 @@ def test_a_model_that_does_not_reason_refuses_a_thinking_budget(server):
     r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, timeout=60,
                    json={"model": MODEL, "messages": ASK, "max_tokens": 3, "reasoning_effort": "low"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_effort"
+
+
+def test_the_ledger_counts_reasoning_tokens(thinker):
+    import sqlite3
+
+    from tests.api.conftest import wait_for
+
+    rid = "thinking-ledger-1"
+    r = httpx.post(thinker.url + "/v1/chat/completions", timeout=60, headers={**thinker.headers, "X-Request-Id": rid},
+                   json={"model": MODEL, "messages": ASK, "temperature": 0, "max_reasoning_tokens": 5,
+                         "max_tokens": 30, **CHOICE})
+    expected = r.json()["usage"]["completion_tokens_details"]["reasoning_tokens"]
+
+    def row():
+        with sqlite3.connect(thinker.store_path) as db:
+            return db.execute("SELECT reasoning_tokens, completion_tokens FROM ledger WHERE request_id = ?",
+                              (rid,)).fetchone()
+
+    reasoning, completion = wait_for(row)
+    assert reasoning == expected and 0 < reasoning < completion
