@@ -10,9 +10,10 @@ bad keys does not become a flood of queries.
 
 A server with no admin key and no live key in its store is open, as before
 keys existed: any key or none is accepted, requests carry no principal and are
-metered without one. Once a
-key exists, every request but /health, /metrics and /version needs one (the tokenizer
-routes included); /admin needs an admin key.
+metered without one; its /admin routes are closed (no page a browser visits can
+mint a key), unless the server was started with `--allow-open-admin`, and then
+only for clients on loopback. Once a key exists, every request but the probes
+needs one (the tokenizer routes included); /admin needs an admin key.
 Secrets never appear in errors or logs.
 """
 
@@ -31,6 +32,7 @@ from inferd.wire.errors import http_error
 
 ADMIN = Principal(key_id="admin", team=None, is_admin=True)
 _CACHE_LIMIT = 10_000
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def presented_key(headers: Headers) -> str | None:
@@ -42,8 +44,9 @@ def presented_key(headers: Headers) -> str | None:
 
 class Authenticator:
     def __init__(self, store: Store, admin_key: str | None = None, ttl_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, allow_open_admin: bool = False):
         self.store, self.ttl_s, self.clock = store, ttl_s, clock
+        self.allow_open_admin = allow_open_admin
         self._admin_key = admin_key.encode() if admin_key else None
         self._principals: dict[str, tuple[Principal | None, float]] = {}
         self._open: tuple[bool, float] | None = None
@@ -55,7 +58,7 @@ class Authenticator:
         """One rule for every route: all need a key (when keys exist) but the public ones."""
         return path not in self.PUBLIC_PATHS
 
-    async def principal(self, path: str, headers: Headers) -> Principal | None:
+    async def principal(self, path: str, headers: Headers, client_host: str | None = None) -> Principal | None:
         """The caller of a protected path; None on an open server; InferdError 401/403 otherwise."""
         token = presented_key(headers)
         if self._admin_key is not None and token is not None and hmac.compare_digest(token.encode(),
@@ -66,7 +69,7 @@ class Authenticator:
         if who is None:
             # an open server takes any key or none, as clients that must send one send "EMPTY"
             if self._admin_key is None and await self._is_open():
-                return None
+                return self._open_admin(client_host) if path.startswith("/admin") else None
             if token is None:
                 raise http_error(401, "this server needs an API key; send it as 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
@@ -74,6 +77,16 @@ class Authenticator:
         if path.startswith("/admin") and not who.is_admin:
             raise http_error(403, "this endpoint needs an admin key", code="admin_key_required")
         return who
+
+    def _open_admin(self, client_host: str | None) -> Principal:
+        if not self.allow_open_admin:
+            raise http_error(403, "this server has no keys, so its admin API is closed; create a key with "
+                             "`inferd keys create`, start it with --api-key, or with --allow-open-admin",
+                             code="admin_closed")
+        if client_host not in _LOOPBACK:
+            raise http_error(403, "the admin API of a server without keys answers loopback clients only",
+                             code="admin_closed")
+        return ADMIN
 
     def forget(self) -> None:
         """Drop cached lookups (after a key was created or revoked here)."""

@@ -99,7 +99,9 @@ class RequestContextMiddleware:
         request_state["principal"] = None
         if self.authenticator.protects(scope["path"]):
             try:
-                request_state["principal"] = await self.authenticator.principal(scope["path"], headers)
+                client = scope.get("client")
+                request_state["principal"] = await self.authenticator.principal(
+                    scope["path"], headers, client[0] if client else None)
             except InferdError as err:
                 return await error_response(err)(scope, receive, send_with_id)
         await self.app(scope, receive, send_with_id)
@@ -217,6 +219,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def admin_key(args: argparse.Namespace) -> str | None:
+    """The admin key: --api-key, else the first line of --api-key-file, else $INFERD_API_KEY."""
+    if args.api_key:
+        return args.api_key
+    if getattr(args, "api_key_file", None):
+        lines = Path(args.api_key_file).read_text().splitlines()
+        if not lines or not lines[0].strip():
+            raise ValueError(f"--api-key-file: {args.api_key_file} holds no key")
+        return lines[0].strip()
+    return os.environ.get("INFERD_API_KEY") or None
+
+
 def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     if args.config:
@@ -249,7 +263,8 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
     metering: Metering | None = None
     try:
         metering = Metering(store, PriceBook.from_config(config), max_output_tokens(gateway))
-        authenticator = Authenticator(store, admin_key=args.api_key or os.environ.get("INFERD_API_KEY"))
+        authenticator = Authenticator(store, admin_key=admin_key(args),
+                                      allow_open_admin=args.allow_open_admin)
         batch_runner = BatchRunner(store, gateway, metering, concurrency=args.batch_concurrency,
                                    lease_s=args.batch_lease_s)
         app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, metering=metering,

@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "fallbacks; the engine flags below are the defaults of its local engines")
     serve.add_argument("--api-key", default=None,
                        help="the admin key (default: $INFERD_API_KEY); keys made with `inferd keys create` "
-                            "are checked as well; with neither, the server is open")
+                            "are checked as well; with neither, the server is open (a key given here shows "
+                            "in `ps`: prefer --api-key-file or the environment)")
+    serve.add_argument("--api-key-file", default=None, metavar="PATH",
+                       help="read the admin key from this file (its first line)")
+    serve.add_argument("--allow-open-admin", action="store_true",
+                       help="on a server without keys, let loopback clients use /admin (closed otherwise)")
     serve.add_argument("--store", default=None,
                        help="where keys, limits and the usage ledger live: sqlite:///PATH or "
                             "postgresql://USER@HOST/DB (default: $INFERD_STORE or a SQLite file in the "

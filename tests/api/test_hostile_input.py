@@ -152,3 +152,42 @@ def test_stop_strings_are_bounded(client):
     for stop in (["s"] * 65, "x" * 513, [""]):
         r = client.post("/v1/chat/completions", json={**CHAT, "stop": stop, "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+
+
+def test_an_open_server_keeps_admin_closed_unless_allowed_on_loopback(tiny_llama, tmp_path):
+    from tests.api.conftest import ServerProc
+
+    closed = ServerProc(tiny_llama, api_key=None).wait_ready()
+    try:
+        assert httpx.post(closed.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 1}).status_code == 200
+        r = httpx.post(closed.url + "/admin/keys", json={"team": "evil"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_closed"
+        assert httpx.get(closed.url + "/admin/keys").status_code == 403
+    finally:
+        closed.stop()
+    allowed = ServerProc(tiny_llama, "--allow-open-admin", api_key=None).wait_ready()
+    try:
+        r = httpx.post(allowed.url + "/admin/keys", json={"team": "ops"})  # from loopback
+        assert r.status_code == 201, r.text
+        key = r.json()["key"]
+        # the server has a key now, so it is no longer open
+        assert httpx.post(allowed.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 1}).status_code == 401
+        ok = httpx.post(allowed.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 1},
+                        headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+    finally:
+        allowed.stop()
+
+
+def test_the_admin_key_can_come_from_a_file(tiny_llama, tmp_path):
+    from tests.api.conftest import ServerProc
+
+    path = tmp_path / "admin.key"
+    path.write_text("from-a-file\n")
+    srv = ServerProc(tiny_llama, "--api-key-file", str(path), api_key=None).wait_ready()
+    try:
+        assert httpx.get(srv.url + "/admin/keys", headers={"Authorization": "Bearer from-a-file"}).status_code == 200
+        assert httpx.get(srv.url + "/admin/keys", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert "from-a-file" not in " ".join(srv.proc.args)
+    finally:
+        srv.stop()
