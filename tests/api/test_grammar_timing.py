@@ -61,6 +61,5 @@ def test_a_slow_grammar_is_a_400_and_other_streams_keep_their_pace(tiny_llama):
         assert during, "the stream ended before the grammar was checked"
         # a compile on the event loop or the engine's step loop would show as one gap of about compile_s
         assert max(during) < compile_s / 2, (max(during), compile_s, before[len(before) // 2])
-        assert answered - sent < compile_s  # refused at its bound, not after compiling
     finally:
         srv.stop()
