@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from inferd.batch.files import BATCH_URLS, create_file
 from inferd.gateway.router import Gateway
 from inferd.store.base import Store, Tx
-from inferd.tenancy import ledger
+from inferd.tenancy import ledger, quota
 from inferd.tenancy.intake import admit
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
@@ -66,17 +66,24 @@ def _claim(tx: Tx, owner: str, n: int, now: float, lease_s: float) -> list[Claim
     return [Claimed(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
 
 
-def _complete(tx: Tx, c: Claimed, owner: str, ok: bool, status: int, result: dict, row: ledger.LedgerRow) -> bool:
-    """Record a line's answer and bill it, if this runner still holds its lease."""
+def _complete(tx: Tx, c: Claimed, owner: str, ok: bool, status: int, result: dict, row: ledger.LedgerRow | None,
+              ticket: quota.Ticket | None, now: float) -> bool:
+    """Record a line's answer and bill it, if this runner still holds its lease: its ticket is settled (the
+    reservation released, the cost booked against budgets) with its ledger row, in the same transaction."""
     changed = tx.execute("UPDATE batch_lines SET state = ?, status_code = ?, result = ?, lease_owner = NULL, "
                          "lease_until = NULL WHERE batch_id = ? AND line = ? AND state = 'running' "
                          "AND lease_owner = ?",
                          ("done" if ok else "failed", status, json.dumps(result), c.batch_id, c.line, owner))
-    if not changed:
-        return False  # the lease ran out and another runner has (or had) the line
+    if not changed:  # the lease ran out and another runner has (or had) the line: it bills it
+        if ticket is not None and row is not None:
+            quota.release(tx, ticket, row, now)
+        return False
     column = "completed" if ok else "failed"
     tx.execute(f"UPDATE batches SET {column} = {column} + 1 WHERE id = ?", (c.batch_id,))
-    ledger.insert(tx, [row])
+    if row is not None and ticket is not None:
+        quota.settle(tx, [(ticket, row, now)])
+    elif row is not None:
+        ledger.insert(tx, [row])
     return True
 
 
@@ -214,33 +221,41 @@ class BatchRunner:
         endpoint = BATCH_URLS[c.endpoint]
         request_id = "batch_req_" + secrets.token_hex(12)
         who = Principal(key_id=c.key_id, team=c.team) if c.key_id else None
-        route = None
+        route, admission, refused = None, None, False
         try:
             typed = parse_request(endpoint, c.body, request_id=request_id, caller=who, batch_id=c.batch_id)
             if "priority" not in c.body:
                 typed = typed.with_priority(self.priority)
             admission = await admit(self.gateway, self.metering, typed)
-            meter, route = admission.meter, admission.route
+            route = admission.route
             if who is None:  # an open server's batch: the ledger row has no key
-                meter.row.team = c.team
+                admission.meter.row.team = c.team
             answer = await self.gateway.request(typed, route)
             if "id" in answer:  # a remote provider's answer carries the upstream's own
                 answer["id"] = typed.response_id
-            meter.usage(answer.get("usage"))
+            admission.meter.usage(answer.get("usage"))
             ok, status, payload = True, 200, answer
         except Exception as e:  # noqa: BLE001 - a failed line is a result, written to the error file
             error = client_error(e)  # a bug fails the line, not the runner
-            ok, status, payload, meter = False, error.status, error.body(), None
+            ok, status, payload = False, error.status, error.body()
+            refused = isinstance(e, quota.QuotaExceeded) and admission is None  # its row is written already
+        meter = admission.meter if admission is not None else None
+        ticket = meter.ticket if meter is not None else None
         model = c.body.get("model")
-        row = meter.close(status, route) if meter is not None else ledger.LedgerRow(
+        row = meter.close(status, route) if meter is not None else None if refused else ledger.LedgerRow(
             ts=self.clock(), endpoint=endpoint, status=status, request_id=request_id, key_id=c.key_id, team=c.team,
             model=model if isinstance(model, str) else None, batch_id=c.batch_id)
+        now = self.clock()
         if not ok and self._stopping:
-            return  # failed because this server is going away: leave the line to its lease, to run again
+            # failed because this server is going away: leave the line to its lease, to run again, and give
+            # back what it reserved (the line is billed when it runs)
+            if ticket is not None and ticket.scopes:
+                await self.store.run(lambda tx: quota.release(tx, ticket, row, now))
+            return
         result = {"id": request_id, "custom_id": c.custom_id,
                   "response": {"status_code": status, "request_id": request_id, "body": payload}, "error": None}
         try:
-            kept = await self.store.run(lambda tx: _complete(tx, c, self.owner, ok, status, result, row))
+            kept = await self.store.run(lambda tx: _complete(tx, c, self.owner, ok, status, result, row, ticket, now))
         except Exception:  # noqa: BLE001 - the lease will expire and the line run again
             log.exception("could not record batch %s line %d", c.batch_id, c.line)
             return

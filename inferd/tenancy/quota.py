@@ -184,6 +184,11 @@ def settle(tx: Tx, settled: list[tuple[Ticket, LedgerRow, float]]) -> None:
     insert(tx, [row for _, row, _ in settled])
 
 
+def release(tx: Tx, ticket: Ticket, row: LedgerRow, now: float) -> None:
+    """End a ticket without writing its row (work that will run again elsewhere and be billed there)."""
+    _release(tx, ticket, row, now)
+
+
 def _release(tx: Tx, ticket: Ticket, row: LedgerRow, now: float) -> None:
     """Release a ticket's reservation, book its real cost and give back the tokens it did not use."""
     for scope, _ in ticket.scopes:

@@ -215,3 +215,4 @@ def test_cli_submit_wait_and_results(srv, tmp_path):
     assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [f"req-{i}" for i in range(5)]
     bad = cli("status", "batch_nope")
     assert bad.returncode == 2 and "404" in bad.stderr
+
