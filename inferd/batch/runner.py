@@ -6,8 +6,10 @@ run, and claims pending lines (up to `concurrency` in flight) with a lease of
 `lease_s` seconds that it renews while the lines run. A line goes through the
 gateway like any request, with `priority` set so local engines schedule
 interactive requests first; its result, its new state and its ledger row
-(priced at the batch discount, billed to the key that created the batch) are
-written in one transaction that also checks the lease is still this runner's.
+(priced at the batch discount, billed to the key that created the batch and
+counted against its and its team's budgets, though not their rate limits: the
+runner paces lines itself) are written, with the line's budget reservation
+settled, in one transaction that also checks the lease is still this runner's.
 So a server killed mid-batch loses only uncommitted work: after its leases
 expire, any runner (the restarted server, or another replica) claims those lines
 again, and no line is answered or billed twice.
@@ -20,6 +22,7 @@ completed, expired (the window passed first) or cancelled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from inferd.batch.files import BATCH_URLS, create_file
 from inferd.gateway.router import Gateway
 from inferd.store.base import Store, Tx
-from inferd.tenancy import ledger, quota
+from inferd.tenancy import keys, ledger, quota
 from inferd.tenancy.intake import admit
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
@@ -217,10 +220,25 @@ class BatchRunner:
         self._running.pop(key, None)
         self._wake.set()  # a free slot: claim the next line now, not at the next poll
 
+    async def _principal(self, c: Claimed) -> Principal | None:
+        """Who a line is billed to: the key that created the batch, held to its and its team's budgets but
+        not their rate limits (the runner paces lines itself, at low priority)."""
+        if not c.key_id:
+            return None
+        who = await self.store.run(lambda tx: keys.principal_of_key(tx, c.key_id))
+        if who is None:  # the start-up admin key: not in the store, no limits
+            return Principal(key_id=c.key_id, team=c.team)
+        return dataclasses.replace(who, key_limits=who.key_limits.budget_only(),
+                                   team_limits=who.team_limits.budget_only())
+
     async def _run_line(self, c: Claimed) -> None:
         endpoint = BATCH_URLS[c.endpoint]
         request_id = "batch_req_" + secrets.token_hex(12)
-        who = Principal(key_id=c.key_id, team=c.team) if c.key_id else None
+        try:
+            who = await self._principal(c)
+        except Exception:  # noqa: BLE001 - the store is unreachable: the line stays with its lease, to run again
+            log.exception("batch %s line %d: could not look up its key", c.batch_id, c.line)
+            return
         route, admission, refused = None, None, False
         try:
             typed = parse_request(endpoint, c.body, request_id=request_id, caller=who, batch_id=c.batch_id)

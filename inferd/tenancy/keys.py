@@ -43,6 +43,10 @@ class Limits:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1")
 
+    def budget_only(self) -> Limits:
+        """The same budget without the rate limits (what a batch line is held to: the runner paces it)."""
+        return Limits(self.budget_usd, self.budget_period)
+
     @property
     def any(self) -> bool:
         return any(v is not None for v in (self.budget_usd, self.rpm, self.tpm, self.max_parallel))
@@ -187,11 +191,19 @@ def list_teams(tx: Tx) -> list[TeamInfo]:
 
 def find_principal(tx: Tx, key_hash: str) -> Principal | None:
     """The live key with this hash (`hash_key`), with its team's limits; None for unknown or revoked keys."""
+    return _principal(tx, "k.key_hash = ? AND k.revoked IS NULL", key_hash)
+
+
+def principal_of_key(tx: Tx, key_id: str) -> Principal | None:
+    """The key with this id, revoked or not (work it started is still billed to it), with its limits."""
+    return _principal(tx, "k.id = ?", key_id)
+
+
+def _principal(tx: Tx, where: str, value: str) -> Principal | None:
     row = tx.fetchone(
         f"SELECT k.id, k.team, k.is_admin, k.budget_usd, k.budget_period, k.rpm, k.tpm, k.max_parallel, "
         f"k.cache_ttl, t.budget_usd, t.budget_period, t.rpm, t.tpm, t.max_parallel "
-        f"FROM api_keys k LEFT JOIN teams t ON t.name = k.team WHERE k.key_hash = ? AND k.revoked IS NULL",
-        (key_hash,))
+        f"FROM api_keys k LEFT JOIN teams t ON t.name = k.team WHERE {where}", (value,))
     if row is None:
         return None
     return Principal(key_id=row[0], team=row[1], is_admin=bool(row[2]),

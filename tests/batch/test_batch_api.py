@@ -216,3 +216,30 @@ def test_cli_submit_wait_and_results(srv, tmp_path):
     bad = cli("status", "batch_nope")
     assert bad.returncode == 2 and "404" in bad.stderr
 
+
+
+def test_a_teams_batch_spends_its_budget_and_leaves_nothing_reserved(srv):
+    """Batch lines count against the team's budget (not its rate limits: the runner paces them), and each
+    line's reservation is settled with its ledger row."""
+    r = httpx.put(srv.url + "/admin/teams/budgeted", json={"budget_usd": 1000, "max_parallel": 1, "rpm": 1},
+                  headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    c = client(srv, team_key(srv, "budgeted"))
+    lines = [chat_line(i) for i in range(6)] + [chat_line(6, max_tokens=-3)]  # the last one fails
+    upload = c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+    batch = wait_done(c, c.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                          completion_window="24h").id)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (6, 1)  # rpm 1 did not refuse them
+    store = open_store(srv.store_url)
+    try:
+        def settled():
+            rows = store.run_sync(lambda tx: ledger.select(tx, "batch_id = ?", (batch.id,)))
+            tickets = store.run_sync(lambda tx: tx.scalar("SELECT COUNT(*) FROM tickets WHERE team_scope = ?",
+                                                           ("team:budgeted",)))
+            spent = store.run_sync(lambda tx: tx.scalar("SELECT COALESCE(SUM(spent_usd), 0) FROM spend "
+                                                         "WHERE scope = ?", ("team:budgeted",)))
+            return len(rows) == 7 and tickets == 0 and (rows, spent)
+        rows, spent = wait_for(settled)
+    finally:
+        store.close()
+    assert spent > 0 and spent == pytest.approx(sum(r.cost_usd for r in rows))
