@@ -15,13 +15,20 @@ Errors: the API's `{"type": "error", "error": {"type", "message"}}` bodies, as
 responses or as `error` events mid-stream, map through `classify_status`;
 `overloaded_error` (HTTP 529) is `OVERLOADED` with status 503, a prompt that is too
 long is `CONTEXT_LENGTH`, output blocked by the content filter is `CONTENT_POLICY`,
-with OpenAI's codes for the last two. Structured output, `logit_bias` and tools have
-no translation here and are refused with a 400 naming the field, never dropped.
+with OpenAI's codes for the last two. Tools translate both ways: `tools` and
+`tool_choice` (required -> any, `parallel_tool_calls: false` -> disable_parallel_tool_use),
+assistant `tool_calls` -> `tool_use` blocks, `tool` messages -> `tool_result` blocks in
+the user's turn; answers' `tool_use` blocks -> `message.tool_calls`, and in streams
+OpenAI's tool-call deltas (id and name first, then the `input_json_delta` fragments).
+Structured output, `logit_bias` and thinking budgets have no translation here and
+are refused with a 400 naming the field, never dropped.
 """
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -31,7 +38,7 @@ from inferd.providers.base import Deployment
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
 from inferd.wire.errors import ErrorKind, InferdError, classify_status
 from inferd.wire.request import InferenceRequest
-from inferd.wire.schema import ChatCompletionRequest, ContentPart
+from inferd.wire.schema import ChatCompletionRequest, ContentPart, NamedToolChoice
 
 _FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
                    "refusal": "content_filter", "pause_turn": "stop"}
@@ -102,8 +109,6 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
                        "OpenAI-compatible deployment for structured output")
     if body.logit_bias:
         raise _invalid("logit_bias", "the Anthropic Messages API has no equivalent")
-    if body.tools:
-        raise _invalid("tools", "tool calls are not translated for Anthropic deployments yet")
     for name in ("max_reasoning_tokens", "reasoning_effort"):
         if getattr(body, name) is not None:
             raise _invalid(name, "thinking is not translated for Anthropic deployments yet")
@@ -114,8 +119,12 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
         if role in ("system", "developer"):
             system.extend(block["text"] for block in _content_blocks(message.content, param)
                           if block["type"] == "text")
-        elif role in ("user", "assistant"):
-            blocks = _content_blocks(message.content, param)
+        elif role in ("user", "assistant", "tool"):
+            blocks = _content_blocks(message.content, param) if role != "tool" else [_tool_result(message, i)]
+            if role == "assistant":
+                blocks += [_tool_use(call, f"messages[{i}].tool_calls[{k}]")
+                           for k, call in enumerate(message.tool_calls or ())]
+            role = "user" if role == "tool" else role  # results go back in the user's turn
             if not blocks:
                 continue
             if messages and messages[-1]["role"] == role:
@@ -124,7 +133,7 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
                 messages.append({"role": role, "content": blocks})
         else:
             raise _invalid(f"messages[{i}].role", f"{role!r} is not supported by Anthropic deployments; use "
-                           "system, developer, user or assistant")
+                           "system, developer, user, assistant or tool")
     limit = body.output_limit
     request: dict[str, Any] = {"model": model, "messages": messages,
                                "max_tokens": default_max_tokens if limit is None else limit}
@@ -137,7 +146,44 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
         request["stop_sequences"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     if body.user:
         request["metadata"] = {"user_id": body.user}
+    if body.tools:  # with tool_choice none too: earlier tool_use blocks refer to them
+        request["tools"] = [{"name": t.function.name, "description": t.function.description or "",
+                             "input_schema": t.function.parameters or {"type": "object", "properties": {}}}
+                            for t in body.tools]
+        request["tool_choice"] = _tool_choice(body)
     return request
+
+
+def _tool_choice(body: ChatCompletionRequest) -> dict:
+    choice = body.tool_choice
+    if choice == "none":
+        return {"type": "none"}
+    if isinstance(choice, NamedToolChoice):
+        out = {"type": "tool", "name": choice.function.name}
+    else:
+        out = {"type": "any" if choice == "required" else "auto"}
+    if not body.parallel_tool_calls:
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def _tool_use(call, param: str) -> dict:
+    try:
+        arguments = json.loads(call.function.arguments or "{}")
+    except ValueError:
+        raise _invalid(param, "function.arguments must be a JSON object") from None
+    if not isinstance(arguments, dict):
+        raise _invalid(param, "function.arguments must be a JSON object")
+    return {"type": "tool_use", "id": call.id or "toolu_" + uuid.uuid4().hex[:24], "name": call.function.name,
+            "input": arguments}
+
+
+def _tool_result(message, i: int) -> dict:
+    if not message.tool_call_id:
+        raise _invalid(f"messages[{i}].tool_call_id", "a tool message must name the call it answers")
+    text = "".join(b["text"] for b in _content_blocks(message.content, f"messages[{i}].content")
+                   if b["type"] == "text")
+    return {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": text}
 
 
 def to_usage(usage: dict) -> dict:
@@ -149,10 +195,17 @@ def to_usage(usage: dict) -> dict:
 
 
 def to_chat_completion(message: dict, created: int) -> dict:
-    text = "".join(block.get("text", "") for block in message.get("content") or () if block.get("type") == "text")
+    blocks = message.get("content") or ()
+    text = "".join(block.get("text", "") for block in blocks if block.get("type") == "text")
+    answer: dict = {"role": "assistant", "content": text}
+    calls = [{"id": b.get("id", ""), "type": "function",
+              "function": {"name": b.get("name", ""), "arguments": json.dumps(b.get("input") or {})}}
+             for b in blocks if b.get("type") == "tool_use"]
+    if calls:
+        answer = {"role": "assistant", "content": text or None, "tool_calls": calls}
     return {"id": message.get("id", ""), "object": "chat.completion", "created": created,
             "model": message.get("model", ""),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+            "choices": [{"index": 0, "message": answer,
                          "finish_reason": _FINISH_REASONS.get(message.get("stop_reason"), "stop")}],
             "usage": to_usage(message.get("usage") or {})}
 
@@ -163,6 +216,7 @@ class ChunkTranslator:
     def __init__(self, created: int):
         self._identity = {"id": "", "object": "chat.completion.chunk", "created": created, "model": ""}
         self._usage: dict = {}
+        self._calls: dict[int, int] = {}  # the stream's block index -> the tool call's index
 
     def translate(self, event: dict, data: str) -> dict | None:
         kind = event.get("type")
@@ -173,9 +227,16 @@ class ChunkTranslator:
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_delta":
             delta = event.get("delta") or {}
+            if delta.get("type") == "input_json_delta" and event.get("index") in self._calls:
+                return self._chunk({"tool_calls": [{"index": self._calls[event["index"]],
+                                                    "function": {"arguments": delta.get("partial_json", "")}}]})
             return self._chunk({"content": delta["text"]}) if delta.get("type") == "text_delta" else None
         if kind == "content_block_start":
             block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = self._calls[event.get("index")] = len(self._calls)
+                return self._chunk({"tool_calls": [{"index": index, "id": block.get("id", ""), "type": "function",
+                                                    "function": {"name": block.get("name", ""), "arguments": ""}}]})
             return self._chunk({"content": block["text"]}) if block.get("type") == "text" and block.get("text") \
                 else None
         if kind == "message_delta":
@@ -188,7 +249,7 @@ class ChunkTranslator:
         if kind == "error":
             error = event.get("error") or {}
             raise read_anthropic_error(_ERROR_STATUS.get(error.get("type"), 502), event, data, None)
-        return None  # ping, content_block_stop, thinking and tool-use deltas
+        return None  # ping, content_block_stop, thinking deltas
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         return {**self._identity, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}

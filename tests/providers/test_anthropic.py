@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from inferd.providers.anthropic import (AnthropicConfig, AnthropicDeployment, ChunkTranslator, to_messages_request,
-                                        to_usage)
+from inferd.providers.anthropic import (AnthropicConfig, AnthropicDeployment, ChunkTranslator, to_chat_completion,
+                                        to_messages_request, to_usage)
 from inferd.wire.errors import ErrorKind, InferdError
 from tests.gateway.mock_upstream import WORDS, Fault
 from tests.providers.conftest import FAST, UPSTREAM_MODEL, collect, fails, run
@@ -146,7 +148,8 @@ def test_images_and_unsupported_roles():
         {"type": "base64", "media_type": "image/png", "data": "AAAA"}, {"type": "url", "url": "https://x/cat.png"}]
     with pytest.raises(InferdError) as info:
         to_messages_request(typed("chat", {"messages": [{"role": "tool", "content": "42"}]}).body, "c", 10)
-    assert info.value.kind is ErrorKind.INVALID_REQUEST and info.value.param == "messages[0].role"
+    # a tool result is translated, but must name the call it answers
+    assert info.value.kind is ErrorKind.INVALID_REQUEST and info.value.param == "messages[0].tool_call_id"
     with pytest.raises(InferdError, match="n must be 1"):
         to_messages_request(typed("chat", {"n": 2, "messages": [{"role": "user", "content": "hi"}]}).body, "c", 10)
 
@@ -159,3 +162,58 @@ def test_what_has_no_translation_is_refused_not_dropped(extra, param):
     with pytest.raises(InferdError) as info:
         to_messages_request(typed("chat", body).body, "c", 10)
     assert info.value.status == 400 and info.value.param == param
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tools_and_a_tool_loop_translate_to_the_messages_api():
+    body = {"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"}],
+        "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
+    request = to_messages_request(typed("chat", body).body, "c", 100)
+    assert request["tools"] == [{"name": "get_weather", "description": "Weather in a city.",
+                                 "input_schema": WEATHER["function"]["parameters"]}]
+    assert request["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert request["messages"][1] == {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]}
+    assert request["messages"][2] == {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "call_1", "content": "21 C, sunny"}]}
+    named = {**body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    assert to_messages_request(typed("chat", named).body, "c", 100)["tool_choice"]["type"] == "tool"
+    none = {**body, "tool_choice": "none"}
+    assert to_messages_request(typed("chat", none).body, "c", 100)["tool_choice"] == {"type": "none"}
+    with pytest.raises(InferdError) as info:
+        bad = {**body, "messages": [body["messages"][0], {"role": "tool", "content": "x"}]}
+        to_messages_request(typed("chat", bad).body, "c", 100)
+    assert info.value.param == "messages[1].tool_call_id"
+
+
+def test_tool_use_answers_come_back_as_tool_calls_whole_and_streamed():
+    message = {"id": "msg_1", "model": "claude", "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 7},
+               "content": [{"type": "text", "text": "Let me look."},
+                           {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]}
+    whole = to_chat_completion(message, created=1)["choices"][0]
+    assert whole["finish_reason"] == "tool_calls"
+    assert whole["message"]["tool_calls"] == [{"id": "toolu_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    t = ChunkTranslator(created=1)
+    events = [{"type": "message_start", "message": {"id": "msg_1", "model": "claude", "usage": {"input_tokens": 5}}},
+              {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me look."}},
+              {"type": "content_block_start", "index": 1,
+               "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
+              {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"ci'}},
+              {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": 'ty": "Oslo"}'}},
+              {"type": "content_block_stop", "index": 1},
+              {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 7}}]
+    chunks = [c for c in (t.translate(e, "") for e in events) if c is not None]
+    pieces = [p for c in chunks for ch in c["choices"] for p in ch["delta"].get("tool_calls", ())]
+    assert pieces[0] == {"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    assert "".join(p["function"]["arguments"] for p in pieces) == '{"city": "Oslo"}'
+    assert json.loads("".join(p["function"]["arguments"] for p in pieces)) == {"city": "Oslo"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
