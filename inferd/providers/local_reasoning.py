@@ -95,7 +95,7 @@ def _split(text: str, state: str, final: bool) -> tuple[str, str]:
             if END.startswith(text[-k:]):
                 return text[:-k], ""
         return text, ""
-    return text[:end], text[end + len(END):].lstrip("\n") if final else text[end + len(END):].lstrip("\n")
+    return text[:end], text[end + len(END):].lstrip("\n")  # the blank lines a template puts after the tag
 
 
 @dataclass
@@ -110,8 +110,6 @@ class ReasoningStream:
     def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
         self.text += delta
         reasoning, content = _split(self.text, self.state, final)
-        if not final and END in self.text and not content:
-            pass  # the answer's leading newlines are held until it says something
         out = reasoning[self.sent_reasoning:], content[self.sent_content:]
         self.sent_reasoning, self.sent_content = len(reasoning), len(content)
         return out
