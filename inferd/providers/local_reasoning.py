@@ -139,7 +139,8 @@ async def within_budget(engine, first, limit: int, state: str, continuation):
     async with aclosing(first):
         async for out in first:
             o, last = out.outputs[0], out
-            if out.finished or len(o.token_ids) < limit or not still_thinking(o.text, state):
+            # an output may carry many tokens, the last ones included: the budget is checked before its end
+            if len(o.token_ids) <= limit or not still_thinking(o.text, state):
                 sent = o.text
                 yield out
                 if out.finished:
@@ -152,6 +153,8 @@ async def within_budget(engine, first, limit: int, state: str, continuation):
             if not still_thinking(text, state):
                 sent = o.text
                 yield out
+                if out.finished:
+                    return
                 continue
             break
         else:
