@@ -8,6 +8,13 @@ neither, generation may run to the context length. Logprobs use the chat format
 sends the assistant role first (once the engine has accepted the request), then
 content deltas, the finish reason in the chunk where a choice ends, and a usage
 chunk last.
+
+The answer's grammar, if any, comes from the request's tools (local_tools.py) or
+its output constraint (constraints.py); for a model that thinks, the thinking
+comes first and is split off (local_reasoning.py), the grammar applies after it,
+and a thinking budget continues the answer as a second engine request of the
+same sequence. Text deltas go through the reasoning split, then the tool-call
+parser, so `reasoning_content`, `content` and `tool_calls` stream apart.
 """
 
 from __future__ import annotations
