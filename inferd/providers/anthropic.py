@@ -20,8 +20,11 @@ with OpenAI's codes for the last two. Tools translate both ways: `tools` and
 assistant `tool_calls` -> `tool_use` blocks, `tool` messages -> `tool_result` blocks in
 the user's turn; answers' `tool_use` blocks -> `message.tool_calls`, and in streams
 OpenAI's tool-call deltas (id and name first, then the `input_json_delta` fragments).
-Structured output, `logit_bias` and thinking budgets have no translation here and
-are refused with a 400 naming the field, never dropped.
+JSON output (`json_object`, or a `json_schema` of an object) is asked for as a
+forced tool call whose input schema is the schema, and its input comes back as the
+answer's content (streamed from its `input_json_delta`). Other constraints (regex,
+choice, grammars, non-object JSON), `logit_bias` and thinking budgets have no
+translation here and are refused with a 400 naming the field, never dropped.
 """
 
 from __future__ import annotations
@@ -103,10 +106,7 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
     """The Messages API request for an OpenAI chat request (without `stream`)."""
     if body.n != 1:
         raise _invalid("n", "Anthropic deployments return one choice; n must be 1")
-    constraint = body.output_constraint()
-    if constraint is not None:
-        raise _invalid(constraint[2], "the Anthropic Messages API has no equivalent; use a local or "
-                       "OpenAI-compatible deployment for structured output")
+    schema = _json_answer_schema(body)
     if body.logit_bias:
         raise _invalid("logit_bias", "the Anthropic Messages API has no equivalent")
     for name in ("max_reasoning_tokens", "reasoning_effort"):
@@ -146,12 +146,34 @@ def to_messages_request(body: ChatCompletionRequest, model: str, default_max_tok
         request["stop_sequences"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     if body.user:
         request["metadata"] = {"user_id": body.user}
+    if schema is not None:  # JSON output: the API's forced tool call, its input the answer
+        request["tools"] = [{"name": JSON_ANSWER, "description": "Give the answer as this JSON object.",
+                             "input_schema": schema}]
+        request["tool_choice"] = {"type": "tool", "name": JSON_ANSWER}
     if body.tools:  # with tool_choice none too: earlier tool_use blocks refer to them
         request["tools"] = [{"name": t.function.name, "description": t.function.description or "",
                              "input_schema": t.function.parameters or {"type": "object", "properties": {}}}
                             for t in body.tools]
         request["tool_choice"] = _tool_choice(body)
     return request
+
+
+JSON_ANSWER = "json_answer"  # the tool a JSON answer is asked for as (the API has no JSON mode of its own)
+
+
+def _json_answer_schema(body: ChatCompletionRequest) -> dict | None:
+    """The input schema of the forced tool for a JSON constraint; a 400 for constraints the API cannot take."""
+    constraint = body.output_constraint()
+    if constraint is None:
+        return None
+    kind, spec, param = constraint
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json" and isinstance(spec, dict) and spec.get("type", "object") == "object":
+        return spec
+    raise _invalid(param, "Anthropic deployments take JSON objects only (json_object, or a json_schema whose "
+                   "type is object); use a local or OpenAI-compatible deployment for regex, choice, grammars "
+                   "or other JSON")
 
 
 def _tool_choice(body: ChatCompletionRequest) -> dict:
@@ -194,8 +216,15 @@ def to_usage(usage: dict) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def to_chat_completion(message: dict, created: int) -> dict:
+def to_chat_completion(message: dict, created: int, json_answer: bool = False) -> dict:
+    """The chat completion for a Messages answer; `json_answer`: the request asked for JSON, which came as
+    the forced tool's input and is the answer's content."""
     blocks = message.get("content") or ()
+    if json_answer:
+        forced = next((b for b in blocks if b.get("type") == "tool_use" and b.get("name") == JSON_ANSWER), None)
+        blocks = [{"type": "text", "text": json.dumps(forced.get("input") or {})}] if forced else blocks
+        message = {**message, "stop_reason": "end_turn" if message.get("stop_reason") == "tool_use"
+                   else message.get("stop_reason")}
     text = "".join(block.get("text", "") for block in blocks if block.get("type") == "text")
     answer: dict = {"role": "assistant", "content": text}
     calls = [{"id": b.get("id", ""), "type": "function",
@@ -213,8 +242,9 @@ def to_chat_completion(message: dict, created: int) -> dict:
 class ChunkTranslator:
     """Messages stream events in, `chat.completion.chunk` bodies out (None for events with nothing to say)."""
 
-    def __init__(self, created: int):
+    def __init__(self, created: int, json_answer: bool = False):
         self._identity = {"id": "", "object": "chat.completion.chunk", "created": created, "model": ""}
+        self._json_answer = json_answer  # the forced tool's input is the answer's content
         self._usage: dict = {}
         self._calls: dict[int, int] = {}  # the stream's block index -> the tool call's index
 
@@ -227,12 +257,16 @@ class ChunkTranslator:
             return self._chunk({"role": "assistant", "content": ""})
         if kind == "content_block_delta":
             delta = event.get("delta") or {}
+            if delta.get("type") == "input_json_delta" and self._json_answer:
+                return self._chunk({"content": delta.get("partial_json", "")})
             if delta.get("type") == "input_json_delta" and event.get("index") in self._calls:
                 return self._chunk({"tool_calls": [{"index": self._calls[event["index"]],
                                                     "function": {"arguments": delta.get("partial_json", "")}}]})
             return self._chunk({"content": delta["text"]}) if delta.get("type") == "text_delta" else None
         if kind == "content_block_start":
             block = event.get("content_block") or {}
+            if block.get("type") == "tool_use" and self._json_answer:
+                return None
             if block.get("type") == "tool_use":
                 index = self._calls[event.get("index")] = len(self._calls)
                 return self._chunk({"tool_calls": [{"index": index, "id": block.get("id", ""), "type": "function",
@@ -243,6 +277,8 @@ class ChunkTranslator:
             # message_delta usage is cumulative and may restate input and cache counts
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
             reason = (event.get("delta") or {}).get("stop_reason")
+            if reason == "tool_use" and self._json_answer:
+                reason = "end_turn"
             return self._chunk({}, _FINISH_REASONS.get(reason, "stop"))
         if kind == "message_stop":
             return {**self._identity, "choices": [], "usage": to_usage(self._usage)}
@@ -275,11 +311,12 @@ class AnthropicDeployment(Deployment):
 
     async def request(self, request: InferenceRequest) -> dict:
         message = await self._http.post_json("/v1/messages", self._messages_request(request))
-        return to_chat_completion(message, int(time.time()))
+        json_answer = _json_answer_schema(request.body) is not None
+        return to_chat_completion(message, int(time.time()), json_answer=json_answer)
 
     async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
         upstream = {**self._messages_request(request), "stream": True}
-        translator = ChunkTranslator(int(time.time()))
+        translator = ChunkTranslator(int(time.time()), json_answer=_json_answer_schema(request.body) is not None)
         async with aclosing(self._http.post_sse("/v1/messages", upstream, is_last=_is_stop,
                                                 last_name="message_stop")) as events:
             async for event in events:

@@ -154,7 +154,8 @@ def test_images_and_unsupported_roles():
         to_messages_request(typed("chat", {"n": 2, "messages": [{"role": "user", "content": "hi"}]}).body, "c", 10)
 
 
-@pytest.mark.parametrize("extra,param", [({"response_format": {"type": "json_object"}}, "response_format"),
+@pytest.mark.parametrize("extra,param", [({"response_format": {"type": "json_schema", "json_schema": {
+                                             "name": "x", "schema": {"type": "array"}}}}, "response_format"),
                                          ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
                                          ({"logit_bias": {"5": 1}}, "logit_bias")])
 def test_what_has_no_translation_is_refused_not_dropped(extra, param):
@@ -217,3 +218,28 @@ def test_tool_use_answers_come_back_as_tool_calls_whole_and_streamed():
     assert "".join(p["function"]["arguments"] for p in pieces) == '{"city": "Oslo"}'
     assert json.loads("".join(p["function"]["arguments"] for p in pieces)) == {"city": "Oslo"}
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_json_output_is_a_forced_tool_whose_input_is_the_answer():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    body = {"messages": [{"role": "user", "content": "A city?"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}
+    request = to_messages_request(typed("chat", body).body, "c", 100)
+    assert request["tools"] == [{"name": "json_answer", "description": "Give the answer as this JSON object.",
+                                 "input_schema": schema}]
+    assert request["tool_choice"] == {"type": "tool", "name": "json_answer"}
+    message = {"id": "m", "model": "claude", "stop_reason": "tool_use", "usage": {},
+               "content": [{"type": "tool_use", "id": "toolu_1", "name": "json_answer", "input": {"city": "Lyon"}}]}
+    choice = to_chat_completion(message, created=1, json_answer=True)["choices"][0]
+    assert choice == {"index": 0, "message": {"role": "assistant", "content": '{"city": "Lyon"}'},
+                      "finish_reason": "stop"}
+    t = ChunkTranslator(created=1, json_answer=True)
+    events = [{"type": "content_block_start", "index": 0,
+               "content_block": {"type": "tool_use", "id": "toolu_1", "name": "json_answer", "input": {}}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": '{"city"'}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ': "Lyon"}'}},
+              {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 4}}]
+    chunks = [c for c in (t.translate(e, "") for e in events) if c is not None]
+    assert "".join(ch["delta"].get("content", "") for c in chunks for ch in c["choices"]) == '{"city": "Lyon"}'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any("tool_calls" in ch["delta"] for c in chunks for ch in c["choices"])
