@@ -129,3 +129,26 @@ def test_the_ledger_counts_reasoning_tokens(thinker):
 
     reasoning, completion = wait_for(row)
     assert reasoning == expected and 0 < reasoning < completion
+
+
+def test_reasoning_parser_none_and_a_chat_template_of_ones_own(tmp_path_factory, tiny_llama):
+    """`--reasoning-parser none` turns the split off; `--chat-template` replaces the model's template."""
+    model = build_tiny_model(tmp_path_factory.mktemp("tiny-thinker-off"), "llama", chat_template=THINKING_TEMPLATE)
+    srv = ServerProc(model, "--reasoning-parser", "none").wait_ready()
+    try:
+        choice = _chat(srv, max_tokens=6).json()["choices"][0]
+        assert "reasoning_content" not in choice["message"] and choice["message"]["content"]
+    finally:
+        srv.stop()
+    template = tmp_path_factory.mktemp("template") / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    srv = ServerProc(tiny_llama, "--chat-template", str(template)).wait_ready()
+    try:
+        r = httpx.post(srv.url + "/tokenize", headers=srv.headers,
+                       json={"model": MODEL, "messages": ASK, "add_special_tokens": False})
+        ids = r.json()["tokens"]
+        text = httpx.post(srv.url + "/detokenize", headers=srv.headers, json={"model": MODEL, "tokens": ids}).json()
+        assert text["prompt"] == "[user] Is the sky blue?\n[assistant] "
+    finally:
+        srv.stop()
