@@ -132,6 +132,9 @@ class LocalChat:
             if self.budget is not None and body.n != 1:
                 raise invalid("a thinking budget (max_reasoning_tokens, reasoning_effort) needs n = 1",
                               "max_reasoning_tokens")
+            if self.budget is not None and (body.logprobs or body.prompt_logprobs is not None):
+                raise invalid("a thinking budget (max_reasoning_tokens, reasoning_effort) cannot be combined "
+                              "with logprobs", "logprobs")
         self.params = body.sampling_params(max_tokens, logprobs, body.prompt_logprobs, grammar)
         engine.check_accepting(self.params.n)
         self.id = request.response_id

@@ -135,22 +135,20 @@ async def within_budget(engine, first, limit: int, state: str, continuation):
     the rest; its outputs are given as one sequence with the first's (text and token ids cumulative,
     deltas as they come). Outputs may carry several tokens each, so the cut is made inside one."""
     tok = engine.tokenizer
-    sent, last = "", None
+    sent, last, answering = "", None, False
     async with aclosing(first):
         async for out in first:
             o, last = out.outputs[0], out
-            # an output may carry many tokens, the last ones included: the budget is checked before its end
-            if len(o.token_ids) <= limit or not still_thinking(o.text, state):
-                sent = o.text
-                yield out
-                if out.finished:
-                    return
-                continue
-            ids = o.token_ids[:limit]
-            text = tok.decode(ids)
-            if not text.startswith(sent):  # a character cut in two: keep what was already sent
-                text = sent + tok.decode(ids[len(last.outputs[0].token_ids) - len(o.token_ids_delta):])
-            if not still_thinking(text, state):
+            text = ""
+            # an output may carry many tokens, the last ones included: the budget is checked inside it
+            if not answering and len(o.token_ids) > limit:
+                ids = o.token_ids[:limit]
+                text = tok.decode(ids)
+                if not text.startswith(sent):  # a character cut in two: keep what was already sent
+                    text = sent + tok.decode(ids[len(o.token_ids) - len(o.token_ids_delta):])
+                answering = not still_thinking(text, state)  # it closed the thinking within its budget
+            if answering or len(o.token_ids) <= limit:
+                answering = answering or not still_thinking(o.text, state)
                 sent = o.text
                 yield out
                 if out.finished:

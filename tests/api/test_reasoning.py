@@ -152,3 +152,8 @@ def test_reasoning_parser_none_and_a_chat_template_of_ones_own(tmp_path_factory,
         assert text["prompt"] == "[user] Is the sky blue?\n[assistant] "
     finally:
         srv.stop()
+
+
+def test_a_budget_cannot_be_combined_with_logprobs(thinker):
+    r = _chat(thinker, max_reasoning_tokens=3, logprobs=True, max_tokens=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
