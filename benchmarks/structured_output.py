@@ -19,15 +19,16 @@ Writes benchmarks/results/structured_output.json, a PNG and a section of docs/be
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 from benchmarks.common import RESULTS, machine_info, save_json, write_doc_section
 from inferd import LLM, SamplingParams
-from inferd.engine.core import guidance, sampler
+from inferd.engine.core import sampler
 from inferd.engine.core.guidance import GrammarCompiler
 from inferd.engine.structured import grammar_for
-from inferd.layers.cpu_isa import cpu_flags
+from inferd.layers.cpu_isa import cpu_flags, forced_capability
 from inferd.providers import local_tools
 from inferd.wire.schema import ChatCompletionRequest
 
@@ -128,16 +129,28 @@ def main() -> None:
         runs["json_schema"].append(tps)
     spent, rows = mask_time(llm, prompts, args.output_len, grammar)
     free, bound = (statistics.median(runs[k]) for k in ("unconstrained", "json_schema"))
-    flags = cpu_flags()
     summary = {"unconstrained_tok_s": free, "json_schema_tok_s": bound, "ratio": bound / free,
                "mask_ms_per_token": 1000 * spent / max(1, rows), "constrained_tokens": tokens["json_schema"],
-               "isa": "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2",
+               "isa": _isa(), "dtype": str(llm.engine.core.dtype).removeprefix("torch."),
                **{f"tools50_{k}": v for k, v in compile_times(llm).items()}}
     data = {"args": vars(args), "machine": machine_info(), "summary": summary, "runs": runs}
-    save_json("structured_output", data)
+    # one result per instruction set (ATEN_CPU_CAPABILITY=avx2 measures the AVX2 path on an AVX-512 CPU)
+    save_json("structured_output" if forced_capability() is None else f"structured_output_{_isa()}", data)
     _plot(runs)
-    _doc(data)
+    _doc([d for d in (_load("structured_output"), _load("structured_output_avx2")) if d is not None])
     print(summary)
+
+
+def _isa() -> str:
+    if forced_capability() is not None:
+        return forced_capability()
+    flags = cpu_flags()
+    return "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _plot(runs) -> None:
@@ -154,30 +167,30 @@ def _plot(runs) -> None:
     fig.savefig(RESULTS / "structured_output.png", dpi=100)
 
 
-def _doc(data) -> None:
-    s, a, m = data["summary"], data["args"], data["machine"]
+def _doc(results: list[dict]) -> None:
+    first = results[0]
+    s, a, m = first["summary"], first["args"], first["machine"]
+    rows = "\n".join(f"| {x['isa']} ({x['dtype']}) | {x['unconstrained_tok_s']:.1f} | {x['json_schema_tok_s']:.1f} | "
+                     f"**{x['ratio']:.2f}** | {x['mask_ms_per_token']:.2f} |" for x in (r["summary"] for r in results))
     write_doc_section("structured_output", f"""## Structured output (JSON schema) vs unconstrained
 
-`python benchmarks/structured_output.py` — SmolLM2-135M-Instruct (embedded Q4_1 GGUF, default dtype),
-{m['date']}, {m['cpu']} ({s['isa']}), {m['cores']} cores, {a['threads']} torch threads, torch {m['torch']},
-inferd {m['inferd']}, llguidance 1.9.
+`python benchmarks/structured_output.py` (and again with `ATEN_CPU_CAPABILITY=avx2` for the AVX2 row) —
+SmolLM2-135M-Instruct (embedded Q4_1 GGUF, default dtype for the instruction set), {m['date']}, {m['cpu']},
+{m['cores']} cores, {a['threads']} torch threads, torch {m['torch']}, inferd {m['inferd']}, llguidance 1.9.
 
 {a['num_requests']} chat requests at once, {a['output_len']} output tokens each, sampled (temperature 0.7,
-seeded); median of {a['repeats']} alternating runs:
+seeded), all under one JSON schema or none; median of {a['repeats']} alternating runs. Target: constrained /
+unconstrained ≥ 0.9.
 
-| run | output tok/s |
-|---|---|
-| unconstrained | {s['unconstrained_tok_s']:.1f} |
-| all under one JSON schema | {s['json_schema_tok_s']:.1f} |
+| instruction set (dtype) | unconstrained tok/s | JSON schema tok/s | ratio | mask ms per constrained token |
+|---|---|---|---|---|
+{rows}
 
-Constrained / unconstrained: **{s['ratio']:.2f}** (target ≥ 0.9). Computing and applying the
-grammar masks takes **{s['mask_ms_per_token']:.2f} ms per constrained token** (measured around the
-sampler's mask step, {s['constrained_tokens']} tokens).
-
-A request with 50 tools (four typed parameters each, `tool_choice: required`), grammar of
-{s['tools50_grammar_bytes'] / 1000:.0f} kB: the API's check compiles it in {s['tools50_check_s'] * 1000:.1f} ms;
-the engine core compiles its matcher in {s['tools50_engine_first_s'] * 1000:.1f} ms on its worker thread the
-first time and copies it in {s['tools50_engine_cached_s'] * 1000:.2f} ms for the next request with the same tools.
+The mask time is measured around the sampler's mask step. A request with 50 tools (four typed parameters
+each, `tool_choice: required`), grammar of {s['tools50_grammar_bytes'] / 1000:.0f} kB: the API's check compiles it
+in {s['tools50_check_s'] * 1000:.1f} ms; the engine core compiles its matcher in
+{s['tools50_engine_first_s'] * 1000:.1f} ms on its worker thread the first time and copies it in
+{s['tools50_engine_cached_s'] * 1000:.2f} ms for the next request with the same tools.
 
 ![structured output throughput](../benchmarks/results/structured_output.png)
 """)
