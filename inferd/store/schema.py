@@ -149,6 +149,10 @@ MIGRATIONS: list[list[str]] = [
         # completion tokens a reasoning model spent thinking (part of completion_tokens)
         "ALTER TABLE ledger ADD COLUMN reasoning_tokens INTEGER NOT NULL DEFAULT 0",
     ],
+    [
+        # rows a tensor model scored in an infer call (what it is priced by)
+        "ALTER TABLE ledger ADD COLUMN predictions INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 

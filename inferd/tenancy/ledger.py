@@ -41,6 +41,7 @@ class LedgerRow:
     cached_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0              # of the completion tokens, those spent thinking
+    predictions: int = 0                   # rows a tensor model scored (infer calls)
     cost_usd: float = 0.0
     latency_s: float | None = None
     ttft_s: float | None = None

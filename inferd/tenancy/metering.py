@@ -208,9 +208,9 @@ class RequestMeter:
             row.prompt_tokens = math.ceil(self._prompt_estimate / 4)
             row.completion_tokens = self._content_chunks
             row.usage_estimated = True
+        row.predictions = int((self._usage or {}).get("predictions") or 0)
         if not cache_hit:
             price = self.metering.prices.price(row.deployment)
-            predictions = int((self._usage or {}).get("predictions") or 0)
             row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
-                                      batch=row.batch_id is not None, predictions=predictions)
+                                      batch=row.batch_id is not None, predictions=row.predictions)
         return row

@@ -31,7 +31,7 @@ _GROUP_COLUMNS = {"team": "team", "model": "model", "key": "key_id", "day": "ts"
 
 # What the aggregation reads, besides the group columns: never whole rows.
 _METRIC_COLUMNS = ("status", "cancelled", "cache_hit", "prompt_tokens", "cached_tokens",
-                   "completion_tokens", "reasoning_tokens", "cost_usd", "latency_s", "ttft_s")
+                   "completion_tokens", "reasoning_tokens", "predictions", "cost_usd", "latency_s", "ttft_s")
 
 # Shown for a NULL group value: requests to an open server carry no key and no team.
 NONE_LABEL = "-"
@@ -96,6 +96,7 @@ class UsageGroup:
     cached_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    predictions: int = 0
     total_tokens: int = 0
     cached_share: float = 0.0
     cost_usd: float = 0.0
@@ -126,6 +127,7 @@ class _Acc:
     cached_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    predictions: int = 0
     costs: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
@@ -140,6 +142,7 @@ class _Acc:
         self.cached_tokens += m["cached_tokens"]
         self.completion_tokens += m["completion_tokens"]
         self.reasoning_tokens += m["reasoning_tokens"]
+        self.predictions += m["predictions"]
         self.costs.append(m["cost_usd"])
         # an error's latency is how fast it failed, not how fast the service answers
         if not failed and m["latency_s"] is not None:
@@ -153,6 +156,7 @@ class _Acc:
             requests=self.requests, errors=self.errors, cancelled=self.cancelled, cache_hits=self.cache_hits,
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
             completion_tokens=self.completion_tokens, reasoning_tokens=self.reasoning_tokens,
+            predictions=self.predictions,
             total_tokens=self.prompt_tokens + self.completion_tokens,
             cached_share=self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             cost_usd=math.fsum(self.costs),  # many tiny prices: fsum keeps the total exact-ish and order-free

@@ -166,8 +166,8 @@ def test_each_infer_call_is_one_ledger_row_priced_per_prediction(srv, fraud_mode
         assert (row.endpoint, row.team, row.model, row.served_model, row.status) == \
             ("infer", "risk", "fraud", "fraud", 200)
         assert row.cost_usd == pytest.approx((i + 1) * PRICE_PER_1K / 1000)
-        assert row.prompt_tokens == row.completion_tokens == 0
-    assert by_id[bad].status == 400 and by_id[bad].cost_usd == 0
+        assert row.prompt_tokens == row.completion_tokens == 0 and row.predictions == i + 1
+    assert by_id[bad].status == 400 and by_id[bad].cost_usd == 0 and by_id[bad].predictions == 0
 
 
 def test_team_rate_limits_apply(srv):
