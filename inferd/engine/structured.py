@@ -32,7 +32,7 @@ MAX_GRAMMAR_BYTES = 1 << 20  # a schema or grammar text above this is refused be
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # JSON as models were trained to write it (and OpenAI answers): one space after ',' and ':',
 # no other whitespace, so a small model cannot spend its tokens on blank lines
-_JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
 def limits():
@@ -48,7 +48,7 @@ def grammar_for(kind: str, spec: Any, param: str) -> str:
     from llguidance import LLMatcher, gbnf_to_lark
 
     if kind == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_STYLE)
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_STYLE)
     if kind == "json":
         if isinstance(spec, str):
             try:
@@ -58,7 +58,7 @@ def grammar_for(kind: str, spec: Any, param: str) -> str:
         if not isinstance(spec, (dict, bool)):
             raise InvalidParameterError(param, "the JSON schema must be an object")
         _check_size(json.dumps(spec), param)
-        return LLMatcher.grammar_from_json_schema(spec, defaults=_JSON_STYLE)
+        return LLMatcher.grammar_from_json_schema(spec, defaults=JSON_STYLE)
     if kind == "regex":
         if not isinstance(spec, str) or not spec:
             raise InvalidParameterError(param, "the regex must be a non-empty string")
@@ -95,7 +95,7 @@ def lark_rule(name: str, kind: str, spec: Any, param: str) -> str:
                 raise InvalidParameterError(param, f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(spec, dict):
             raise InvalidParameterError(param, "the JSON schema must be an object")
-        styled = {**spec, "x-guidance": {**_JSON_STYLE, **spec.get("x-guidance", {})}}
+        styled = {**spec, "x-guidance": {**JSON_STYLE, **spec.get("x-guidance", {})}}
         return f"{name}: %json {json.dumps(styled)}\n"
     if kind == "regex":
         grammar_for(kind, spec, param)  # the same checks of its shape

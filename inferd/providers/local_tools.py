@@ -30,10 +30,10 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-from inferd.wire.schema import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from inferd.engine.structured import JSON_STYLE
+from inferd.wire.schema import ChatCompletionRequest, NamedToolChoice
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_JSON_STYLE = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 _INSTRUCTIONS = (
     "You can call functions to help answer. The functions are, as JSON schemas:\n<tools>\n{tools}\n</tools>\n"
     "To call one, answer with only this, once per call:\n" + OPEN
@@ -108,7 +108,7 @@ def grammar(body: ChatCompletionRequest, top: str = "start") -> str | None:
         "name": {"const": t.function.name},
         "arguments": t.function.parameters or {"type": "object", "properties": {}}},
         "required": ["name", "arguments"], "additionalProperties": False} for t in tools],
-        "x-guidance": _JSON_STYLE}
+        "x-guidance": JSON_STYLE}
     many = body.parallel_tool_calls and not isinstance(choice, NamedToolChoice)
     lines = [f"{top}: calls" + (" | TEXT" if choice in (None, "auto") else ""),
              'calls: call' + (' ("\\n" call)*' if many else ""),
@@ -126,7 +126,6 @@ def new_call_id() -> str:
 class Call:
     name: str | None = None
     arguments: str = ""   # the raw JSON text of the arguments (a prefix while streaming)
-    complete: bool = False
 
 
 def _value_end(text: str, start: int) -> int | None:
@@ -156,10 +155,10 @@ def _value_end(text: str, start: int) -> int | None:
     return None
 
 
-def _read_call(body: str, closed: bool) -> Call:
+def _read_call(body: str) -> Call:
     """The name and arguments of one call's JSON text (`body`, perhaps cut short). The arguments are the
     raw text of their value, so a stream's fragments and the whole answer's agree byte for byte."""
-    call = Call(complete=closed)
+    call = Call()
     name_start = _key_value_start(body, "name")
     end = _value_end(body, name_start) if name_start is not None else None
     if end is None:
@@ -215,7 +214,7 @@ def _split(text: str, final: bool) -> tuple[str, list[Call]]:
         content.append(text[pos:start])
         end = text.find(CLOSE, start)
         inner = text[start + len(OPEN):end if end >= 0 else len(text)]
-        call = _read_call(inner.strip(), closed=end >= 0)
+        call = _read_call(inner.strip())
         if call.name is None and (end >= 0 or final):  # not a call after all: its text stays content
             content.append(text[start:end + len(CLOSE)] if end >= 0 else text[start:])
         else:
@@ -288,9 +287,3 @@ def message(text: str) -> tuple[dict, bool]:
                               "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
     return msg, bool(calls)
 
-
-def flatten(m: ChatMessage) -> str:
-    """A message's text content (text parts joined)."""
-    if isinstance(m.content, list):
-        return "\n".join(p.text or "" for p in m.content)
-    return m.content or ""

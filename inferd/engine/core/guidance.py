@@ -70,8 +70,6 @@ class GrammarCompiler:
                     self._compiled.popitem(last=False)
         return template.deep_copy()
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def apply_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
