@@ -43,13 +43,21 @@ def test_kill_9_midway_then_resume(tiny_llama, tmp_path):
     batch = c.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
     wait_for(lambda: c.batches.retrieve(batch.id).request_counts.completed >= LINES // 4, timeout=120)
     done_before = c.batches.retrieve(batch.id).request_counts.completed
-    # kill while the server holds claimed lines (between claims it may briefly hold none)
+    # kill while the server holds claimed lines: freeze it (SIGSTOP) so that it cannot finish them between the
+    # look and the kill, and let it run on when it happens to hold none (between claims)
     store = open_store(store_url)
     try:
-        wait_for(lambda: store.run_sync(lambda tx: tx.scalar(
-            "SELECT COUNT(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'", (batch.id,))) > 0,
-            timeout=30)
         core = srv.core_pid()
+
+        def frozen_holding_lines() -> bool:
+            srv.proc.send_signal(signal.SIGSTOP)
+            held = store.run_sync(lambda tx: tx.scalar(
+                "SELECT COUNT(*) FROM batch_lines WHERE batch_id = ? AND state = 'running'", (batch.id,)))
+            if not held:
+                srv.proc.send_signal(signal.SIGCONT)
+            return held > 0
+
+        wait_for(frozen_holding_lines, timeout=30)
         srv.proc.send_signal(signal.SIGKILL)
     finally:
         store.close()
