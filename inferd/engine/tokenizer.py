@@ -96,14 +96,27 @@ class Tokenizer:
             x, indent=indent, ensure_ascii=ensure_ascii)
         return env.from_string(self.spec.chat_template)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, **kwargs: Any) -> str:
+        """The rendered prompt; with `continue_final_message` (vLLM's name) it ends inside the final
+        message, after its content, so that the model continues it (an assistant prefill)."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ChatTemplateError(f"messages[{i}] must be an object with a 'role'")
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
+        rendered = self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt and not continue_final_message,
             bos_token=self.spec.bos_token or "", eos_token=self.spec.eos_token or "", **kwargs)
+        if not continue_final_message:
+            return rendered
+        final = messages[-1].get("content") or ""
+        # the template closes the final message (an end-of-turn token, a newline): cut there; templates
+        # that trim contents render the final message trimmed
+        for text in (final, final.rstrip(), final.strip()):
+            at = rendered.rfind(text) if text else -1
+            if at >= 0:
+                return rendered[:at + len(text)]
+        raise ChatTemplateError("continue_final_message: the chat template does not render the final "
+                                "message's content, so there is nothing to continue")
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         # the template already writes any BOS it wants, as HF's apply_chat_template assumes

@@ -48,7 +48,7 @@ def _make_deployment(spec, group: str, base: EngineConfig, where: str, max_waiti
                   timeouts=timeouts, headers=spec.headers)
     if isinstance(spec, OpenAISpec):
         from inferd.providers.openai_compat import OpenAICompatConfig, OpenAICompatDeployment
-        return OpenAICompatDeployment(OpenAICompatConfig(**common))
+        return OpenAICompatDeployment(OpenAICompatConfig(**common, prefill=spec.prefill))
     assert isinstance(spec, AnthropicSpec)
     from inferd.providers.anthropic import AnthropicConfig, AnthropicDeployment
     return AnthropicDeployment(AnthropicConfig(**common, anthropic_version=spec.version))

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from inferd.engine.config import EngineConfig
 from inferd.engine.embedding.spec import EmbedConfig
+from inferd.providers.base import Timeouts
 
 Routing = Literal["weighted_random", "least_in_flight", "lowest_latency", "lowest_cost", "prefix_affinity"]
 FALLBACK_CLASSES = ("default", "rate_limit", "server", "timeout", "context_length")
@@ -106,10 +107,10 @@ class PriceSpec(_Spec):
 
 
 class TimeoutsSpec(_Spec):
-    connect: float | None = Field(10.0, gt=0)
-    first_token: float | None = Field(60.0, gt=0)
-    total: float | None = Field(600.0, gt=0)
-    stream_silence: float | None = Field(30.0, gt=0)
+    connect: float | None = Field(Timeouts.connect, gt=0)
+    first_token: float | None = Field(Timeouts.first_token, gt=0)
+    total: float | None = Field(Timeouts.total, gt=0)
+    stream_silence: float | None = Field(Timeouts.stream_silence, gt=0)
 
 
 class _DeploymentSpec(_Spec):
@@ -139,6 +140,9 @@ class _RemoteSpec(_DeploymentSpec):
 class OpenAISpec(_RemoteSpec):
     provider: Literal["openai"]
     base_url: str
+    # the server continues a final assistant message given vLLM's `continue_final_message` (vLLM, inferd,
+    # SGLang do; OpenAI does not): the gateway then finishes a broken stream there (docs/gateway.md)
+    prefill: bool = False
 
 
 class AnthropicSpec(_RemoteSpec):

@@ -6,12 +6,14 @@ For a request naming a public model (or an alias) the `Gateway`:
    it with 503 + a `Retry-After` computed from how fast the queue drains;
 2. orders the group's deployments with the group's routing strategy and tries
    them in turn, skipping those whose circuit breaker is open or that are not
-   accepting work; retryable failures (rate limit, overload, 5xx, connection,
-   timeout) are retried on the same deployment with backoff that honours
-   `Retry-After`, then the next deployment is tried;
+   accepting work; retryable failures (rate limit, overload, 5xx, connection)
+   are retried on the same deployment with backoff that honours `Retry-After`,
+   then the next deployment is tried (at once after a timeout: a deployment that
+   let one run out has already cost its whole limit);
 3. when a whole group fails, follows the group's fallback chain for that error
-   class (`context_length` errors go straight there: the same model would refuse
-   again); content-policy and invalid-request errors go back to the client as is.
+   class, or its `default` chain when the class has none (`context_length` errors
+   go straight there: the same model would refuse again); content-policy and
+   invalid-request errors go back to the client as is.
 
 The router is the only retry loop: deployments never retry. A stream counts as
 answered once its first chunk arrived; until then failures are retried or fall
@@ -37,6 +39,7 @@ from inferd.gateway.admission import admit
 from inferd.gateway.backoff import RetryPolicy, retry_delay
 from inferd.gateway.circuit_breaker import CircuitBreaker
 from inferd.gateway.metrics import GatewayMetrics
+from inferd.gateway.resume import Mismatch, PrefixFilter, Progress, blocker, continuation
 from inferd.gateway.stats import DeploymentStats, Outcome
 from inferd.gateway.strategies import RoutingStrategy, routing_key_for
 from inferd.providers.base import Deployment
@@ -55,6 +58,16 @@ _FALLBACK_CLASS = {ErrorKind.RATE_LIMIT: "rate_limit", ErrorKind.OVERLOADED: "ra
 
 
 @dataclass
+class BrokenPart:
+    """What a deployment whose stream broke had delivered; it sent no usage, so its prompt is estimated
+    from the continuation's (the same conversation, without the prefill)."""
+
+    deployment: str
+    completion_tokens: int
+    prompt_tokens: int = 0
+
+
+@dataclass
 class Route:
     """What the gateway decided for one request, and what it cost in time."""
 
@@ -68,6 +81,14 @@ class Route:
     upstream_s: float = 0.0               # time inside deployment calls (all attempts)
     backoff_s: float = 0.0                # time sleeping between attempts
     errors: list[str] = field(default_factory=list)
+    # a stream finished by another deployment after it broke: the broken parts, in order; the usage
+    # the client gets counts them too
+    broken_parts: list[BrokenPart] = field(default_factory=list)
+
+    @property
+    def deployments(self) -> list[str]:
+        """Every deployment that delivered part of the answer, in order."""
+        return [p.deployment for p in self.broken_parts] + ([self.deployment] if self.deployment else [])
 
     def headers(self) -> dict[str, str]:
         h = {"x-inferd-attempts": str(self.attempts)}
@@ -153,20 +174,51 @@ class Gateway:
     async def open_stream(self, request: InferenceRequest, route: Route) -> OpenStream:
         """A stream whose first chunk has arrived: every failure before it was retried or fell back."""
         async def call(h: Handle, r: InferenceRequest, in_flight_before: int) -> OpenStream:
-            chunks = h.deployment.stream(r)
-            started = self.clock()
-            try:
-                first = await chunks.__anext__()
-            except StopAsyncIteration:
-                raise InferdError(ErrorKind.SERVER, f"{h.name}: the stream ended before any chunk",
-                                    status=502) from None
-            except BaseException:
-                await chunks.aclose()
-                raise
-            h.stats.observe_ttft(self.clock() - started, in_flight_before)
-            return OpenStream(self, h, route, first, chunks)
+            first, chunks = await self._first_chunk(h, r, in_flight_before)
+            return OpenStream(self, h, route, request, first, chunks)
 
         return await self._route(request, route, call)
+
+    async def _first_chunk(self, h: Handle, r: InferenceRequest, in_flight_before: int
+                           ) -> tuple[dict, AsyncIterator[dict]]:
+        chunks = h.deployment.stream(r)
+        started = self.clock()
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            raise InferdError(ErrorKind.SERVER, f"{h.name}: the stream ended before any chunk",
+                              status=502) from None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        h.stats.observe_ttft(self.clock() - started, in_flight_before)
+        return first, chunks
+
+    async def resume(self, request: InferenceRequest, route: Route, progress: Progress, error: InferdError,
+                     broken: set[str]) -> tuple[Handle, dict, AsyncIterator[dict], PrefixFilter] | None:
+        """Another deployment's stream that continues a broken one (its first chunk in), or None: the
+        group's other deployments first, then the fallback chain for `error`'s class."""
+        async def call(h: Handle, r: InferenceRequest, in_flight_before: int):
+            cont = continuation(request, progress, h.deployment.takes_prefill)
+            first, chunks = await self._first_chunk(h, cont.request, in_flight_before)
+            return h, first, chunks, PrefixFilter(cont.expected, cont.strict)
+
+        deadline = self.clock() + self.max_total_s
+        group: ModelGroup | None = self._by_name[route.group or request.model or self.groups[0].name]
+        tried: set[str] = set()
+        while group is not None:
+            tried.add(group.name)
+            try:
+                result = await self._try_group(group, request, route, call, deadline, exclude=broken)
+            except InferdError as e:
+                log.info("%s cannot continue the broken stream (%s: %s)", group.name, e.kind.value, e.message)
+                group = self._fallback(group, error, tried)
+                continue
+            if group.name != route.group:
+                route.fallback_from = route.fallback_from or route.group
+                route.group = group.name
+            return result
+        return None
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -196,8 +248,8 @@ class Gateway:
         if error.kind in _CLIENT_FAULTS:
             return None
         cls = _FALLBACK_CLASS.get(error.kind)
-        chain = group.fallbacks.get(cls, []) if cls else []
-        if not chain and error.kind is not ErrorKind.CONTEXT_LENGTH:
+        chain = group.fallbacks.get(cls) if cls else None
+        if chain is None:  # `default` is the chain of every class that has none of its own
             chain = group.fallbacks.get("default", [])
         for name in chain:
             target = self._by_name[name]
@@ -206,8 +258,8 @@ class Gateway:
         return None
 
     async def _try_group(self, group: ModelGroup, request: InferenceRequest, route: Route, call: Call,
-                         deadline: float):
-        candidates = group.serves(request.endpoint)
+                         deadline: float, exclude: set[str] = frozenset()):
+        candidates = [h for h in group.serves(request.endpoint) if h.name not in exclude]
         if not candidates:
             raise InferdError(ErrorKind.INVALID_REQUEST, f"the model {group.name!r} does not serve "
                                 f"this endpoint", status=400, param="model")
@@ -228,8 +280,8 @@ class Gateway:
                     last = e
                     if e.kind in _CLIENT_FAULTS or e.kind is ErrorKind.CONTEXT_LENGTH:
                         raise
-                    if not e.kind.retryable:
-                        break
+                    if not e.kind.retryable or e.kind is ErrorKind.TIMEOUT:
+                        break  # a deployment that let a timeout run out would likely do it again: next one
                     delay = retry_delay(group.retry, attempt, e.retry_after, self.rng)
                     if delay is None or self.clock() + delay > deadline:
                         break
@@ -257,7 +309,7 @@ class Gateway:
             route.upstream_s += self.clock() - started
         h.breaker.record_success()
         route.deployment = h.name
-        if not isinstance(result, OpenStream):  # a stream keeps its slot until it is closed
+        if isinstance(result, dict):  # a stream keeps its slot until it is closed
             h.stats.finished(Outcome.SUCCESS)
             self._observe(h, "200", self.clock() - started)
         return result
@@ -289,28 +341,132 @@ class Gateway:
 
 
 class OpenStream:
-    """The rest of a stream after its first chunk; `aclose()` must run (it ends the accounting)."""
+    """The rest of a stream after its first chunk; `aclose()` must run (it ends the accounting).
 
-    def __init__(self, gateway: Gateway, handle: Handle, route: Route, first: dict,
+    When the deployment's stream breaks after chunks reached the client, another deployment
+    continues the answer (resume.py) and its chunks follow in the same stream; the last chunk
+    with a finish_reason then names every deployment that answered (`inferd_deployments`) and the
+    usage chunk counts all parts. When none can, the error is raised as before.
+    """
+
+    def __init__(self, gateway: Gateway, handle: Handle, route: Route, request: InferenceRequest, first: dict,
                  chunks: AsyncIterator[dict]):
-        self.gateway, self.handle, self.route = gateway, handle, route
+        self.gateway, self.handle, self.route, self.request = gateway, handle, route, request
         self.first, self._chunks = first, chunks
         self._started = gateway.clock()
         self._error: InferdError | None = None
         self._complete = self._closed = False
+        self._progress = Progress(request.endpoint, blocker=blocker(request))
+        self._sent_before_resume = 0  # tokens the client had when the current continuation started
+        self._prefilled = False       # the current continuation was given the answer so far
 
     async def __aiter__(self) -> AsyncIterator[dict]:
+        self._progress.observe(self.first)
         yield self.first
-        try:
-            async for chunk in self._chunks:
-                yield chunk
-        except InferdError as e:
-            self._error = e
-            raise
-        self._complete = True
+        broken: set[str] = set()
+        prefix: PrefixFilter | None = None
+        broke_with: InferdError | None = None
+        while True:
+            try:
+                async for chunk in self._chunks:
+                    if prefix is not None:
+                        chunk = self._stitched(chunk, prefix)
+                        if chunk is None:
+                            continue
+                    self._progress.observe(chunk)
+                    yield chunk
+                if prefix is not None:
+                    prefix.finish()
+                self._complete = True
+                return
+            except InferdError as e:
+                error = e
+                if self._progress.finished:  # the answer is whole: only its end (usage, [DONE]) went missing
+                    self._error = error
+                    yield {**{k: self.first[k] for k in ("id", "object", "created", "model") if k in self.first},
+                           "choices": [], "usage": None}
+                    return
+            except Mismatch:
+                # the regenerated answer differs from what the client has: end with the break that
+                # started it; the continuing deployment itself did nothing wrong
+                self._complete = True
+                raise broke_with from None
+            broke_with = error
+            prefix = await self._resume(error, broken)
+            if prefix is None:
+                raise error
+
+    async def _resume(self, error: InferdError, broken: set[str]) -> PrefixFilter | None:
+        """Account the broken part and switch to a deployment that continues it, if there is one."""
+        self._error = error
+        progress = self._progress
+        if progress.blocker or progress.finished or not self.request.stream:
+            return None
+        broken.add(self.handle.name)
+        found = await self.gateway.resume(self.request, self.route, progress, error, broken)
+        if found is None:
+            return None
+        log.info("%s broke after %d tokens (%s); %s continues the answer", self.handle.name, progress.tokens,
+                 error.kind.value, found[0].name)
+        self.gateway.stream_ended(self.handle, self._started, error, False)
+        await self._chunks.aclose()
+        self.route.broken_parts.append(BrokenPart(self.handle.name, progress.tokens - self._sent_before_resume))
+        self.handle, first, chunks, prefix = found
+        self._started, self._error, self._sent_before_resume = self.gateway.clock(), None, progress.tokens
+        self._chunks = _prepend(first, chunks)
+        self._prefilled = not prefix.strict
+        return prefix
+
+    def _stitched(self, chunk: dict, prefix: PrefixFilter) -> dict | None:
+        """A continuation's chunk as part of the one answer: the text already sent dropped, the role
+        not announced again, the usage of all parts, the deployments named at the end."""
+        if chunk.get("usage") and not chunk.get("choices"):
+            return {**chunk, "usage": self._total_usage(chunk["usage"])}
+        choices = []
+        for choice in chunk.get("choices") or ():
+            choice = dict(choice)
+            key = "delta" if self.request.endpoint == "chat" else "text"
+            if key == "delta":
+                delta = {k: v for k, v in (choice.get("delta") or {}).items() if k != "role"}
+                if delta.get("content"):
+                    delta["content"] = prefix.take(delta["content"])
+                choice["delta"] = delta
+                empty = not delta.get("content") and len(delta) <= 1
+            else:
+                choice["text"] = prefix.take(choice["text"]) if choice.get("text") else ""
+                empty = not choice["text"]
+            if empty and choice.get("finish_reason") is None:
+                continue
+            choices.append(choice)
+        if not choices:
+            return None
+        out = {**chunk, "choices": choices}
+        if any(c.get("finish_reason") is not None for c in choices):
+            prefix.finish()
+            out["inferd_deployments"] = self.route.deployments
+        return out
+
+    def _total_usage(self, usage: dict) -> dict:
+        """The continuation's usage plus the broken parts' (their providers billed their prompts too)."""
+        total = dict(usage)
+        prompt = int(usage.get("prompt_tokens") or 0)
+        if self._prefilled:  # the continuation's prompt held the answer so far
+            prompt = max(0, prompt - self._sent_before_resume)
+        for part in self.route.broken_parts:
+            part.prompt_tokens = prompt
+            total["prompt_tokens"] = total.get("prompt_tokens", 0) + part.prompt_tokens
+            total["completion_tokens"] = total.get("completion_tokens", 0) + part.completion_tokens
+        total["total_tokens"] = total.get("prompt_tokens", 0) + total.get("completion_tokens", 0)
+        return total
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
             self.gateway.stream_ended(self.handle, self._started, self._error, self._complete)
             await self._chunks.aclose()
+
+
+async def _prepend(first: dict, rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    yield first
+    async for chunk in rest:
+        yield chunk

@@ -247,6 +247,7 @@ class ChunkTranslator:
         self._json_answer = json_answer  # the forced tool's input is the answer's content
         self._usage: dict = {}
         self._calls: dict[int, int] = {}  # the stream's block index -> the tool call's index
+        self.finished = False  # a stop reason arrived: the answer is whole, with or without message_stop
 
     def translate(self, event: dict, data: str) -> dict | None:
         kind = event.get("type")
@@ -277,15 +278,20 @@ class ChunkTranslator:
             # message_delta usage is cumulative and may restate input and cache counts
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
             reason = (event.get("delta") or {}).get("stop_reason")
+            self.finished = self.finished or reason is not None
             if reason == "tool_use" and self._json_answer:
                 reason = "end_turn"
             return self._chunk({}, _FINISH_REASONS.get(reason, "stop"))
         if kind == "message_stop":
-            return {**self._identity, "choices": [], "usage": to_usage(self._usage)}
+            return self.final()
         if kind == "error":
             error = event.get("error") or {}
             raise read_anthropic_error(_ERROR_STATUS.get(error.get("type"), 502), event, data, None)
         return None  # ping, content_block_stop, thinking deltas
+
+    def final(self) -> dict:
+        """The closing chunk: no choices, the usage so far."""
+        return {**self._identity, "choices": [], "usage": to_usage(self._usage)}
 
     def _chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
         return {**self._identity, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
@@ -297,6 +303,7 @@ def _is_stop(event: SSEEvent) -> bool:
 
 class AnthropicDeployment(Deployment):
     endpoints = frozenset({"chat"})
+    takes_prefill = True  # the Messages API continues a final assistant message
 
     def __init__(self, config: AnthropicConfig):
         self.name, self.config = config.name, config
@@ -317,12 +324,17 @@ class AnthropicDeployment(Deployment):
     async def stream(self, request: InferenceRequest) -> AsyncIterator[dict]:
         upstream = {**self._messages_request(request), "stream": True}
         translator = ChunkTranslator(int(time.time()), json_answer=_json_answer_schema(request.body) is not None)
-        async with aclosing(self._http.post_sse("/v1/messages", upstream, is_last=_is_stop,
-                                                last_name="message_stop")) as events:
-            async for event in events:
-                chunk = translator.translate(parse_chunk(self.name, event.data), event.data)
-                if chunk is not None:
-                    yield chunk
+        try:
+            async with aclosing(self._http.post_sse("/v1/messages", upstream, is_last=_is_stop,
+                                                    last_name="message_stop")) as events:
+                async for event in events:
+                    chunk = translator.translate(parse_chunk(self.name, event.data), event.data)
+                    if chunk is not None:
+                        yield chunk
+        except InferdError as e:
+            if e.code != "stream_truncated" or not translator.finished:
+                raise
+            yield translator.final()  # the stop reason and usage arrived; only message_stop is missing
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -41,9 +41,15 @@ class Timeouts:
     """Seconds; None means no limit. Remote deployments enforce them and raise `TIMEOUT` errors."""
 
     connect: float | None = 10.0
-    first_token: float | None = 60.0     # request sent -> first streamed chunk (streams only)
+    # request sent -> first streamed chunk (streams only). Chat providers send a first token within a
+    # few seconds for ordinary prompts; one that has not in 10 s is overloaded or stuck, and another
+    # deployment answers sooner than waiting longer would. Raise it for reasoning models that stream
+    # nothing while they think, and for very long prompts.
+    first_token: float | None = 10.0
     total: float | None = 600.0          # the whole call
-    stream_silence: float | None = 30.0  # longest gap between two streamed chunks
+    # longest gap between two streamed chunks: tokens come tens of milliseconds apart, so 10 s of
+    # silence mid-answer is a stall (keep-alive comments do not count as chunks)
+    stream_silence: float | None = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,9 @@ class Deployment(ABC):
     name: str
     #: the endpoints this deployment serves
     endpoints: frozenset[str] = frozenset({"chat", "completions"})
+    #: whether a chat request may end with a partial assistant message for it to continue (an assistant
+    #: prefill: vLLM's `continue_final_message`); the gateway finishes broken streams this way
+    takes_prefill: bool = False
 
     @abstractmethod
     async def request(self, request: InferenceRequest) -> dict:

@@ -78,6 +78,8 @@ def classified():
 class LocalEngineDeployment(Deployment):
     """A local engine core serving one model under `model_name`."""
 
+    takes_prefill = True  # continue_final_message (local_chat.py)
+
     def __init__(self, name: str, model_name: str, config: EngineConfig, *,
                  max_waiting_requests: int = 256):
         self.name, self.model_name = name, model_name

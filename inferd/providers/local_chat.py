@@ -51,7 +51,7 @@ def refuse_long_text(engine: AsyncEngine, text_bytes: int, param: str) -> None:
 
 
 def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool,
-                    request: ChatCompletionRequest | None = None) -> list[int]:
+                    request: ChatCompletionRequest | None = None, continue_final_message: bool = False) -> list[int]:
     """Render chat messages with the model's template and tokenize them (text parts only); with the
     `request` they came in, its tools and earlier tool calls too (providers/local_tools.py)."""
     messages = []
@@ -72,10 +72,11 @@ def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prom
     extra = {}
     if request is not None:
         messages, extra = local_tools.template_messages(request, messages, "tools" in (tok.spec.chat_template or ""))
-        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"}
+        reserved = {"messages", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token", "tools"}
         extra = {**{k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in reserved}, **extra}
     try:
-        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
+        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, **extra)
     except ChatTemplateError:
         raise
     except (jinja2.TemplateError, TypeError, ValueError) as e:
@@ -112,7 +113,8 @@ class LocalChat:
             raise invalid("top_logprobs: requires logprobs to be true", "top_logprobs")
         self.engine, self.request, self.body, self.model = engine, request, body, model
         refuse_long_text(engine, sum(len(content_text(m.content).encode()) for m in body.messages), "messages")
-        self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt, body)
+        self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt, body,
+                                          body.continue_final_message)
         self.tools = local_tools.active(body)
         tok = engine.tokenizer
         self.thinking = None  # where the prompt leaves the model, when this model's reasoning is split

@@ -13,7 +13,9 @@ final chunk. Upstreams that ignore `include_usage` send no usage at all; then th
 final chunk carries `"usage": null` rather than failing an answer that arrived in
 full, and the gateway meters such calls as of unknown size. A failure reported
 inside the stream (`data: {"error": {...}}`, as vLLM does) raises like an error
-response, with the status taken from an integer `code` when there is one.
+response, with the status taken from an integer `code` when there is one. A body
+that ends without `[DONE]` after every choice had its `finish_reason` is a whole
+answer (some servers leave `[DONE]` out); one that ends earlier is truncated.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ _CHUNK_IDENTITY = ("id", "object", "created", "model")
 @dataclass(frozen=True, kw_only=True)
 class OpenAICompatConfig(RemoteConfig):
     endpoints: frozenset[str] = frozenset({"chat", "completions"})
+    prefill: bool = False  # the server takes vLLM's continue_final_message (vLLM, inferd; not OpenAI)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +68,14 @@ def _in_stream_error(chunk: dict, data: str) -> InferdError:
     return read_openai_error(code if isinstance(code, int) and 400 <= code < 600 else 502, chunk, data, None)
 
 
+def _track_finish(chunk: dict, open_choices: set[int]) -> None:
+    for choice in chunk.get("choices") or ():
+        if choice.get("finish_reason") is None:
+            open_choices.add(choice.get("index", 0))
+        else:
+            open_choices.discard(choice.get("index", 0))
+
+
 def _is_done(event: SSEEvent) -> bool:
     return event.data.strip() == "[DONE]"
 
@@ -73,6 +84,7 @@ def _is_done(event: SSEEvent) -> bool:
 class OpenAICompatDeployment(Deployment):
     def __init__(self, config: OpenAICompatConfig):
         self.name, self.endpoints, self.config = config.name, config.endpoints, config
+        self.takes_prefill = config.prefill
         auth = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self._http = RemoteClient(config, headers=auth, read_error=read_openai_error)
 
@@ -99,20 +111,28 @@ class OpenAICompatDeployment(Deployment):
         upstream["stream_options"] = {**(upstream.get("stream_options") or {}), "include_usage": True}
         last: dict = {}
         final: dict | None = None
-        async with aclosing(self._http.post_sse(path, upstream, is_last=_is_done, last_name="[DONE]")) as events:
-            async for event in events:
-                if _is_done(event):
-                    continue  # post_sse ends the iteration once it has read the rest of the body
-                chunk = parse_chunk(self.name, event.data)
-                if "error" in chunk and not chunk.get("choices"):
-                    raise _in_stream_error(chunk, event.data)
-                if chunk.get("usage"):
-                    final = {**chunk, "choices": []}
-                    if not chunk.get("choices"):
-                        continue
-                    chunk = {key: value for key, value in chunk.items() if key != "usage"}
-                last = chunk
-                yield chunk
+        open_choices: set[int] = set()  # choices seen without their finish_reason yet
+        try:
+            async with aclosing(self._http.post_sse(path, upstream, is_last=_is_done,
+                                                    last_name="[DONE]")) as events:
+                async for event in events:
+                    if _is_done(event):
+                        continue  # post_sse ends the iteration once it has read the rest of the body
+                    chunk = parse_chunk(self.name, event.data)
+                    if "error" in chunk and not chunk.get("choices"):
+                        raise _in_stream_error(chunk, event.data)
+                    _track_finish(chunk, open_choices)
+                    if chunk.get("usage"):
+                        final = {**chunk, "choices": []}
+                        if not chunk.get("choices"):
+                            continue
+                        chunk = {key: value for key, value in chunk.items() if key != "usage"}
+                    last = chunk
+                    yield chunk
+        except InferdError as e:
+            # every choice has its finish_reason: the answer is whole, whether or not [DONE] came
+            if e.code != "stream_truncated" or open_choices or not last:
+                raise
         yield final or {**{key: last[key] for key in _CHUNK_IDENTITY if key in last}, "choices": [],
                         "usage": None}
 

@@ -210,7 +210,14 @@ class RequestMeter:
             row.usage_estimated = True
         row.predictions = int((self._usage or {}).get("predictions") or 0)
         if not cache_hit:
-            price = self.metering.prices.price(row.deployment)
-            row.cost_usd = price.cost(row.prompt_tokens, row.cached_tokens, row.completion_tokens,
-                                      batch=row.batch_id is not None, predictions=row.predictions)
+            batch = row.batch_id is not None
+            parts = route.broken_parts if route is not None else []
+            # a stream another deployment finished: each broken part at its own deployment's price
+            prompt = row.prompt_tokens - sum(p.prompt_tokens for p in parts)
+            completion = row.completion_tokens - sum(p.completion_tokens for p in parts)
+            row.cost_usd = self.metering.prices.price(row.deployment).cost(
+                max(0, prompt), row.cached_tokens, max(0, completion), batch=batch, predictions=row.predictions)
+            for p in parts:
+                row.cost_usd += self.metering.prices.price(p.deployment).cost(p.prompt_tokens, 0, p.completion_tokens,
+                                                                              batch=batch)
         return row

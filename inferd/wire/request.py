@@ -106,6 +106,7 @@ def parse_request(endpoint: Endpoint, raw: Mapping[str, Any], *, request_id: str
             body.token_bias()
             if endpoint == "chat":
                 body.check_tools()
+                body.check_continuation()
         except InvalidParameterError as e:
             raise invalid(str(e), e.param) from None
     return InferenceRequest(endpoint, body, raw, request_id, caller, batch_id, body.model)

@@ -256,6 +256,20 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's assistant prefill: the answer continues the last message
+
+    def check_continuation(self) -> None:
+        """`continue_final_message` continues an assistant message, in place of a new turn."""
+        if not self.continue_final_message:
+            return
+        if self.messages[-1].role != "assistant":
+            raise InvalidParameterError("continue_final_message", "the last message must be the assistant's "
+                                        "message to continue")
+        if self.add_generation_prompt:
+            raise InvalidParameterError("continue_final_message", "cannot be combined with "
+                                        "add_generation_prompt: true (set it to false)")
+        if self.n > 1:
+            raise InvalidParameterError("continue_final_message", "continues one answer; n must be 1")
 
     def check_tools(self) -> None:
         """What a tool request must hold beyond its fields' shapes (InvalidParameterError otherwise)."""

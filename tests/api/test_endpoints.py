@@ -193,3 +193,25 @@ def test_chat_logprobs_format(server):
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
         assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy
         assert entry.bytes == list(entry.token.encode())
+
+
+def test_chat_continues_a_final_assistant_message(server, tokenizer):
+    """vLLM's continue_final_message: the answer goes on from a partial assistant message (a prefill)."""
+    messages = [{"role": "user", "content": "Hello!"}]
+    rendered = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "Sure, here"}],
+                                             add_generation_prompt=False, continue_final_message=True)
+    assert rendered == tokenizer.apply_chat_template(messages) + "Sure, here"
+    client = server.client()
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, extra_body={"ignore_eos": True})
+    tokens = [t.token for t in whole.choices[0].logprobs.content]
+    head = "".join(tokens[:3])
+    rest = client.chat.completions.create(
+        model=MODEL, messages=[*messages, {"role": "assistant", "content": head}], max_tokens=5, temperature=0,
+        extra_body={"ignore_eos": True, "continue_final_message": True, "add_generation_prompt": False})
+    assert head + rest.choices[0].message.content == whole.choices[0].message.content
+    for bad in ({"continue_final_message": True, "add_generation_prompt": False, "messages": messages},
+                {"continue_final_message": True, "messages": [*messages, {"role": "assistant", "content": "x"}]}):
+        r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers,
+                       json={"model": MODEL, "max_tokens": 2, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"

@@ -11,7 +11,10 @@ Answers: the reply is `max_tokens` words (or `reply_words` when the request sets
 no limit) taken from a fixed word list, streamed one word per chunk; a stop
 string equal to one of those words ends the reply before it. Usage is consistent:
 prompt tokens = whitespace-separated words of the input text, completion tokens =
-words generated. Every answer names the model the mock was given (`model=`).
+words generated. Every answer names the model the mock was given (`model=`). A
+request that ends with an assistant message and sets `continue_final_message`
+(any Anthropic request that ends so) continues it: the words after the prefill's;
+`prefill=False` refuses `continue_final_message` with a 400, as OpenAI does.
 
 Faults (`Fault`) are queued with `inject()` and consumed one per request, first
 in first out; `set_persistent()` applies one fault to every request (after the
@@ -149,8 +152,9 @@ class MockUpstream:
 
     def __init__(self, *, model: str = "mock-model", api_key: str | None = None, latency: float = 0.0,
                  chunk_interval: float = 0.0, reply_words: int = 8, record: bool = True,
-                 honour_include_usage: bool = True, port: int = 0):
+                 honour_include_usage: bool = True, prefill: bool = True, port: int = 0):
         self.model, self.api_key, self.latency = model, api_key, latency
+        self.prefill = prefill  # False: refuses vLLM's continue_final_message, as OpenAI does
         self.honour_include_usage = honour_include_usage
         self.chunk_interval, self.reply_words, self.record = chunk_interval, reply_words, record
         self.port = port
@@ -306,6 +310,9 @@ class MockUpstream:
         elif method == "POST" and path == "/v1/embeddings":
             answer = self._embeddings(body)
         elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
+            if body.get("continue_final_message") and not self.prefill:
+                return await self._send_error(writer, Fault.error(
+                    400, "Unrecognized request argument supplied: continue_final_message"), anthropic)
             answer = self._generate(path, body)
         else:
             return await self._send_error(writer, Fault.error(404, f"no route {method} {path}"), anthropic)
@@ -335,7 +342,8 @@ class MockUpstream:
 
     def _generate(self, path: str, body: dict) -> dict | list[bytes]:
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
-        words = [WORDS[i % len(WORDS)] for i in range(limit or self.reply_words)]
+        start = _prefilled_words(path, body)  # a continuation goes on where its prefill ends
+        words = [WORDS[(start + i) % len(WORDS)] for i in range(limit or self.reply_words)]
         stop = body.get("stop_sequences") or body.get("stop") or ()
         stop = {stop} if isinstance(stop, str) else set(stop)
         cut_at = next((i for i, w in enumerate(words) if w in stop), None)
@@ -344,7 +352,7 @@ class MockUpstream:
         if path == "/v1/messages":
             prompt = _text(body.get("system")) + " " + _text(body.get("messages"))
             reason = "stop_sequence" if cut_at is not None else "max_tokens" if limit else "end_turn"
-            return _anthropic_answer(self.model, words, reason, len(prompt.split()), body.get("stream"))
+            return _anthropic_answer(self.model, words, reason, len(prompt.split()), body.get("stream"), bool(start))
         chat = path == "/v1/chat/completions"
         prompt = _text(body.get("messages") if chat else body.get("prompt"))
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
@@ -352,7 +360,7 @@ class MockUpstream:
         reason = "length" if limit and cut_at is None else "stop"
         base = {"id": f"cmpl-mock{self._count}", "created": CREATED, "model": self.model}
         if not body.get("stream"):
-            text = " ".join(words)
+            text = (" " if start else "") + " ".join(words)
             choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else \
                 {"index": 0, "text": text}
             return {**base, "object": "chat.completion" if chat else "text_completion",
@@ -363,8 +371,8 @@ class MockUpstream:
             part = {"delta": delta} if chat else {"text": delta.get("content", "")}
             return {**base, "object": obj, "choices": [{"index": 0, **part, "finish_reason": finish}]}
 
-        chunks = [chunk({"role": "assistant", "content": w} if i == 0 else {"content": " " + w}, None)
-                  for i, w in enumerate(words)]
+        chunks = [chunk({"role": "assistant", "content": w if i == 0 and not start else " " + w}
+                        if i == 0 else {"content": " " + w}, None) for i, w in enumerate(words)]
         chunks.append(chunk({}, reason))
         if self.honour_include_usage and (body.get("stream_options") or {}).get("include_usage"):
             chunks.append({**base, "object": obj, "choices": [], "usage": usage})
@@ -492,12 +500,22 @@ def _vector(item: Any, dims: int) -> list[float]:
     return [x / norm for x in out[:dims]]
 
 
+def _prefilled_words(path: str, body: dict) -> int:
+    """The words of the answer a request's final assistant message already holds (0: a new answer)."""
+    messages = body.get("messages") or []
+    continues = path == "/v1/messages" or body.get("continue_final_message")
+    if not continues or not messages or messages[-1].get("role") != "assistant":
+        return 0
+    return len(_text(messages[-1]).split())
+
+
 def _anthropic_answer(model: str, words: list[str], reason: str, prompt_tokens: int,
-                      stream: bool) -> dict | list[bytes]:
+                      stream: bool, continued: bool = False) -> dict | list[bytes]:
     usage = {"input_tokens": prompt_tokens, "output_tokens": len(words), "cache_read_input_tokens": 0,
              "cache_creation_input_tokens": 0}
     message = {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-               "content": [{"type": "text", "text": " ".join(words)}], "stop_reason": reason,
+               "content": [{"type": "text", "text": (" " if continued else "") + " ".join(words)}],
+               "stop_reason": reason,
                "stop_sequence": None, "usage": usage}
     if not stream:
         return message
@@ -506,7 +524,8 @@ def _anthropic_answer(model: str, words: list[str], reason: str, prompt_tokens: 
               {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
               {"type": "ping"},
               *({"type": "content_block_delta", "index": 0,
-                 "delta": {"type": "text_delta", "text": w if i == 0 else " " + w}} for i, w in enumerate(words)),
+                 "delta": {"type": "text_delta", "text": w if i == 0 and not continued else " " + w}}
+                for i, w in enumerate(words)),
               {"type": "content_block_stop", "index": 0},
               {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None},
                "usage": {"output_tokens": len(words)}},

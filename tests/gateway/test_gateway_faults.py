@@ -1,7 +1,8 @@
 """The gateway end to end: a real `inferd serve --config` in front of fault-injecting upstreams.
 
-Three mock providers run in this process (a primary, a backup and a long-context
-one, all real HTTP servers on loopback); the server runs them as model groups
+Four mock providers run in this process (a primary, a backup, a long-context one
+and a strict one that refuses assistant prefill, all real HTTP servers on
+loopback); the server runs them as model groups
 with short timeouts, fast retries and a circuit breaker with a one-second
 cooldown, next to a local tiny Llama. Each test injects one fault, drives the
 server with the official `openai` SDK or httpx, checks what the client got, what
@@ -27,6 +28,7 @@ CHAT = [{"role": "user", "content": "hello there"}]
 @pytest.fixture(scope="module")
 def upstreams():
     mocks = {name: MockUpstream(model=f"up-{name}").start() for name in ("primary", "backup", "long")}
+    mocks["strict"] = MockUpstream(model="up-strict", prefill=False).start()
     yield mocks
     for m in mocks.values():
         m.stop()
@@ -44,7 +46,21 @@ def gateway_server(upstreams, tiny_llama, tmp_path_factory):
          "fallbacks": {"default": ["backup"], "context_length": ["long"]}},
         {"name": "backup",
          "deployments": [{"provider": "openai", "name": "backup", "base_url": upstreams["backup"].openai_base_url,
-                          "model": "up-backup", "timeouts": fast}]},
+                          "model": "up-backup", "timeouts": fast, "prefill": True}]},
+        # the same primary, falling back to a server without prefill (it regenerates) ...
+        {"name": "remote-regen", "fallbacks": {"default": ["regen"]},
+         "deployments": [{"provider": "openai", "name": "primary-2", "base_url": upstreams["primary"].openai_base_url,
+                          "model": "up-primary", "timeouts": fast}]},
+        {"name": "regen",
+         "deployments": [{"provider": "openai", "name": "regen", "base_url": upstreams["strict"].openai_base_url,
+                          "model": "up-strict", "timeouts": fast}]},
+        # ... and to one configured for prefill that refuses it
+        {"name": "remote-refused", "fallbacks": {"default": ["refuser"]},
+         "deployments": [{"provider": "openai", "name": "primary-3", "base_url": upstreams["primary"].openai_base_url,
+                          "model": "up-primary", "timeouts": fast}]},
+        {"name": "refuser",
+         "deployments": [{"provider": "openai", "name": "refuser", "base_url": upstreams["strict"].openai_base_url,
+                          "model": "up-strict", "timeouts": fast, "prefill": True}]},
         {"name": "long",
          "deployments": [{"provider": "openai", "name": "long", "base_url": upstreams["long"].openai_base_url,
                           "model": "up-long", "timeouts": fast}]},
@@ -110,15 +126,27 @@ def test_500_once_is_retried_invisibly(gateway_server, upstreams):
     assert r.headers["x-inferd-attempts"] == "2"
 
 
-@pytest.mark.parametrize("fault", [Fault.reset(), Fault.hang(), Fault.slow_first_token(2.0)],
-                         ids=["reset-before-headers", "no-response", "slow-first-token"])
-def test_broken_connections_are_retried(gateway_server, upstreams, fault):
-    upstreams["primary"].inject(fault)
+def test_a_reset_before_headers_is_retried_on_the_same_deployment(gateway_server, upstreams):
+    upstreams["primary"].inject(Fault.reset())
     client = gateway_server.client(timeout=20)
     stream = client.chat.completions.create(model="remote", messages=CHAT, max_tokens=4, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.split() == ["alpha", "bravo", "charlie", "delta"]
-    assert upstreams["primary"].count() == 2
+    assert upstreams["primary"].count() == 2 and upstreams["backup"].count() == 0
+
+
+@pytest.mark.parametrize("fault", [Fault.hang(), Fault.slow_first_token(2.0)], ids=["no-response", "slow-first-token"])
+def test_a_timeout_before_the_first_token_moves_on_at_once(gateway_server, upstreams, fault):
+    """A deployment that let its first-token timeout run out is not asked again: the fallback answers."""
+    upstreams["primary"].inject(fault)
+    client = gateway_server.client(timeout=20)
+    t0 = time.monotonic()
+    raw = client.chat.completions.with_raw_response.create(model="remote", messages=CHAT, max_tokens=4, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text.split() == ["alpha", "bravo", "charlie", "delta"]
+    assert raw.headers["x-inferd-deployment"] == "backup" and raw.headers["x-inferd-fallback-from"] == "remote"
+    assert upstreams["primary"].count() == 1 and upstreams["backup"].count() == 1
+    assert time.monotonic() - t0 < 2.0  # one first-token timeout (0.5 s), not one per retry
 
 
 def test_persistent_503_falls_back_to_the_backup(gateway_server, upstreams):
@@ -142,20 +170,70 @@ def test_a_primary_down_for_a_while_is_skipped_then_used_again(gateway_server, u
     assert chat(gateway_server).headers["x-inferd-deployment"] == "primary"
 
 
+def stream_chat(srv, model: str, max_tokens: int = 6) -> tuple[str, list]:
+    client = srv.client(timeout=20)
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=max_tokens, stream=True,
+                                                 stream_options={"include_usage": True}))
+    return "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices), chunks
+
+
+ANSWER6 = "alpha bravo charlie delta echo foxtrot"
+
+
 @pytest.mark.parametrize("fault", [Fault.cut(after=2), Fault.stall(after=2), Fault.malformed(after=2),
-                                   Fault.no_done()], ids=["cut", "stall", "malformed", "no-done"])
-def test_a_stream_broken_after_tokens_ends_with_an_error_the_sdk_raises(gateway_server, upstreams, fault):
+                                   Fault.error_event(after=2)], ids=["cut", "stall", "malformed", "error-event"])
+def test_a_stream_broken_after_tokens_is_finished_by_the_fallback(gateway_server, upstreams, fault):
+    """The backup continues the partial answer (an assistant prefill): the client sees one whole answer."""
     upstreams["primary"].inject(fault)
-    client = gateway_server.client(timeout=20)
-    stream = client.chat.completions.create(model="remote", messages=CHAT, max_tokens=6, stream=True)
-    got = []
     t0 = time.monotonic()
+    text, chunks = stream_chat(gateway_server, "remote")
+    assert text == ANSWER6 and time.monotonic() - t0 < 5
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-2].model_extra["inferd_deployments"] == ["primary", "backup"]
+    sent = upstreams["backup"].requests[-1].body
+    assert sent["messages"] == [*CHAT, {"role": "assistant", "content": "alpha bravo"}]
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+    assert sent["max_tokens"] == 4  # the rest of the client's budget
+    # both parts are counted: the backup's usage (prompt 4 words with the prefill, 4 words out) plus the
+    # primary's 2 tokens out and its prompt (estimated: the backup's without the prefill)
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (2 + 4, 2 + 4, 12)
+    assert upstreams["primary"].count() == 1  # never replayed where it broke
+
+
+def test_a_fallback_without_prefill_regenerates_and_sends_only_what_is_new(gateway_server, upstreams):
+    upstreams["primary"].inject(Fault.cut(after=3))
+    text, chunks = stream_chat(gateway_server, "remote-regen")
+    assert text == ANSWER6
+    assert chunks[-2].model_extra["inferd_deployments"] == ["primary-2", "regen"]
+    sent = upstreams["strict"].requests[-1].body
+    assert sent["messages"] == CHAT and "continue_final_message" not in sent and sent["max_tokens"] == 6
+
+
+def test_a_fallback_that_refuses_prefill_ends_the_stream_with_the_error(gateway_server, upstreams):
+    upstreams["primary"].inject(Fault.cut(after=2))
+    client = gateway_server.client(timeout=20)
+    got = []
     with pytest.raises(openai.APIError):
-        for chunk in stream:
+        for chunk in client.chat.completions.create(model="remote-refused", messages=CHAT, max_tokens=6,
+                                                    stream=True):
             got.extend(c.delta.content or "" for c in chunk.choices)
-    assert time.monotonic() - t0 < 5
-    assert "".join(got).split()[:1] == ["alpha"]  # tokens arrived before the failure
-    assert upstreams["primary"].count() == 1 and upstreams["backup"].count() == 0  # never replayed
+    assert "".join(got) == "alpha bravo"  # what arrived before the break, nothing repeated
+    assert upstreams["strict"].count() == 1
+
+
+def test_a_stream_without_done_but_finished_is_a_success(gateway_server, upstreams):
+    upstreams["primary"].inject(Fault.no_done())
+    text, chunks = stream_chat(gateway_server, "remote")
+    assert text == ANSWER6 and chunks[-1].usage.completion_tokens == 6
+    assert upstreams["backup"].count() == 0
+
+
+def test_default_fallback_covers_context_length_without_its_own_chain(gateway_server, upstreams):
+    upstreams["primary"].inject(Fault.context_length())
+    r = chat(gateway_server, model="remote-regen")
+    assert r.status_code == 200 and r.json()["model"] == "up-strict"
+    assert r.headers["x-inferd-fallback-from"] == "remote-regen" and upstreams["primary"].count() == 1
 
 
 def test_context_length_goes_to_the_long_model_without_retry(gateway_server, upstreams):
@@ -185,7 +263,8 @@ def test_anthropic_deployment_through_the_openai_api(gateway_server, upstreams):
 
 def test_local_and_remote_models_side_by_side(gateway_server):
     client = gateway_server.client()
-    assert {m.id for m in client.models.list().data} == {"remote", "backup", "long", "claude", "tiny"}
+    assert {m.id for m in client.models.list().data} == {"remote", "backup", "long", "claude", "tiny", "remote-regen",
+                                                          "regen", "remote-refused", "refuser"}
     out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0)
     assert out.model == "tiny" and out.usage.completion_tokens == 3
     with pytest.raises(openai.NotFoundError):

@@ -100,7 +100,6 @@ def test_missing_api_key_is_an_auth_error(mock):
 
 @pytest.mark.parametrize("fault, kind, code", [
     (Fault.cut(after=4), ErrorKind.CONNECTION, None),
-    (Fault.no_done(), ErrorKind.CONNECTION, "stream_truncated"),
     (Fault.malformed(after=4), ErrorKind.SERVER, "malformed_chunk"),
     (Fault.stall(after=4), ErrorKind.TIMEOUT, "stream_silence_timeout"),
     (Fault.hang(), ErrorKind.TIMEOUT, "first_token_timeout"),
@@ -113,6 +112,21 @@ def test_stream_faults(mock, fault, kind, code):
     error, elapsed = fails(deployment(mock), lambda d: collect(d, "chat", CHAT, got))
     assert (error.kind, error.code) == (kind, code) and elapsed < 1.5
     assert all(chunk["choices"] for chunk in got)  # never a usage chunk before the failure
+
+
+def test_a_stream_without_message_stop_is_whole_once_its_stop_reason_came(mock):
+    mock.inject(Fault.no_done())
+    chunks = run(deployment(mock), stream_chat)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == REPLY
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_final_assistant_message_is_continued(mock):
+    body = {**CHAT, "messages": [*MESSAGES, {"role": "assistant", "content": "alpha"}]}
+    chunks = run(deployment(mock), lambda d: collect(d, "chat", body))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
+        " " + " ".join(WORDS[1:4])
+    assert mock.requests[-1].body["messages"][-1] == {"role": "assistant", "content": [{"type": "text", "text": "alpha"}]}
 
 
 def test_usage_counts_cache_reads_and_writes():

@@ -225,12 +225,18 @@ def test_error_event_mid_stream(mock):
     assert (error.kind, error.status, error.message) == (ErrorKind.SERVER, 503, "engine failed") and len(got) == 2
 
 
-def test_missing_done_is_a_truncated_stream(mock):
+def test_a_finished_stream_without_done_is_whole(mock):
     mock.inject(Fault.no_done())
+    chunks = run(deployment(mock), stream_chat)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == REPLY
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_a_stream_cut_before_its_finish_reason_is_truncated(mock):
+    mock.inject(Fault.cut(after=2))
     got: list = []
     error, _ = fails(deployment(mock), lambda d: collect(d, "chat", CHAT, got))
-    assert (error.kind, error.code) == (ErrorKind.CONNECTION, "stream_truncated")
-    assert got[-1]["choices"][0]["finish_reason"] == "length"  # the usage chunk never came
+    assert error.kind is ErrorKind.CONNECTION and len(got) == 2
 
 
 @pytest.mark.parametrize("call", [chat, stream_chat])
