@@ -16,9 +16,11 @@ For a request naming a public model (or an alias) the `Gateway`:
    invalid-request errors go back to the client as is.
 
 The router is the only retry loop: deployments never retry. A stream counts as
-answered once its first chunk arrived; until then failures are retried or fall
-back invisibly, after it a failure ends the stream with an error event (the API
-layer writes it) and is never passed off as a finished answer.
+answered once its first chunk arrived: until then failures are retried or fall
+back invisibly; after it, another deployment finishes the answer in the same
+stream where one can (resume.py), and otherwise the failure ends the stream with
+an error event (the API layer writes it): it is never passed off as a finished
+answer.
 
 Every request carries a `Route`: the record of what was decided (deployment,
 attempts, fallback, degradation, time spent upstream), which becomes response

@@ -19,6 +19,8 @@ import openai
 import pytest
 import yaml
 
+from inferd.store import open_store
+from inferd.tenancy import ledger
 from tests.api.conftest import ServerProc, wait_for
 from tests.gateway.mock_upstream import Fault, MockUpstream
 
@@ -199,6 +201,22 @@ def test_a_stream_broken_after_tokens_is_finished_by_the_fallback(gateway_server
     usage = chunks[-1].usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (2 + 4, 2 + 4, 12)
     assert upstreams["primary"].count() == 1  # never replayed where it broke
+
+
+def test_the_ledger_counts_both_parts_of_a_finished_stream(gateway_server, upstreams):
+    upstreams["primary"].inject(Fault.cut(after=2))
+    body = {"model": "remote", "messages": CHAT, "max_tokens": 6, "stream": True}
+    with httpx.stream("POST", gateway_server.url + "/v1/chat/completions", json=body, timeout=20) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        request_id = r.headers["x-request-id"]
+    assert events[-1] == "data: [DONE]"
+    store = open_store(f"sqlite:///{gateway_server.store_path}")
+    try:
+        rows = wait_for(lambda: store.run_sync(lambda tx: ledger.select(tx, "request_id = ?", (request_id,))))
+    finally:
+        store.close()
+    [row] = rows
+    assert (row.status, row.deployment, row.prompt_tokens, row.completion_tokens) == (200, "backup", 6, 6)
 
 
 def test_a_fallback_without_prefill_regenerates_and_sends_only_what_is_new(gateway_server, upstreams):
