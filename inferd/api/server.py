@@ -242,7 +242,18 @@ def run_server(args: argparse.Namespace, engine_config: EngineConfig) -> int:
             source = None if args.embedding_model == DEFAULT_EMBEDDING_MODEL else args.embedding_model
             embedding = (DEFAULT_EMBEDDING_MODEL_NAME if source is None else model_name_from_source(source), source)
         config = single_model_config(name, engine_config.model, embedding)
-    return asyncio.run(_serve(args, config, engine_config))
+    with _event_loop() as runner:
+        return runner.run(_serve(args, config, engine_config))
+
+
+def _event_loop() -> asyncio.Runner:
+    """uvloop where it is installed (a dependency on Linux and macOS): its event loop costs a gateway
+    request about a third less CPU than asyncio's (docs/benchmarks.md, gateway overhead)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
 async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config: EngineConfig) -> int:
@@ -294,6 +305,9 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         # process: moved out of the collector's view, a full collection no longer walks it (under
         # load one took ~70 ms, the P99 of every request then)
         gc.freeze()
+        # a request allocates a few thousand objects, nearly all freed by reference counting; at the
+        # default threshold (700) the young generation was collected several times per request
+        gc.set_threshold(20_000, 20, 20)
         await server.serve(sockets=[sock])
         for task in drains:
             await task

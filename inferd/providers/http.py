@@ -1,10 +1,10 @@
 """HTTP plumbing shared by the remote deployments (`openai_compat.py`, `anthropic.py`).
 
-`RemoteClient` owns one `httpx.AsyncClient` per deployment (one connection pool,
-transport retries off: retrying is the gateway's decision) and offers two calls:
+`RemoteClient` owns one `aiohttp.ClientSession` per deployment (one connection
+pool; retrying is the gateway's decision) and offers two calls:
 `post_json` for a whole response body and `post_sse` for the events of a
 server-sent-event stream. Both enforce the deployment's `Timeouts` with deadlines
-on the event loop: `connect` through httpx; `first_token` from sending the request
+on the event loop: `connect` through aiohttp; `first_token` from sending the request
 to the first event of a stream; `stream_silence`
 between two events; `total` over the whole call (the only limit on a
 non-streamed answer, which arrives whole). Comment lines (`: keep-alive`) are
@@ -31,12 +31,14 @@ import asyncio
 import email.utils
 import re
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
+import aiohttp
 import msgspec
 
 from inferd.providers.base import Timeouts
@@ -226,32 +228,41 @@ class RemoteClient:
 
     def __init__(self, config: RemoteConfig, *, headers: Mapping[str, str], read_error: ErrorReader):
         self._name, self._timeouts, self._read_error = config.name, config.timeouts, read_error
-        limits = httpx.Limits(max_connections=config.max_connections,
-                              max_keepalive_connections=config.max_connections)
-        self._client = httpx.AsyncClient(
-            base_url=config.base_url, headers={"content-type": "application/json", **headers, **config.headers},
-            # only connect is left to httpx; the other limits are deadlines over whole phases
-            timeout=httpx.Timeout(connect=config.timeouts.connect, read=None, write=None, pool=None),
-            transport=httpx.AsyncHTTPTransport(retries=0, limits=limits))
+        self._base_url = config.base_url.rstrip("/")
+        self._headers = {"content-type": "application/json", **headers, **config.headers}
+        self._max_connections = config.max_connections
+        self._session: aiohttp.ClientSession | None = None  # made on first use, on the loop that uses it
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0, ttl_dns_cache=300)
+            # only connect is left to aiohttp; the other limits are deadlines over whole phases. The
+            # proxy (HTTPS_PROXY / NO_PROXY) is looked up once: aiohttp's trust_env reads the
+            # environment and ~/.netrc on every request
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, proxy=_proxy_for(self._base_url),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeouts.connect))
+        return self._session
 
     async def post_json(self, path: str, body: dict) -> dict:
         deadlines = _Deadlines(self._name, self._timeouts)
+
+        async def call() -> tuple[int, Mapping[str, str], bytes]:
+            async with self._client().post(self._base_url + path, data=msgspec.json.encode(body)) as response:
+                return response.status, response.headers, await response.read()
+
+        # a non-streamed answer comes whole: only `total` can bound it (first_token would
+        # cut every long generation)
+        status, headers, content = await deadlines.within(self._guarded(call()), deadlines.total())
+        if not 200 <= status < 300:
+            raise self._error(status, headers, content)
         try:
-            # a non-streamed answer comes whole: only `total` can bound it (first_token would
-            # cut every long generation)
-            response = await deadlines.within(self._client.post(path, content=msgspec.json.encode(body)),
-                                               deadlines.total())
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
-        if not response.is_success:
-            raise self._error(response.status_code, response.headers, response.content)
-        try:
-            answer = msgspec.json.decode(response.content)
+            answer = msgspec.json.decode(content)
         except msgspec.DecodeError:
             answer = None
         if not isinstance(answer, dict):
             raise InferdError(ErrorKind.SERVER, f"deployment {self._name!r}: the upstream answered with a body "
-                                f"that is not a JSON object: {response.content[:200]!r}", status=502,
+                                f"that is not a JSON object: {content[:200]!r}", status=502,
                                 code="malformed_response")
         return answer
 
@@ -259,34 +270,48 @@ class RemoteClient:
                        last_name: str) -> AsyncIterator[SSEEvent]:
         """The stream's events up to and including the one `is_last` accepts (called `last_name` in errors)."""
         deadlines = _Deadlines(self._name, self._timeouts)
-        request = self._client.build_request("POST", path, content=msgspec.json.encode(body),
-                                             headers={"accept": "text/event-stream"})
+        response = await deadlines.within(self._guarded(self._client().post(
+            self._base_url + path, data=msgspec.json.encode(body), headers={"accept": "text/event-stream"})),
+            deadlines.first_token())
         try:
-            response = await deadlines.within(self._client.send(request, stream=True), deadlines.first_token())
-            try:
-                # a JSON body on a stream is an error the server sent with a success status
-                if not response.is_success or response.headers.get("content-type", "").startswith(
-                        "application/json"):
-                    content = await deadlines.within(response.aread(), deadlines.first_token())
-                    raise self._error(response.status_code if not response.is_success else 502,
-                                      response.headers, content)
-                async with aclosing(parse_sse(response.aiter_bytes())) as events:
-                    limit = deadlines.first_token()
-                    while (event := await deadlines.within(anext(events, None), limit)) is not None:
-                        yield event
-                        if is_last(event):
-                            await _drain(events)
-                            return
-                        limit = deadlines.silence()
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
+            # a JSON body on a stream is an error the server sent with a success status
+            success = 200 <= response.status < 300
+            if not success or response.headers.get("content-type", "").startswith("application/json"):
+                content = await deadlines.within(self._guarded(response.read()), deadlines.first_token())
+                raise self._error(502 if success else response.status, response.headers, content)
+            async with aclosing(parse_sse(self._body(response))) as events:
+                limit = deadlines.first_token()
+                while (event := await deadlines.within(anext(events, None), limit)) is not None:
+                    yield event
+                    if is_last(event):
+                        await _drain(events)
+                        return
+                    limit = deadlines.silence()
+        finally:
+            response.release()  # back to the pool when the body was read whole, closed otherwise
         raise InferdError(ErrorKind.CONNECTION, f"deployment {self._name!r}: the stream ended before "
                             f"{last_name}", status=502, code="stream_truncated")
 
+    async def _body(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise self._transport_error(exc) from exc
+
+    async def _guarded(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`, its transport failures as `InferdError`s (aiohttp's own timeouts among them, which
+        must not pass for the deadline's)."""
+        try:
+            return await awaitable
+        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError) and not isinstance(exc, aiohttp.ServerTimeoutError):
+                raise
+            raise self._transport_error(exc) from exc
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def _error(self, status: int, headers: Mapping[str, str], content: bytes) -> InferdError:
         try:
@@ -296,13 +321,20 @@ class RemoteClient:
         return self._read_error(status, payload, content[:1000].decode("utf-8", "replace").strip(),
                                 parse_retry_after(headers))
 
-    def _transport_error(self, exc: httpx.HTTPError) -> InferdError:
-        if isinstance(exc, httpx.TimeoutException):
+    def _transport_error(self, exc: BaseException) -> InferdError:
+        if isinstance(exc, aiohttp.ServerTimeoutError):
             return InferdError(ErrorKind.TIMEOUT, f"deployment {self._name!r}: {type(exc).__name__} "
                                  f"(connect timeout {self._timeouts.connect} s)", status=504, code="connect_timeout")
-        kind = ErrorKind.CONNECTION if isinstance(exc, httpx.TransportError) else ErrorKind.SERVER
-        return InferdError(kind, f"deployment {self._name!r}: {type(exc).__name__}: "
+        return InferdError(ErrorKind.CONNECTION, f"deployment {self._name!r}: {type(exc).__name__}: "
                              f"{str(exc) or 'the connection was closed'}", status=502)
+
+
+def _proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url` (None: connect directly), as urllib reads it."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if urllib.request.proxy_bypass(host):
+        return None
+    return urllib.request.getproxies().get(urllib.parse.urlsplit(url).scheme)
 
 
 async def _drain(events: AsyncIterator[SSEEvent]) -> None:
@@ -310,5 +342,5 @@ async def _drain(events: AsyncIterator[SSEEvent]) -> None:
         async with asyncio.timeout(_DRAIN_SECONDS):
             async for _ in events:
                 pass
-    except (TimeoutError, httpx.HTTPError):
+    except (TimeoutError, InferdError):
         pass
