@@ -14,23 +14,21 @@ In front of the mocks, on loopback, with one worker each:
 
 Both gateways check an API key, neither logs each request (inferd
 `--log-level warning`, LiteLLM `LITELLM_LOG=WARNING`), and each uses the HTTP
-stack it installs by default (inferd: uvicorn on asyncio, httpx to the upstream;
+stack it installs by default (inferd: uvicorn with httptools on uvloop, aiohttp to the upstream;
 LiteLLM: uvicorn on uvloop, its own upstream client).
 
-For each latency case, concurrency (1, 8, 32) and target (the mock directly —
-the baseline —, inferd, LiteLLM), a closed-loop load generator in this process
-sends non-streamed chat completions (16 output words) until `--requests` (2000)
-have been sent or `--max-seconds` (4) have passed, whichever comes first; a
-streamed case (latency 0) follows the same plan. Targets are interleaved, their
-order rotated on every one of the `--repeats` (3), to cancel drift. The load
-generator is a minimal HTTP/1.1 keep-alive client on asyncio streams, one
-connection per concurrent worker, opened before the clock starts: httpx's
-client tops out near 1,400 requests/s against the bare mock on this machine and
-falls to ~350 at 32 concurrent requests (its connection pool), which would
-measure the client rather than the gateways.
+For each latency case, concurrency (1, 8, 32, 128) and target (the mock directly
+— the baseline —, inferd, LiteLLM), a closed loop sends non-streamed chat
+completions (16 output words) for `--max-seconds` (4): `wrk -t1 -c<concurrency>`
+where wrk is installed (`--load-generator wrk`, the default), otherwise the
+asyncio closed loop of benchmarks/loadgen.py (until `--requests` or the time
+limit); a streamed case (latency 0) always uses the latter, which times the
+first event. Targets are interleaved, their order rotated on every one of the
+`--repeats` (3), to cancel drift.
 
 Reported per target and concurrency: requests/s (median over repeats), median
-and P99 latency (all repeats pooled), the median added latency (gateway median
+and P99 latency (wrk: the median of its percentiles over the repeats; the asyncio
+loop: all repeats pooled), the median added latency (gateway median
 - direct-to-mock median in the same case), the gateway's own overhead header
 (inferd `x-inferd-overhead-ms`: time in inferd outside upstream calls; LiteLLM
 `x-litellm-overhead-duration-ms`) and the gateway's CPU time per request (its
@@ -59,20 +57,22 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
 from benchmarks import common  # noqa: E402
 from benchmarks.common import RESULTS, ROOT, machine_info, save_json, write_doc_section  # noqa: E402
+from benchmarks.loadgen import RunResult, chat_body, run_load, run_wrk  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 API_KEY = "sk-bench-gateway-overhead-0123456789abcdef"  # long enough for LiteLLM's master-key check
 TARGETS = ("direct", "inferd", "litellm")
@@ -142,9 +142,9 @@ def _busy_seconds() -> float:
 
 
 def _own_seconds(procs: list[Server]) -> float:
-    """CPU time of this process and of the servers it started."""
+    """CPU time of this process, of the load generators it ran (wrk) and of the servers it started."""
     t = os.times()
-    return t.user + t.system + sum(p.cpu_seconds() for p in procs)
+    return t.user + t.system + t.children_user + t.children_system + sum(p.cpu_seconds() for p in procs)
 
 
 class Server(common.Server):
@@ -213,111 +213,12 @@ def inferd_stack_versions() -> dict:
                                        cwd=ROOT, timeout=10).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         out["commit"] = None
-    for p in ("inferd", "uvicorn", "fastapi", "httpx", "httpcore"):
+    for p in ("inferd", "uvicorn", "fastapi", "httptools", "uvloop", "aiohttp"):
         try:
             out[p] = m.version(p)
         except m.PackageNotFoundError:
             pass
     return out
-
-
-# --- load generator ---------------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    latencies: list[float] = field(default_factory=list)   # seconds, successful requests
-    ttfts: list[float] = field(default_factory=list)       # seconds to the first event (streams)
-    overheads: list[float] = field(default_factory=list)   # the gateway's own header, ms
-    errors: int = 0
-    error_samples: list[str] = field(default_factory=list)
-    elapsed: float = 0.0
-
-
-def build_request(port: int, model: str, stream: bool) -> bytes:
-    body = json.dumps({"model": model, "max_tokens": MAX_TOKENS, "stream": stream,
-                       "messages": [{"role": "user", "content": "Say the NATO alphabet."}]}).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
-            f"authorization: Bearer {API_KEY}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n\r\n")
-    return head.encode() + body  # one write: the request never waits on Nagle's algorithm
-
-
-async def _read_response(reader: asyncio.StreamReader, on_event) -> tuple[int, dict[str, str], bool]:
-    """Status, lower-case headers, keep-alive; `on_event()` is called when the first body bytes arrive."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    headers = {}
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        if name:
-            headers[name.strip().lower()] = value.strip()
-    keep_alive = headers.get("connection", "").lower() != "close"
-    if "content-length" in headers:
-        await reader.readexactly(int(headers["content-length"]))
-        on_event()
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, then the blank line
-                    pass
-                break
-            chunk = await reader.readexactly(size + 2)
-            if b"data:" in chunk:
-                on_event()
-    else:
-        await reader.read()
-        on_event()
-        keep_alive = False
-    return status, headers, keep_alive
-
-
-async def run_load(port: int, model: str, stream: bool, concurrency: int, max_requests: int,
-                   max_seconds: float, overhead_header: str | None) -> RunResult:
-    """Closed loop: `concurrency` workers, each on its own keep-alive connection, one request at a time."""
-    request = build_request(port, model, stream)
-    result = RunResult()
-    issued = 0
-    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(concurrency)]
-    start = time.perf_counter()
-    deadline = start + max_seconds
-
-    async def worker(i: int) -> None:
-        nonlocal issued
-        reader, writer = conns[i]
-        while issued < max_requests and time.perf_counter() < deadline:
-            issued += 1
-            t0 = time.perf_counter()
-            first: list[float] = []
-            try:
-                writer.write(request)
-                status, headers, keep_alive = await _read_response(
-                    reader, lambda: first or first.append(time.perf_counter()))
-            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-                status, headers, keep_alive = -1, {}, False
-                if len(result.error_samples) < 5:
-                    result.error_samples.append(f"{type(e).__name__}: {e}")
-            t1 = time.perf_counter()
-            if status == 200:
-                result.latencies.append(t1 - t0)
-                if first:
-                    result.ttfts.append(first[0] - t0)
-                if overhead_header and overhead_header in headers:
-                    result.overheads.append(float(headers[overhead_header]))
-            else:
-                result.errors += 1
-                if status != -1 and len(result.error_samples) < 5:
-                    result.error_samples.append(f"HTTP {status}")
-            if not keep_alive:
-                writer.close()
-                reader, writer = conns[i] = await asyncio.open_connection("127.0.0.1", port)
-
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    result.elapsed = time.perf_counter() - start
-    for _, writer in conns:
-        writer.close()
-    return result
 
 
 # --- the plan ---------------------------------------------------------------------------------------
@@ -335,13 +236,18 @@ def summarize(runs: list[dict], samples: dict[str, list[float]]) -> dict:
     ttft = [x * 1000 for x in samples["ttfts"]]
     oh = samples["overheads"]
     cpu = [r["cpu_ms_per_request"] for r in runs if r["cpu_ms_per_request"] is not None]
+    if not ms and runs and runs[0]["percentiles_ms"]:  # wrk: its histograms, the median over the repeats
+        latency = {q: statistics.median(r["percentiles_ms"][k] for r in runs)
+                   for q, k in (("median", "p50"), ("p90", "p90"), ("p99", "p99"), ("max", "max"))}
+    else:
+        latency = {"median": pct(ms, 50), "p90": pct(ms, 90), "p99": pct(ms, 99), "max": max(ms, default=None)}
     return {
         "requests": sum(r["requests"] for r in runs),
         "errors": sum(r["errors"] for r in runs),
         "error_samples": sorted({e for r in runs for e in r["error_samples"]})[:5],
         "rps": statistics.median(r["rps"] for r in runs),
         "rps_all_runs": [round(r["rps"], 1) for r in runs],
-        "latency_ms": {"median": pct(ms, 50), "p90": pct(ms, 90), "p99": pct(ms, 99), "max": max(ms, default=None)},
+        "latency_ms": latency,
         "ttft_ms": {"median": pct(ttft, 50), "p99": pct(ttft, 99)} if samples["stream"] else None,
         "overhead_header_ms": {"median": pct(oh, 50), "p90": pct(oh, 90), "p99": pct(oh, 99),
                                "max": max(oh, default=None), "count": len(oh)} if oh else None,
@@ -353,16 +259,22 @@ def summarize(runs: list[dict], samples: dict[str, list[float]]) -> dict:
 
 def measure(srv: Server, model: str, stream: bool, c: int, args, everything: list[Server],
             target: str) -> tuple[RunResult, dict]:
-    """One run, with the gateway's CPU per request and the share of the CPU other processes took meanwhile."""
+    """One run, with the gateway's CPU per request and the share of the CPU other processes took meanwhile.
+    Non-streamed runs use wrk when it is the load generator; streams need run_load's time to first event."""
     cpu_before = srv.cpu_seconds()
     busy_before, own_before, wall_before = _busy_seconds(), _own_seconds(everything), time.monotonic()
-    res = asyncio.run(run_load(srv.port, model, stream, c, args.requests, args.max_seconds,
-                               OVERHEAD_HEADERS.get(target)))
+    body = chat_body(model, stream, MAX_TOKENS)
+    if args.load_generator == "wrk" and not stream:
+        res = run_wrk(srv.port, body, API_KEY, c, args.max_seconds, OVERHEAD_HEADERS.get(target))
+    else:
+        res = asyncio.run(run_load(srv.port, body, API_KEY, c, args.requests, args.max_seconds,
+                                   OVERHEAD_HEADERS.get(target)))
     cpu = srv.cpu_seconds() - cpu_before
     foreign = (_busy_seconds() - busy_before) - (_own_seconds(everything) - own_before)
-    n = len(res.latencies)
+    n = res.completed
     return res, {"requests": n, "errors": res.errors, "error_samples": res.error_samples,
                  "elapsed_s": round(res.elapsed, 3), "rps": n / res.elapsed if res.elapsed else 0.0,
+                 "percentiles_ms": res.percentiles_ms,
                  "cpu_ms_per_request": cpu * 1000 / n if n else None,
                  "foreign_cpu_share": max(0.0, foreign) / ((time.monotonic() - wall_before) * (os.cpu_count() or 1))}
 
@@ -404,7 +316,7 @@ def run_plan(args, servers: dict[str, Server], mocks: dict[float, Server]) -> di
                         print(f"  other processes took {run['foreign_cpu_share'] * 100:.0f}% of the CPU: "
                               f"waiting for quiet and measuring again", flush=True)
                         wait_for_quiet_cpu(everything, args.max_foreign, wait_deadline)
-                    n = len(res.latencies)
+                    n = res.completed
                     key = (mode, lat, target, c)
                     runs.setdefault(key, []).append(run)
                     s = samples.setdefault(key, {"latencies": [], "ttfts": [], "overheads": [],
@@ -412,7 +324,8 @@ def run_plan(args, servers: dict[str, Server], mocks: dict[float, Server]) -> di
                     s["latencies"] += res.latencies
                     s["ttfts"] += res.ttfts
                     s["overheads"] += res.overheads
-                    med = statistics.median(res.latencies) * 1000 if n else float("nan")
+                    med = (res.percentiles_ms["p50"] if res.percentiles_ms else
+                           statistics.median(res.latencies) * 1000 if n else float("nan"))
                     print(f"[{rep + 1}/{args.repeats}] {mode:11s} upstream {lat:g} ms  c={c:<3d} "
                           f"{LABELS[target]:15s} {n:5d} req  {run['rps']:8.1f} req/s  median {med:7.2f} ms"
                           + f"  others {run['foreign_cpu_share'] * 100:3.0f}% CPU"
@@ -438,7 +351,8 @@ def warm_up(servers: dict[str, Server], args) -> None:
     for target, srv in servers.items():
         for lat in sorted(set(args.latencies) | set(args.stream_latencies)):
             for stream in (False, True):
-                res = asyncio.run(run_load(srv.port, model_name(lat), stream, 8, 200, 10.0, None))
+                res = asyncio.run(run_load(srv.port, chat_body(model_name(lat), stream, MAX_TOKENS), API_KEY,
+                                           8, 200, 10.0, None))
                 if res.errors:
                     raise RuntimeError(f"{target} failed during warm-up: {res.error_samples}")
 
@@ -533,6 +447,13 @@ def doc(data: dict) -> None:
                     f"{_f(s['latency_ms']['p99'], 2)} | {_oh(s)} | {_f(s['cpu_ms_per_request'], 2)} |")
     lv = v["litellm"]
     findings = notes(data)
+    if a["load_generator"] == "wrk":
+        load = f"sent by `wrk -t1 -c<concurrency> -d{max(1, round(a['max_seconds']))}s` (a Lua script counts non-200 answers)"
+        pooled = "the median over the repeats of wrk's percentiles"
+    else:
+        load = (f"sent by an asyncio closed loop until {a['requests']} requests were sent or "
+                f"{a['max_seconds']:g} s passed")
+        pooled = "all repeats pooled"
     stream_table = ""
     if stream_rows:
         stream_table = f"""
@@ -556,8 +477,8 @@ and the same load sent to the mock directly as the baseline. {m['date']}, {m['cp
 processes took at most {_pct(data['foreign_cpu_share']['max'])} of the 2 cores during any kept run (median:
 {_pct(data['foreign_cpu_share']['median_of_maxima'])}); a run during which they took more than
 {a['max_foreign'] * 100:.0f}% was measured again (runs measured again: {data['foreign_cpu_share']['runs_redone']}).
-inferd {v['inferd']['inferd']} (commit {v['inferd'].get('commit')}; uvicorn {v['inferd'].get('uvicorn')} on asyncio, httpx
-{v['inferd'].get('httpx')} / httpcore {v['inferd'].get('httpcore')} to the upstream); LiteLLM
+inferd {v['inferd']['inferd']} (commit {v['inferd'].get('commit')}; uvicorn {v['inferd'].get('uvicorn')} with httptools
+{v['inferd'].get('httptools')} on uvloop {v['inferd'].get('uvloop')}, aiohttp {v['inferd'].get('aiohttp')} to the upstream); LiteLLM
 {lv.get('litellm', '?')} (uvicorn {lv.get('uvicorn')} on uvloop {lv.get('uvloop')}), installed apart from
 inferd: `python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'`.
 LiteLLM runs offline with `LITELLM_LOCAL_MODEL_COST_MAP=True` (its bundled cost map) and
@@ -567,9 +488,8 @@ refuses to start without a `master_key`.
     {' '.join(data['server_commands']['litellm'])}
 
 Load: a closed loop of non-streamed chat completions (`max_tokens` {MAX_TOKENS}), each concurrent
-worker on its own keep-alive connection, until {a['requests']} requests were sent or {a['max_seconds']:g} s
-passed; {a['repeats']} repeats, targets interleaved in a rotating order. req/s: median over the
-repeats; latencies (ms): all repeats pooled; added: the gateway's median minus the direct
+worker on its own keep-alive connection, {load}; {a['repeats']} repeats, targets interleaved in a
+rotating order. req/s: median over the repeats; latencies (ms): {pooled}; added: the gateway's median minus the direct
 median at the same latency and concurrency. Own overhead header: `x-inferd-overhead-ms`
 (time in inferd outside upstream calls) and LiteLLM's `x-litellm-overhead-duration-ms`.
 Gateway CPU: CPU time of the gateway's process tree per request (the other processes on
@@ -636,7 +556,10 @@ def main() -> None:
                     help="the `litellm` executable (of a venv with 'litellm[proxy]')")
     ap.add_argument("--latencies", default="0,50", help="upstream latency cases in ms, comma-separated")
     ap.add_argument("--stream-latencies", default="0", help="latency cases also run streamed ('' for none)")
-    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--concurrency", default="1,8,32,128")
+    ap.add_argument("--load-generator", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python",
+                    help="for non-streamed runs: wrk (apt-get install wrk; the default where installed) or the "
+                         "asyncio closed loop (streamed runs always use the latter: they time the first event)")
     ap.add_argument("--requests", type=int, default=2000, help="requests per run (at most)")
     ap.add_argument("--max-seconds", type=float, default=4.0, help="a run stops sending after this long")
     ap.add_argument("--repeats", type=int, default=3)
