@@ -1,5 +1,7 @@
 """Who is calling: the API key on every route but the probes (/health, /metrics, /version and the Open
-Inference Protocol's /v2/health/live and /v2/health/ready), resolved to a `Principal`.
+Inference Protocol's /v2/health/live and /v2/health/ready) and the web app's static files (`/` and
+`/ui/...`: they hold no data; the page asks for a key and sends it with its API calls), resolved to a
+`Principal`.
 
 Keys come as `Authorization: Bearer <key>` (or `x-api-key`). The admin key given
 at start-up (`--api-key` / `INFERD_API_KEY`) is an admin principal of its own;
@@ -52,11 +54,13 @@ class Authenticator:
         self._open: tuple[bool, float] | None = None
 
     # the only routes anyone may call: load balancers, scrapers and probes send no key
-    PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version", "/v2/health/live", "/v2/health/ready"})
+    PUBLIC_PATHS = frozenset({"/health", "/metrics", "/version", "/v2/health/live", "/v2/health/ready", "/"})
+    # the web app's files: a browser loads them before it has a key to send
+    PUBLIC_PREFIX = "/ui/"
 
     def protects(self, path: str) -> bool:
         """One rule for every route: all need a key (when keys exist) but the public ones."""
-        return path not in self.PUBLIC_PATHS
+        return path not in self.PUBLIC_PATHS and not path.startswith(self.PUBLIC_PREFIX)
 
     async def principal(self, path: str, headers: Headers, client_host: str | None = None) -> Principal | None:
         """The caller of a protected path; None on an open server; InferdError 401/403 otherwise."""

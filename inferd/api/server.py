@@ -11,7 +11,8 @@ the exit code is 0.
 
 The app: /v1/completions and /v1/chat/completions (routes_generate.py),
 /v1/embeddings, /v1/files and /v1/batches (with the batch runner in the
-background), /v1/usage, /admin (keys and teams), the Open Inference Protocol for
+background), /v1/usage, /v1/deployments (prices and live load), /admin (keys and
+teams), the web app at / (routes_web.py), the Open Inference Protocol for
 tensor models under /v2 (routes_infer.py), /v1/models, /health (503 once a
 local engine core is gone or draining), /version and /metrics. An ASGI
 middleware gives every response an `X-Request-Id` (the client's, if it sent a
@@ -41,8 +42,8 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from inferd import __version__
-from inferd.api import (routes_admin, routes_batches, routes_embeddings, routes_files, routes_generate, routes_infer,
-                        routes_tokenize, routes_usage)
+from inferd.api import (routes_admin, routes_batches, routes_deployments, routes_embeddings, routes_files,
+                        routes_generate, routes_infer, routes_tokenize, routes_usage, routes_web)
 from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits
 from inferd.api.errors import error_response, install_error_handlers
@@ -134,6 +135,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     app.include_router(routes_usage.router)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
+    app.include_router(routes_deployments.router)
+    routes_web.attach(app)
     app.add_middleware(RequestContextMiddleware, authenticator=authenticator)
 
     @app.get("/health")

@@ -3,7 +3,8 @@
 `usage_report` reads the ledger rows of a time window (optionally one team's or
 one key's), groups them by any of `GROUP_KEYS` and sums requests, errors,
 tokens and cost per group, with latency percentiles over the requests that
-succeeded. `render_table` and `render_csv` format the result for `inferd usage`;
+succeeded. `day` is the UTC date unless a time zone is given (the dashboard
+passes the browser's, so its days are the reader's days). `render_table` and `render_csv` format the result for `inferd usage`;
 `UsageGroup.to_dict` is the JSON form.
 
 The window and the team/key filter run in SQL, so the database uses its ts and
@@ -19,7 +20,8 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from inferd.store.base import Tx
 
@@ -72,6 +74,16 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
+def parse_tz(name: str | None) -> tzinfo:
+    """An IANA time zone (`Europe/Paris`) for grouping by day; None or empty -> UTC."""
+    if not name or not name.strip():
+        return timezone.utc
+    try:
+        return ZoneInfo(name.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}: use an IANA name such as UTC or Europe/Paris") from None
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile with linear interpolation (numpy.percentile's default); None when empty."""
     if not values:
@@ -104,6 +116,8 @@ class UsageGroup:
     latency_p95_s: float | None = None
     latency_p99_s: float | None = None
     ttft_p50_s: float | None = None
+    ttft_p95_s: float | None = None
+    ttft_p99_s: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: the group values first, then every metric."""
@@ -164,14 +178,16 @@ class _Acc:
             latency_p95_s=percentile(self.latencies, 95),
             latency_p99_s=percentile(self.latencies, 99),
             ttft_p50_s=percentile(self.ttfts, 50),
+            ttft_p95_s=percentile(self.ttfts, 95),
+            ttft_p99_s=percentile(self.ttfts, 99),
         )
 
 
-def _group_value(key: str, raw) -> str:
+def _group_value(key: str, raw, tz: tzinfo) -> str:
     if raw is None:
         return NONE_LABEL
     if key == "day":
-        return datetime.fromtimestamp(raw, tz=timezone.utc).date().isoformat()
+        return datetime.fromtimestamp(raw, tz=tz).date().isoformat()
     return str(raw)
 
 
@@ -199,8 +215,10 @@ def _query(start: float | None, end: float | None, team: str | None, key_id: str
 
 def usage_report(tx: Tx, *, start: float | None = None, end: float | None = None,
                  group_by: Sequence[str] = (), team: str | None = None,
-                 key_id: str | None = None) -> list[UsageGroup]:
+                 key_id: str | None = None, tz: tzinfo = timezone.utc) -> list[UsageGroup]:
     """Usage of rows with start <= ts < end, optionally one team's / key's, per group, sorted by group.
+
+    `day` groups are dates in `tz` (UTC by default).
 
     With no group_by the answer is always one total row, zeros included, so a
     report over an empty window still says "nothing" rather than nothing.
@@ -218,7 +236,7 @@ def usage_report(tx: Tx, *, start: float | None = None, end: float | None = None
         accs[()] = _Acc()
     for row in tx.fetchall(sql, params):
         values = dict(zip(columns, row))
-        label = tuple(_group_value(k, values[_GROUP_COLUMNS[k]]) for k in group_by)
+        label = tuple(_group_value(k, values[_GROUP_COLUMNS[k]], tz) for k in group_by)
         accs.setdefault(label, _Acc()).add(values)
     return [accs[label].finish(dict(zip(group_by, label))) for label in sorted(accs)]
 
