@@ -15,6 +15,7 @@ let costChart = null;
 let latencyChart = null;
 let liveTimer = null;
 let previous = new Map();  // deployment id -> {time, tokens}: the last poll, for tokens/s
+let usageSeq = 0;          // only the latest request's answer is drawn, whatever order answers come in
 
 function localInput(date) {
   const pad = (n) => String(n).padStart(2, "0");
@@ -153,22 +154,24 @@ export async function loadUsage(event) {
   const groupBy = $("group-by").value;
   const range = { start, end, tz: TZ };
   $("totals").setAttribute("aria-busy", "true");
+  const seq = ++usageSeq;
   try {
     const [total, grouped] = await Promise.all([
       getJson("/v1/usage", range),
       groupBy ? getJson("/v1/usage", { ...range, group_by: groupBy }) : null,
     ]);
+    if (seq !== usageSeq) return;
     renderTotals(total.data[0]);
     const rows = grouped ? grouped.data : total.data;
     renderTable(groupBy, rows);
     renderCharts(groupBy, rows);
     $("totals").dataset.start = String(start);
     $("totals").dataset.end = String(end);
+    $("totals").dataset.groupBy = groupBy;
   } catch (err) {
-    $("usage-error").textContent = err.message;
+    if (seq === usageSeq) $("usage-error").textContent = err.message;
   } finally {
-    $("totals").removeAttribute("aria-busy");
-    document.dispatchEvent(new CustomEvent("inferd:usage-loaded"));
+    if (seq === usageSeq) $("totals").removeAttribute("aria-busy");
   }
 }
 
