@@ -79,9 +79,11 @@ def parse_tz(name: str | None) -> tzinfo:
     if not name or not name.strip():
         return timezone.utc
     try:
+        if len(name) > 64:  # the longest IANA name has 32 characters
+            raise ValueError(name)
         return ZoneInfo(name.strip())
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {name!r}: use an IANA name such as UTC or Europe/Paris") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory of the database, a long name
+        raise ValueError(f"unknown time zone {name[:64]!r}: use an IANA name such as UTC or Europe/Paris") from None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

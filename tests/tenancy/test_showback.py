@@ -17,8 +17,8 @@ from inferd.cli.usage import add_usage_parser
 from inferd.store import open_store
 from inferd.tenancy import ledger
 from inferd.tenancy.ledger import LedgerRow
-from inferd.tenancy.showback import (GROUP_KEYS, UsageGroup, parse_group_by, parse_time, render_csv, render_table,
-                                     usage_report)
+from inferd.tenancy.showback import (GROUP_KEYS, UsageGroup, parse_group_by, parse_time, parse_tz, render_csv,
+                                     render_table, usage_report)
 
 DAY = datetime(2026, 11, 22, tzinfo=timezone.utc).timestamp()  # 2026-11-22 00:00 UTC
 ALLOWED = "team, model, key, day, deployment, served_model, endpoint"
@@ -166,6 +166,22 @@ def test_group_by_day_splits_at_utc_midnight(url):
         ("2026-11-22", 3, 350), ("2026-11-23", 2, 310)]
 
 
+@pytest.mark.parametrize("zone, days", [("Asia/Tokyo", [("2026-11-22", 2), ("2026-11-23", 3)]),
+                                         ("America/Los_Angeles", [("2026-11-21", 2), ("2026-11-22", 3)])])
+def test_group_by_day_in_a_time_zone_splits_at_its_midnight(url, zone, days):
+    assert [(g.group["day"], g.requests) for g in report(url, group_by=["day"], tz=parse_tz(zone))] == days
+
+
+def test_parse_tz():
+    assert parse_tz(None) is timezone.utc and parse_tz("") is timezone.utc
+    assert str(parse_tz("Europe/Paris")) == "Europe/Paris"
+    with pytest.raises(ValueError, match="unknown time zone 'Nowhere/Else': use an IANA name"):
+        parse_tz("Nowhere/Else")
+    for bad in ("../../etc/passwd", "/etc/localtime", "America", "x" * 5000, "a\x00b"):
+        with pytest.raises(ValueError, match="unknown time zone"):
+            parse_tz(bad)
+
+
 @pytest.fixture
 def far_timezone(monkeypatch):
     """The machine's clock at UTC+14 (a POSIX TZ string, no tz database needed)."""
@@ -268,6 +284,8 @@ def test_percentiles_match_numpy(tmp_path):
     assert g.latency_p95_s == pytest.approx(float(np.percentile(ok, 95)), rel=1e-12)
     assert g.latency_p99_s == pytest.approx(float(np.percentile(ok, 99)), rel=1e-12)
     assert g.ttft_p50_s == pytest.approx(float(np.percentile(ttfts, 50)), rel=1e-12)
+    assert g.ttft_p95_s == pytest.approx(float(np.percentile(ttfts, 95)), rel=1e-12)
+    assert g.ttft_p99_s == pytest.approx(float(np.percentile(ttfts, 99)), rel=1e-12)
     assert g.latency_p99_s < 3.0
 
 
