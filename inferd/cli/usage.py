@@ -29,6 +29,7 @@ def add_usage_parser(subparsers) -> None:
                         "(default: one total row)")
     p.add_argument("--team", default=None, help="only this team's requests")
     p.add_argument("--key", dest="key_id", default=None, metavar="KEY_ID", help="only this key's requests")
+    p.add_argument("--tz", default=None, metavar="ZONE", help="IANA time zone of the day groups (default UTC)")
     p.add_argument("--format", default="table", choices=FORMATS)
     p.set_defaults(func=run_usage)
 
@@ -39,6 +40,7 @@ def run_usage(args: argparse.Namespace) -> int:
 
     # check every argument before touching the store, so a typo never creates a database file
     group_by = showback.parse_group_by(args.group_by)
+    zone = showback.parse_tz(args.tz)
     start = showback.parse_time(args.start) if args.start is not None else None
     end = showback.parse_time(args.end) if args.end is not None else None
     if start is not None and end is not None and start >= end:
@@ -49,7 +51,7 @@ def run_usage(args: argparse.Namespace) -> int:
     store = open_store(args.store or default_store_url())
     try:
         groups = store.run_sync(lambda tx: showback.usage_report(
-            tx, start=start, end=end, group_by=group_by, team=args.team, key_id=args.key_id))
+            tx, start=start, end=end, group_by=group_by, team=args.team, key_id=args.key_id, tz=zone))
     finally:
         store.close()
 

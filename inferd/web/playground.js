@@ -47,15 +47,16 @@ class Pane {
     this.messages = [];
     this.params = {};
     this.controller = null;
+    this.lastBody = null;  // what the pane sent last: what "copy as" writes
     this.stopButton = node.querySelector(".stop");
     this.rerunButton = node.querySelector(".rerun");
     this.stopButton.addEventListener("click", () => this.stop());
     this.rerunButton.addEventListener("click", () => this.rerun());
     node.querySelector(".clear").addEventListener("click", () => this.clear());
     node.querySelector(".remove").addEventListener("click", () => removePane(this));
-    node.querySelector(".copy-curl").addEventListener("click", () => showCode("curl", asCurl(requestBody(this))));
+    node.querySelector(".copy-curl").addEventListener("click", () => showCode("curl", asCurl(this.snippetBody())));
     node.querySelector(".copy-python").addEventListener("click",
-      () => showCode("Python", asPython(requestBody(this))));
+      () => showCode("Python", asPython(this.snippetBody())));
     this.fillModels();
   }
 
@@ -83,6 +84,17 @@ class Pane {
     return body;
   }
 
+  // The pane's last request; before its first, the one the form would send it now
+  snippetBody() {
+    if (this.lastBody) return { ...this.lastBody, model: this.select.value };
+    let params = {};
+    try {
+      params = sharedParams();
+    } catch (_) { /* bad tools JSON: leave them out */ }
+    const draft = $("user").value.trim() || "Hello";
+    return requestBody({ select: this.select, messages: [{ role: "user", content: draft }], params });
+  }
+
   get busy() {
     return this.controller !== null;
   }
@@ -104,6 +116,8 @@ class Pane {
     this.controller = new AbortController();
     this.stopButton.disabled = false;
     this.rerunButton.disabled = true;
+    const body = requestBody(this);
+    this.lastBody = body;
     const started = performance.now();
     // the clock readings ride on the pane, so anyone (a test too) can see that panes overlapped
     this.el.dataset.started = String(started);
@@ -123,7 +137,7 @@ class Pane {
       }
     };
     try {
-      await streamChat(requestBody(this), {
+      await streamChat(body, {
         signal: this.controller.signal,
         onOpen: (headers) => {
           deployment = headers.get("x-inferd-deployment");
@@ -210,6 +224,7 @@ class Pane {
   clear() {
     this.stop();
     this.messages = [];
+    this.lastBody = null;
     this.log.replaceChildren();
     this.error.textContent = "";
     this.status.textContent = "";

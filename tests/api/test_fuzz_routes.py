@@ -38,7 +38,7 @@ ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST"
           ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/tokenizer_info"), ("GET", "/v1/models"),
           ("POST", "/v1/batches"), ("GET", "/v1/batches"), ("GET", "/v1/files"), ("GET", "/v1/usage"),
           ("POST", "/admin/keys"), ("PUT", "/admin/teams/fuzz"), ("GET", "/v2/models/tiny"),
-          ("POST", "/v2/models/tiny/infer"), ("GET", "/version")]
+          ("POST", "/v2/models/tiny/infer"), ("GET", "/version"), ("GET", "/v1/deployments")]
 MODEL_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
 CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "text/plain", None]
 

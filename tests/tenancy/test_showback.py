@@ -348,6 +348,12 @@ def run_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
+def test_cli_days_in_a_time_zone(url, capsys):
+    assert run_cli(["usage", "--store", url, "--group-by", "day", "--tz", "Asia/Tokyo", "--format", "json"]) == 0
+    assert [(d["day"], d["requests"]) for d in json.loads(capsys.readouterr().out)] == [
+        ("2026-11-22", 2), ("2026-11-23", 3)]
+
+
 def test_cli_json(url, capsys):
     assert run_cli(["usage", "--store", url, "--group-by", "team,model", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -380,6 +386,7 @@ def test_cli_default_store_url(url, monkeypatch, capsys):
     (["--group-by", "team,colour"], ALLOWED),
     (["--start", "last tuesday"], "invalid time"),
     (["--start", "2026-11-23", "--end", "2026-11-22"], "must be before"),
+    (["--tz", "Moon/Base"], "unknown time zone"),
 ])
 def test_cli_bad_input_raises_before_opening_the_store(tmp_path, argv, message):
     path = tmp_path / "never.db"

@@ -13,7 +13,6 @@ screenshots in docs/ui.md write them there.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -68,12 +67,25 @@ def ui_server(tiny_llama, mock_remote, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def open_server(tiny_llama, mock_remote, tmp_path_factory):
+    """A server with no key at all, serving the mock under two names: it starts in a second."""
+    def remote(name):
+        return {"name": name, "deployments": [{"provider": "openai", "name": f"{name}-mock", "model": "mock-remote",
+                                               "base_url": mock_remote.openai_base_url}]}
+    path = tmp_path_factory.mktemp("ui-open") / "inferd.yaml"
+    path.write_text(yaml.safe_dump({"models": [remote("left"), remote("right")]}))
+    srv = ServerProc(tiny_llama, "--config", str(path), api_key=None).wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
 def chromium():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _missing("Playwright for Python is not installed")
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+    if not Path(CHROMIUM).exists():
         _missing(f"no Chromium at {CHROMIUM}")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -82,17 +94,18 @@ def chromium():
 
 
 @pytest.fixture
-def open_page(chromium, ui_server):
-    """`open_page(key=..., **context options)`: a fresh tab (its own sessionStorage) on the app, key given."""
+def open_page(chromium, request):
+    """`open_page(key=..., path=..., server=..., **context options)`: a fresh tab (its own sessionStorage) on
+    the app, the key given to its prompt (None: no prompt expected); the server is `ui_server` by default."""
     contexts, errors = [], []
 
-    def make(key: str | None = ADMIN, path: str = "/", **options):
+    def make(key: str | None = ADMIN, path: str = "/", server=None, **options):
         context = chromium.new_context(**{"viewport": {"width": 1280, "height": 900}, **options})
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda e: errors.append(str(e)))  # an uncaught exception in the app's script
         page.set_default_timeout(20_000)
-        page.goto(ui_server.url + path)
+        page.goto((server or request.getfixturevalue("ui_server")).url + path)
         if key is not None:
             enter_key(page, key)
         return page

@@ -17,9 +17,6 @@ from tests.api.conftest import wait_for
 from tests.gateway.mock_upstream import Fault
 from tests.web.conftest import PRICES, screenshot
 
-pytestmark = pytest.mark.usefixtures("ui_server")
-
-
 def pane(page, i: int):
     return page.locator(".pane").nth(i)
 
@@ -153,3 +150,17 @@ def test_readable_at_360_px_and_in_dark_mode(open_page):
     page.evaluate("location.hash = '#playground'")
     dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert dark == "rgb(18, 19, 22)"
+
+
+def test_an_open_server_needs_no_key(open_page, open_server):
+    page = open_page(key=None, server=open_server)
+    choose(page, ["left", "right"])
+    page.fill("#max-tokens", "8")
+    page.fill("#user", "Hello")
+    page.click("#send")
+    for i, deployment in enumerate(["left-mock", "right-mock"]):
+        assert wait_status(pane(page, i), "done", "failed") == "done"
+        assert metric(pane(page, i), "deployment") == deployment
+        assert metric(pane(page, i), "cost") == "$0"  # nobody priced them
+    assert page.locator("#key-dialog").get_attribute("open") is None
+    assert page.locator("#key-state").inner_text() == "none"
