@@ -129,11 +129,15 @@ class Pane {
     let deployment = null;
     let text = "";
     const tools = new Map();  // tool call index -> {name, arguments}
-    const live = () => {
+    const live = (ended) => {
       if (first !== null) this.metric("ttft", formatMs((first - started) / 1000));
       const tokens = usage ? usage.completion_tokens : chunks;
       if (first !== null && last > first && tokens > 1) {
+        // the decode rate: tokens after the first over the time they took
         this.metric("tps", ((tokens - 1) / ((last - first) / 1000)).toFixed(1));
+      } else if (ended && tokens > 0) {
+        // the whole answer came in one read (a fast engine): its rate over the whole request
+        this.metric("tps", (tokens / ((ended - started) / 1000)).toFixed(1));
       }
     };
     try {
@@ -187,7 +191,7 @@ class Pane {
       this.stopButton.disabled = true;
       this.rerunButton.disabled = false;
       li.removeAttribute("aria-busy");
-      live();
+      live(performance.now());
       if (usage) {
         const cached = (usage.prompt_tokens_details || {}).cached_tokens || 0;
         this.metric("prompt", String(usage.prompt_tokens));

@@ -1,9 +1,10 @@
 """Fixtures for the web app's tests: a real `inferd serve` and the system's Chromium driven by Playwright.
 
-The server serves three chat groups: `tiny-a` and `tiny-b` (the tiny random Llama
-twice, each its own engine core) and `remote` (a mock OpenAI-compatible provider in
+The server serves four chat groups: `tiny-a` and `tiny-b` (the tiny random Llama
+twice, each its own engine core), `remote` (a mock OpenAI-compatible provider in
 this process, streaming one word every 20 ms so that its answers take a visible
-while), each with its own price, behind an admin key. The browser is Debian's
+while), each with its own price, and `flaky`, a provider that is down, falling back
+to `tiny-b`; behind an admin key. The browser is Debian's
 `chromium` (scripts/install.sh installs it), never a downloaded one; without it, or
 without Playwright, these tests skip, unless INFERD_REQUIRE_BROWSER is set (CI sets
 it) and then they fail. With INFERD_SCREENSHOTS=DIR the tests that take the
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.api.conftest import ServerProc
+from tests.api.conftest import ServerProc, free_port
 from tests.gateway.mock_upstream import MockUpstream
 
 ADMIN = "ui-admin-key"
@@ -51,7 +52,11 @@ def ui_server(tiny_llama, mock_remote, tmp_path_factory):
     config = {"models": [local("tiny-a"), local("tiny-b"),
                          {"name": "remote", "price": PRICES["remote"],
                           "deployments": [{"provider": "openai", "name": "remote-mock", "model": "mock-remote",
-                                           "base_url": mock_remote.openai_base_url}]}]}
+                                           "base_url": mock_remote.openai_base_url}]},
+                         # a provider nobody listens for: every request falls back to tiny-b
+                         {"name": "flaky", "retry": {"max_retries": 0}, "fallbacks": {"default": ["tiny-b"]},
+                          "deployments": [{"provider": "openai", "name": "flaky-down", "model": "m",
+                                           "base_url": f"http://127.0.0.1:{free_port()}/v1"}]}]}
     (tmp / "inferd.yaml").write_text(yaml.safe_dump(config))
     db = tmp / "ledger.db"
     srv = ServerProc(tiny_llama, "--config", str(tmp / "inferd.yaml"), "--store", f"sqlite:///{db}",
@@ -120,7 +125,7 @@ def enter_key(page, key: str) -> None:
     """Answer the key prompt the first 401 opens."""
     page.locator("#key-dialog[open]").wait_for()
     page.fill("#key-input", key)
-    page.click("#key-dialog button[value=save]")
+    page.press("#key-input", "Enter")  # the keyboard is enough: Enter submits with the first button, "Use key"
     page.locator("#key-dialog[open]").wait_for(state="detached")
 
 

@@ -75,6 +75,18 @@ def test_two_panes_stream_at_once_and_show_their_metrics(open_page, ui_server):
     screenshot(page, "playground.png")
 
 
+def test_a_fallback_shows_which_deployment_answered(open_page):
+    page = open_page()
+    choose(page, ["flaky", "tiny-a"])
+    page.fill("#max-tokens", "4")
+    page.fill("#user", "Hello")
+    page.click("#send")
+    p = pane(page, 0)
+    assert wait_status(p, "done", "failed") == "done", p.locator(".pane-error").inner_text()
+    assert metric(p, "deployment") == "tiny-b-local (fell back from flaky)"
+    assert p.locator(".log li.assistant .who").inner_text() == "tiny-b"  # the group that answered
+
+
 def test_a_stopped_stream_stops(open_page, ui_server, mock_remote):
     page = open_page()
     choose(page, ["remote", "tiny-b"])
