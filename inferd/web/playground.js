@@ -9,6 +9,7 @@ import { ApiError, costOf, formatMs, formatUsd, getJson, getKey, streamChat } fr
 
 const MIN_PANES = 2;
 const MAX_PANES = 4;
+const MIN_DECODE_MS = 50;  // below this, chunks arrive batched in a few reads and a per-token rate is noise
 
 const $ = (id) => document.getElementById(id);
 let models = [];          // chat model groups the server serves
@@ -132,11 +133,11 @@ class Pane {
     const live = (ended) => {
       if (first !== null) this.metric("ttft", formatMs((first - started) / 1000));
       const tokens = usage ? usage.completion_tokens : chunks;
-      if (first !== null && last > first && tokens > 1) {
+      if (first !== null && last - first >= MIN_DECODE_MS && tokens > 1) {
         // the decode rate: tokens after the first over the time they took
         this.metric("tps", ((tokens - 1) / ((last - first) / 1000)).toFixed(1));
       } else if (ended && tokens > 0) {
-        // the whole answer came in one read (a fast engine): its rate over the whole request
+        // the answer came too fast to time its tokens apart (they share network reads): the whole request's rate
         this.metric("tps", (tokens / ((ended - started) / 1000)).toFixed(1));
       }
     };

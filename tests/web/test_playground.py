@@ -144,12 +144,18 @@ def test_rerun_on_another_model_and_copy_the_request(open_page):
     curl = page.locator("#code-text").inner_text()
     assert "/v1/chat/completions" in curl and '"model": "remote"' in curl and "$INFERD_API_KEY" in curl
     assert "ui-admin-key" not in curl  # a key is never written into a snippet someone may paste
-    # the conversation continues per pane: a second turn carries the first
+    # the conversation continues per pane: a second turn carries the first, in JSON mode this time
     page.click("#code-dialog button[type=submit]")
+    page.check("#json-mode")
     page.fill("#user", "And again")
     page.click("#send")
-    wait_status(p, "done")
+    assert wait_status(p, "done", "failed") == "done"
+    assert wait_status(pane(page, 0), "done", "failed") == "done"  # the local engine enforces the JSON grammar
     assert p.locator(".log li.user").count() == 2 and p.locator(".log li.assistant").count() == 2
+    p.locator("button.copy-python").click()
+    code = page.locator("#code-text").inner_text()
+    compile(code, "request.py", "exec")
+    assert '"json_object"' in code and '"content": "And again"' in code and code.count('"role": "user"') == 2
 
 
 def test_readable_at_360_px_and_in_dark_mode(open_page):
@@ -162,6 +168,11 @@ def test_readable_at_360_px_and_in_dark_mode(open_page):
     page.evaluate("location.hash = '#playground'")
     dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert dark == "rgb(18, 19, 22)"
+    page.fill("#max-tokens", "12")
+    page.fill("#user", "Hello")
+    page.click("#send")
+    wait_status(pane(page, 1), "done")
+    screenshot(page, "playground-360-dark.png")
 
 
 def test_an_open_server_needs_no_key(open_page, open_server):
