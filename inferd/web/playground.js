@@ -71,12 +71,12 @@ class Pane {
     this.el.querySelector(`[data-m="${name}"]`).textContent = text;
   }
 
-  addMessage(role, text) {
+  addMessage(role, text, given) {
     const li = document.createElement("li");
     li.className = role;
     const who = document.createElement("span");
     who.className = "who";
-    who.textContent = role === "user" ? "you" : this.select.value;
+    who.textContent = given && given !== "user" ? `${given} (given)` : role === "user" ? "you" : this.select.value;
     const body = document.createElement("span");
     body.className = "text";
     body.textContent = text;
@@ -100,9 +100,12 @@ class Pane {
     return this.controller !== null;
   }
 
-  async send(text, params) {
-    this.messages.push({ role: "user", content: text });
-    this.addMessage("user", text);
+  // `turns`: the new messages, one user message or a whole chat pasted as JSON
+  async send(turns, params) {
+    for (const turn of turns) {
+      this.messages.push(turn);
+      this.addMessage(turn.role === "user" ? "user" : "assistant", turn.content, turn.role);
+    }
     this.params = params;
     await this.run();
   }
@@ -307,6 +310,21 @@ async function showCode(title, text) {
   }
 }
 
+const CHAT_ROLES = ["system", "developer", "user", "assistant"];
+
+// A whole chat pasted as JSON: [{"role": "user", "content": "..."}, ...], ending with the user's turn
+function parseChat(text) {
+  const chat = JSON.parse(text);
+  if (!Array.isArray(chat) || !chat.length) throw new Error("give a JSON list of messages");
+  for (const [i, m] of chat.entries()) {
+    if (!m || !CHAT_ROLES.includes(m.role) || typeof m.content !== "string") {
+      throw new Error(`message ${i + 1} needs a role (${CHAT_ROLES.join(", ")}) and a text content`);
+    }
+  }
+  if (chat[chat.length - 1].role !== "user") throw new Error("the last message must be the user's");
+  return chat.map((m) => ({ role: m.role, content: m.content }));
+}
+
 async function sendAll(event) {
   event.preventDefault();
   $("prompt-error").textContent = "";
@@ -319,9 +337,18 @@ async function sendAll(event) {
     $("prompt-error").textContent = `Tools: ${err.message}`;
     return;
   }
+  let turns = [{ role: "user", content: text }];
+  if ($("as-chat").checked) {
+    try {
+      turns = parseChat(text);
+    } catch (err) {
+      $("prompt-error").textContent = `Chat: ${err.message}`;
+      return;
+    }
+  }
   const idle = panes.filter((p) => !p.busy);
   $("user").value = "";
-  await Promise.all(idle.map((p) => p.send(text, params)));
+  await Promise.all(idle.map((p) => p.send(turns, params)));
 }
 
 export async function loadModels() {

@@ -7,6 +7,7 @@ request: the ledger row's tokens and cost.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -187,3 +188,20 @@ def test_an_open_server_needs_no_key(open_page, open_server):
         assert metric(pane(page, i), "cost") == "$0"  # nobody priced them
     assert page.locator("#key-dialog").get_attribute("open") is None
     assert page.locator("#key-state").inner_text() == "none"
+    # a whole chat as the input: every pane gets all of it, and a bad one is refused under the input
+    page.click("#clear-all")
+    page.check("#as-chat")
+    page.fill("#user", '[{"role": "user", "content": "hi"}, {"role": "assistant"}]')
+    page.click("#send")
+    assert "message 2 needs a role" in page.locator("#prompt-error").inner_text()
+    chat = [{"role": "user", "content": "Pick a number."}, {"role": "assistant", "content": "Seven."},
+            {"role": "user", "content": "Another one?"}]
+    page.fill("#user", json.dumps(chat))
+    page.click("#send")
+    for i in range(2):
+        p = pane(page, i)
+        assert wait_status(p, "done", "failed") == "done"
+        assert p.locator(".log li").count() == 4
+        assert p.locator(".log li.assistant .who").first.inner_text() == "assistant (given)"
+    pane(page, 0).locator("button.copy-python").click()
+    assert '"content": "Seven."' in page.locator("#code-text").inner_text()
