@@ -131,6 +131,10 @@ def test_totals_equal_usage_api_and_ledger_sql_in_the_browsers_time_zone(open_pa
         if n:
             expected[a.date().isoformat()] = n
     assert {day: r["requests"] for day, r in rows.items()} == expected
+    # the charts draw the same groups and numbers
+    chart = page.evaluate("(() => { const c = Chart.getChart('chart-cost');"
+                          " return {labels: c.data.labels, cost: c.data.datasets[0].data}; })()")
+    assert chart["labels"] == list(rows) and chart["cost"] == pytest.approx([r["cost_usd"] for r in rows.values()])
     if zone == "America/Los_Angeles":
         show(page, "2026-06-10T00:00", "2026-06-14T00:00", "model", zone)
         page.wait_for_timeout(300)  # the charts draw on the next frames
@@ -161,6 +165,14 @@ def test_live_engines_and_batch_progress(open_page, ui_server, seeded):
     live.first.wait_for()
     assert sorted(tr.get_attribute("data-deployment") for tr in live.all()) == \
         ["flaky-down", "remote-mock", "tiny-a-local", "tiny-b-local"]
+    # a request that finishes between two refreshes shows as the engine's tokens/s
+    r = httpx.post(ui_server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {seeded['blue']}"},
+                   json={"model": "tiny-b", "max_tokens": 64, "ignore_eos": True,
+                         "messages": [{"role": "user", "content": "count"}]})
+    assert r.status_code == 200
+    page.wait_for_function("(() => { const td = document.querySelector("
+                           "'#live-table tr[data-deployment=\"tiny-b-local\"] td[data-key=tps]');"
+                           " return td && Number(td.textContent) > 0; })()", polling=50)
     row = page.locator("#batch-table tbody tr", has_text=batch.id)
     row.filter(has_text="completed").wait_for(timeout=60_000)  # the table refreshes itself
     assert "3/3" in row.inner_text()
