@@ -94,7 +94,9 @@ function renderTable(groupBy, rows) {
   table.tBodies[0].replaceChildren(...rows.map((row) => {
     const tr = document.createElement("tr");
     if (groupBy) tr.append(cell("th", row[groupBy], { scope: "row", class: "group" }));
-    for (const [key, , fmt] of COLUMNS) tr.append(cell("td", fmt(row[key]), { "data-key": key, "data-value": String(row[key]) }));
+    for (const [key, , fmt] of COLUMNS) {
+      tr.append(cell("td", fmt(row[key]), { "data-key": key, "data-value": String(row[key]) }));
+    }
     return tr;
   }));
   if (!rows.length) {
@@ -122,11 +124,16 @@ function renderCharts(groupBy, rows) {
   costChart = new window.Chart($("chart-cost"), {
     type: "bar",
     data: { labels, datasets: [
-      { label: "Cost (USD)", data: rows.map((r) => r.cost_usd), backgroundColor: cssVar("--chart-1"), yAxisID: "cost" },
-      { label: "Tokens", data: rows.map((r) => r.total_tokens), backgroundColor: cssVar("--chart-2"), yAxisID: "tokens" },
+      { label: "Cost (USD)", data: rows.map((r) => r.cost_usd), backgroundColor: cssVar("--chart-1"),
+        yAxisID: "cost" },
+      { label: "Tokens", data: rows.map((r) => r.total_tokens), backgroundColor: cssVar("--chart-2"),
+        yAxisID: "tokens" },
     ] },
-    options: { ...common, scales: { x: scale("", "bottom"), cost: scale("USD", "left", { beginAtZero: true }),
-                                    tokens: scale("tokens", "right", { beginAtZero: true, grid: { drawOnChartArea: false } }) } },
+    options: { ...common, scales: {
+      x: scale("", "bottom"),
+      cost: scale("USD", "left", { beginAtZero: true }),
+      tokens: scale("tokens", "right", { beginAtZero: true, grid: { drawOnChartArea: false } }),
+    } },
   });
   if (latencyChart) latencyChart.destroy();
   const ms = (key) => rows.map((r) => (r[key] === null ? null : r[key] * 1000));

@@ -293,7 +293,8 @@ function asPython(body) {
     + `client = OpenAI(base_url="${location.origin}/v1", api_key=os.environ.get("INFERD_API_KEY", "none"))\n`
     + `stream = client.chat.completions.create(\n    model=${JSON.stringify(model)},\n`
     + `    messages=${pyValue(messages, "    ")},\n${extra}`
-    + `    stream=${stream ? "True" : "False"},\n    stream_options={"include_usage": ${streamOptions ? "True" : "False"}},\n)\n`
+    + `    stream=${stream ? "True" : "False"},\n`
+    + `    stream_options={"include_usage": ${streamOptions ? "True" : "False"}},\n)\n`
     + `for chunk in stream:\n    if chunk.choices:\n        print(chunk.choices[0].delta.content or "", end="")\n`;
 }
 
