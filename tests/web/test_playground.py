@@ -159,13 +159,28 @@ def test_rerun_on_another_model_and_copy_the_request(open_page):
     assert '"json_object"' in code and '"content": "And again"' in code and code.count('"role": "user"') == 2
 
 
+UNNAMED_CONTROLS = """[...document.querySelectorAll('button, select, input, textarea, a[href]')]
+    .filter((el) => el.offsetParent !== null && !(el.labels && el.labels.length)
+                    && !el.getAttribute('aria-label') && !el.textContent.trim())
+    .map((el) => el.outerHTML.slice(0, 80))"""
+
+
 def test_readable_at_360_px_and_in_dark_mode(open_page):
     page = open_page(viewport={"width": 360, "height": 800}, color_scheme="dark")
     choose(page, ["tiny-a", "remote"])
+    assert page.evaluate(UNNAMED_CONTROLS) == []  # every control a keyboard or screen reader reaches has a name
+    # Tab from the message reaches the parameters and then the send button, in the page's order
+    page.focus("#user")
+    order = []
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+    assert order == ["temperature", "max-tokens", "seed", "json-mode", "as-chat"]
     for path in ("#playground", "#dashboard"):
         page.evaluate(f"location.hash = '{path}'")
         page.wait_for_timeout(200)
         assert page.evaluate("document.documentElement.scrollWidth") <= 360, path
+        assert page.evaluate(UNNAMED_CONTROLS) == [], path
     page.evaluate("location.hash = '#playground'")
     dark = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert dark == "rgb(18, 19, 22)"
