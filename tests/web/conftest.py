@@ -93,7 +93,8 @@ def chromium():
     if not Path(CHROMIUM).exists():
         _missing(f"no Chromium at {CHROMIUM}")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        # as root (CI) Chromium's sandbox cannot start; containers often have a /dev/shm too small for it
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield browser
         browser.close()
 
