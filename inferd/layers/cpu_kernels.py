@@ -8,7 +8,11 @@ the same arithmetic as the torch code they replace.
 
 They are built with the system C++ compiler through `torch.utils.cpp_extension`
 (about 30 s, once per machine: the result is cached under the user cache dir,
-keyed by torch version, source and CPU). `ops_for(tensor)` returns the compiled
+keyed by Python and torch versions, source and CPU). The sources are compiled
+from a copy inside that cache directory, not from the package: torch's builder
+writes their paths into its ninja file, so two installs of the same code (two
+checkouts, two venvs) compiling from their own paths rebuilt each other's
+kernels on every start. `ops_for(tensor)` returns the compiled
 module for CPU tensors, or None when the kernels are off: `INFERD_CPU_KERNELS=0`,
 `disabled()` (tests compare both paths), or a failed build (no compiler), after
 which the torch code runs and a warning says why. The kernel tests fail instead of
@@ -22,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -46,15 +51,33 @@ _tried = False
 _enabled = os.environ.get("INFERD_CPU_KERNELS", "1") != "0"
 
 
+def _source_files() -> list[Path]:
+    return [p for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+
+
 def _build_dir() -> tuple[str, Path]:
     from platformdirs import user_cache_dir
 
     cpu = " ".join(sorted(cpu_flags()))
-    texts = [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
-    key = hashlib.sha256("\0".join([torch.__version__, *texts, " ".join(CFLAGS), cpu])
+    texts = [p.read_text() for p in _source_files()]
+    key = hashlib.sha256("\0".join([sys.version, torch.__version__, *texts, " ".join(CFLAGS), cpu])
                          .encode()).hexdigest()[:16]
     name = f"inferd_cpu_ops_{key}"
     return name, Path(user_cache_dir("inferd")) / "kernels" / name
+
+
+def build_sources(directory: Path) -> list[str]:
+    """The sources to compile: copies in `directory/src`, the same paths for every install of this code."""
+    src = directory / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for p in _source_files():
+        copy = src / p.name
+        text = p.read_bytes()
+        if not copy.exists() or copy.read_bytes() != text:
+            tmp = copy.with_suffix(copy.suffix + f".{os.getpid()}.tmp")
+            tmp.write_bytes(text)
+            tmp.replace(copy)  # atomic: a concurrent build never reads half a file
+    return [str(src / p.name) for p in SOURCES]
 
 
 def load() -> ModuleType | None:
@@ -73,7 +96,7 @@ def load() -> ModuleType | None:
 
             if not built:
                 log.info("compiling the CPU kernels (once per machine, about 30 s)")
-            _module = build(name=name, sources=[str(p) for p in SOURCES], extra_cflags=CFLAGS,
+            _module = build(name=name, sources=build_sources(directory), extra_cflags=CFLAGS,
                             extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
         except Exception as e:  # no compiler, no headers: the torch path still works
             log.warning("CPU kernels unavailable, using eager torch ops (slower): %s", e)

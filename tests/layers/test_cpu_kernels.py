@@ -7,6 +7,8 @@ INFERD_REQUIRE_CPU_KERNELS=1, which turns that skip into a failure.
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +218,20 @@ def test_fused_decode_layers_match_the_python_layer_loop(monkeypatch, quantizati
     assert any(calls)                                # decode steps took the fused path
     monkeypatch.setattr(llama, "decode_layers", lambda *args: None)
     assert run() == fused
+
+
+def test_two_installs_of_the_same_code_build_the_same_sources(tmp_path, monkeypatch):
+    """Two checkouts (or venvs) share one kernel build: same key, and the compiler sees the same paths."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    seen = []
+    for checkout in ("a", "b"):
+        csrc = tmp_path / checkout / "csrc"
+        shutil.copytree(cpu_kernels.CSRC, csrc)
+        monkeypatch.setattr(cpu_kernels, "CSRC", csrc)
+        monkeypatch.setattr(cpu_kernels, "SOURCES", [csrc / p.name for p in cpu_kernels.SOURCES])
+        name, directory = cpu_kernels._build_dir()
+        seen.append((name, directory, cpu_kernels.build_sources(directory)))
+    assert seen[0] == seen[1]
+    name, directory, sources = seen[0]
+    assert all(Path(s).parent == directory / "src" for s in sources)
+    assert [Path(s).read_bytes() for s in sources] == [p.read_bytes() for p in cpu_kernels.SOURCES]
