@@ -60,6 +60,10 @@ def gateway_server(upstreams, tiny_llama, tmp_path_factory):
         {"name": "remote-refused", "fallbacks": {"default": ["refuser"]},
          "deployments": [{"provider": "openai", "name": "primary-3", "base_url": upstreams["primary"].openai_base_url,
                           "model": "up-primary", "timeouts": fast}]},
+        # ... and to inferd's own engine, which continues the answer (continue_final_message)
+        {"name": "remote-local", "fallbacks": {"default": ["tiny"]},
+         "deployments": [{"provider": "openai", "name": "primary-4", "base_url": upstreams["primary"].openai_base_url,
+                          "model": "up-primary", "timeouts": fast}]},
         {"name": "refuser",
          "deployments": [{"provider": "openai", "name": "refuser", "base_url": upstreams["strict"].openai_base_url,
                           "model": "up-strict", "timeouts": fast, "prefill": True}]},
@@ -228,6 +232,15 @@ def test_a_fallback_without_prefill_regenerates_and_sends_only_what_is_new(gatew
     assert sent["messages"] == CHAT and "continue_final_message" not in sent and sent["max_tokens"] == 6
 
 
+def test_a_local_engine_continues_a_broken_remote_stream(gateway_server, upstreams):
+    upstreams["primary"].inject(Fault.cut(after=2))
+    text, chunks = stream_chat(gateway_server, "remote-local")
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text.startswith("alpha bravo") and len(text) > len("alpha bravo")
+    assert finish[-1].choices[0].finish_reason == "length" and len(finish[-1].model_extra["inferd_deployments"]) == 2
+    assert chunks[-1].usage.completion_tokens == 6  # 2 from the primary, the 4 left from the engine
+
+
 def test_a_fallback_that_refuses_prefill_ends_the_stream_with_the_error(gateway_server, upstreams):
     upstreams["primary"].inject(Fault.cut(after=2))
     client = gateway_server.client(timeout=20)
@@ -282,7 +295,7 @@ def test_anthropic_deployment_through_the_openai_api(gateway_server, upstreams):
 def test_local_and_remote_models_side_by_side(gateway_server):
     client = gateway_server.client()
     assert {m.id for m in client.models.list().data} == {"remote", "backup", "long", "claude", "tiny", "remote-regen",
-                                                          "regen", "remote-refused", "refuser"}
+                                                          "regen", "remote-refused", "refuser", "remote-local"}
     out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0)
     assert out.model == "tiny" and out.usage.completion_tokens == 3
     with pytest.raises(openai.NotFoundError):
