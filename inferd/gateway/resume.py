@@ -52,7 +52,7 @@ class Progress:
                 self.finished = True
             if self.endpoint == "chat":
                 delta = choice.get("delta") or {}
-                if delta.get("tool_calls") or delta.get("reasoning_content"):
+                if delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("reasoning"):
                     self.blocker = "tool calls or reasoning were streamed"
                 piece = delta.get("content")
             else:
