@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.layers.cpu_isa import has_native_bf16
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,6 +83,9 @@ class EngineConfig(DeviceOptions):
     reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
     chat_template: str | None = None     # a Jinja chat template (or a file of one) instead of the model's
     grammar_timeout_s: float = 10.0      # the longest a request's grammar may take to compile at the edge
+    # speculative decoding (engine/spec_decode/): a SpeculativeConfig, or its fields as a dict or JSON text
+    # ({"method": "ngram", "num_speculative_tokens": 4}); None: off
+    speculative_config: SpeculativeConfig | dict | str | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -92,6 +96,7 @@ class EngineConfig(DeviceOptions):
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization: {self.quantization!r} is not one of none, int8, int4")
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
 

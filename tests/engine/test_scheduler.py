@@ -19,7 +19,7 @@ def _add(s, rid, n_prompt, max_tokens=100, first=1):
 
 def _run_step(s):
     out = s.schedule()
-    sampled = {r.request_id: 7 for r in out.requests
+    sampled = {r.request_id: [7] for r in out.requests
                if r.num_computed_tokens + out.num_new_tokens[r.request_id] == r.num_tokens}
     s.update(out, StepResult(sampled))
     return out

@@ -21,6 +21,7 @@ from inferd.engine.core.request import Request
 from inferd.engine.core.scheduler import Scheduler, SchedulerConfig
 from inferd.engine.messages import EngineCoreOutput
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
+from inferd.engine.spec_decode.speculator import Speculator
 from inferd.layers import cpu_kernels
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import Checkpoint
@@ -61,6 +62,8 @@ class EngineCore:
                                                    self.max_model_len), self.kv)
         self.grammars = GrammarCompiler(ckpt.tokenizer, mc.vocab_size, eos_token_ids)
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
+        spec = config.speculative_config
+        self.speculator = Speculator(spec, self.max_model_len) if spec is not None else None
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
                                   TorchAttentionBackend(), self.device)
 
@@ -154,5 +157,10 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.requests:
             return failed
+        if self.speculator is None:
+            return failed + self.scheduler.update(out, self.runner.execute(out))
+        self.speculator.extend(self.scheduler, out)
+        started = time.perf_counter()
         result = self.runner.execute(out)
+        self.speculator.observe(out, result, time.perf_counter() - started)
         return failed + self.scheduler.update(out, result)

@@ -14,7 +14,11 @@ request's matcher by the token that was sampled (`Request.matcher`), and a
 grammar that admits nothing more ends the request with `stop`; EOS is in the
 mask only where the grammar accepts, so an answer cut by `max_tokens` ends with
 `length` and never claims to be complete. Matchers can roll back tokens, which
-is what checking a run of speculative draft tokens needs.
+is what checking a run of speculative draft tokens needs: `draft_masks` computes
+the mask at each draft position by advancing the matcher through the drafts and
+rolling it back, so the matcher itself only ever advances by accepted tokens (the
+scheduler's), and a draft the grammar refuses is cut before it is scheduled
+(engine/spec_decode/speculator.py).
 """
 
 from __future__ import annotations
@@ -71,18 +75,43 @@ class GrammarCompiler:
         return template.deep_copy()
 
 
+def _words(vocab: int) -> int:
+    return (vocab + 31) // 32
+
+
+def draft_masks(matcher, drafts: list[int], vocab: int) -> torch.Tensor:
+    """The matcher's bitmask at each of the len(drafts) + 1 positions of a draft run; the matcher is left
+    where it was. Positions past a draft the grammar refuses (or after which it stops) allow nothing."""
+    words = _words(vocab)
+    masks = torch.zeros(len(drafts) + 1, words, dtype=torch.int32)
+    consumed = 0
+    for i in range(len(drafts) + 1):
+        if matcher.is_stopped():
+            break
+        matcher.unsafe_compute_mask_ptr(masks[i].data_ptr(), words * 4)
+        if i == len(drafts) or not matcher.consume_token(drafts[i]):
+            break
+        consumed += 1
+    if consumed:
+        matcher.rollback(consumed)
+    return masks
+
 
 def apply_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
-    """Keep only the grammar-allowed tokens of each row whose matcher is not None."""
+    """Keep only the grammar-allowed tokens of each row whose matcher is not None (a matcher, or a
+    bitmask row from `draft_masks`)."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
+    words = _words(vocab)
     bitmask = torch.empty(len(rows), words, dtype=torch.int32)
     for j, i in enumerate(rows):
-        row = bitmask[j]
-        matchers[i].unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+        m = matchers[i]
+        if isinstance(m, torch.Tensor):
+            bitmask[j] = m
+        else:
+            m.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), words * 4)
     bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
     allowed = bits.reshape(len(rows), words * 32)[:, :vocab].bool()
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -2,7 +2,8 @@
 
 The cache tensors live with the model runner; this module hands out block ids.
 A request owns `ceil(num_computed_tokens / block_size)` blocks (its block table),
-appended as it grows and released at once on finish, abort or preemption. The
+appended as it grows and released at once on finish, abort or preemption (and,
+after a speculative step, the blocks past its accepted tokens). The
 manager is the only writer of a request's block fields (`block_ids`,
 `block_hashes`, `num_cached_blocks`) and never writes its progress: it says how
 many tokens a cached prefix holds, and the scheduler counts them as computed.
@@ -120,15 +121,26 @@ class KVCacheManager:
                 self.block_hash[block] = h
         req.num_cached_blocks = len(hashes)
 
+    def release_tail(self, req: Request) -> None:
+        """Give back the blocks past the request's computed tokens (they held rejected draft tokens only)."""
+        keep = -(-req.num_computed_tokens // self.block_size)
+        tail = req.block_ids[keep:]
+        if tail:
+            del req.block_ids[keep:]
+            self._release(tail)
+
     def free(self, req: Request) -> None:
-        for block in reversed(req.block_ids):
+        self._release(req.block_ids)
+        req.block_ids = []
+        req.num_cached_blocks = 0
+
+    def _release(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
                 self._free[block] = None
                 if self.block_hash[block] is None:
                     self._free.move_to_end(block, last=False)
-        req.block_ids = []
-        req.num_cached_blocks = 0
 
     def _ref(self, block: int) -> None:
         if self.ref_count[block] == 0:

@@ -5,16 +5,26 @@ scheduler's per-request token counts, runs the model once, and computes logits
 only where they are needed: the last position of each request that reached the
 end of its tokens (it samples), plus every prompt position of requests that asked
 for prompt logprobs.
+
+A request with draft tokens (engine/spec_decode/) computes them after its known
+tokens and samples at each of their positions; `verify.accepted` then decides what
+it keeps. Each draft is laid out for attention as a row of its own with one query
+(the same block table, the context growing by one per row): the KV of every token
+is written before any row attends, so this is exactly causal attention, and it runs
+on the decode kernels (and the one-call CPU decode path) that plain decoding uses,
+so drafts are cheap and their logits are those plain decoding would compute.
 """
 
 from __future__ import annotations
 
 import torch
 
+from inferd.engine.core.guidance import draft_masks
 from inferd.engine.core.request import Request
 from inferd.engine.core.sampler import position_logprobs, sample
 from inferd.engine.core.scheduler import SchedulerOutput, StepResult
 from inferd.engine.messages import PositionLogprobs
+from inferd.engine.spec_decode.verify import DraftRow, accepted
 from inferd.layers.attention import AttentionBackend, AttentionMetadata
 from inferd.models.llama import LlamaForCausalLM
 
@@ -34,19 +44,42 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
+        sample_reqs: list = []   # a Request, or a DraftRow per draft position
+        spec: list[tuple[Request, int]] = []  # requests with drafts, index of their first sample row
         prompt_lp: list[tuple[Request, int, int, int]] = []  # req, flat start, first pos, count
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
         bs = self.block_size
         for req in out.requests:
             n = out.num_new_tokens[req.request_id]
             start = req.num_computed_tokens
             flat_start = len(ids)
-            ids.extend(req.token_ids[start:start + n])
+            known = req.num_tokens
+            if start + n <= known:
+                ids.extend(req.token_ids[start:start + n])
+            else:
+                ids.extend(req.token_ids[start:])
+                ids.extend(req.spec_token_ids[:start + n - known])
             pos = range(start, start + n)
             positions.extend(pos)
             table = req.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if start + n == req.num_tokens:
+            num_drafts = max(0, start + n - known)
+            query_lens.append(n - num_drafts)
+            seq_lens.append(start + n - num_drafts)
+            tables.append(table)
+            if num_drafts:
+                # one attention row per draft, each seeing the context up to itself
+                query_lens.extend([1] * num_drafts)
+                seq_lens.extend(range(known + 1, known + num_drafts + 1))
+                tables.extend([table] * num_drafts)
+                spec.append((req, len(sample_rows)))
+                sample_rows.extend(range(len(ids) - num_drafts - 1, len(ids)))
+                masks = (draft_masks(req.matcher, req.spec_token_ids, self.model.cfg.vocab_size)
+                         if req.matcher is not None else [None] * (num_drafts + 1))
+                sample_reqs.extend(DraftRow(req, i, masks[i]) for i in range(num_drafts + 1))
+            elif start + n == known:
                 sample_rows.append(len(ids) - 1)
                 sample_reqs.append(req)
             if req.wants_prompt_logprobs:
@@ -56,14 +89,13 @@ class ModelRunner:
                 if last > first:
                     prompt_lp.append((req, flat_start + first - start, first, last - first))
 
-        max_blocks = max(len(r.block_ids) for r in out.requests)
-        tables = torch.tensor([r.block_ids + [0] * (max_blocks - len(r.block_ids))
-                               for r in out.requests], dtype=torch.long)
+        max_blocks = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            query_lens=[out.num_new_tokens[r.request_id] for r in out.requests],
-            seq_lens=[r.num_computed_tokens + out.num_new_tokens[r.request_id] for r in out.requests],
-            block_tables=tables.to(self.device),
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=block_tables.to(self.device),
         )
         self.backend.prepare(meta, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device),
@@ -74,10 +106,19 @@ class ModelRunner:
         if sample_rows:
             logits = self.model.compute_logits(hidden[sample_rows]).cpu()
             tokens, lps = sample(logits, sample_reqs)
-            for req, tok, lp in zip(sample_reqs, tokens, lps):
-                result.sampled[req.request_id] = tok
-                if lp is not None:
-                    result.logprobs[req.request_id] = lp
+            for row, tok, lp in zip(sample_reqs, tokens, lps):
+                if isinstance(row, Request):
+                    result.sampled[row.request_id] = [tok]
+                    if lp is not None:
+                        result.logprobs[row.request_id] = [lp]
+            for req, first in spec:
+                drafts = req.spec_token_ids
+                rows = range(first, first + len(drafts) + 1)
+                kept = accepted([tokens[i] for i in rows], drafts)
+                result.sampled[req.request_id] = kept
+                result.num_drafts[req.request_id] = len(drafts)
+                if req.params.logprobs is not None:
+                    result.logprobs[req.request_id] = [lps[i] for i in rows[:len(kept)]]
         for req, flat_start, first, count in prompt_lp:
             result.prompt_logprobs[req.request_id] = self._prompt_logprobs(
                 hidden[flat_start:flat_start + count], req, first)

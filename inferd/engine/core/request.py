@@ -53,6 +53,10 @@ class Request:
         # an llguidance matcher when the output is constrained (engine/core/guidance.py), advanced
         # by each sampled token; preemption keeps it, since the tokens it has seen stay
         self.matcher = None
+        # speculative decoding (engine/spec_decode/): the draft tokens scheduled in the current step,
+        # after token_ids, and the proposer's and acceptance state, kept across preemption
+        self.spec_token_ids: list[int] = []
+        self.spec = None
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:
             self.generator = torch.Generator()

@@ -8,7 +8,11 @@ greedy argmax or temperature / top-k / top-p / min-p filtering and sampling.
 
 Sampling draws exponential noise `q` and picks `argmax(p / q)`, which is an exact
 sample from `p`. A seeded request draws its noise from its own generator, one row
-at a time, so its tokens do not depend on what else is in the batch.
+at a time, reseeded from (seed, output position): its tokens depend neither on what
+else is in the batch nor on how many positions a step samples for it, which is what
+lets speculative decoding (engine/spec_decode/verify.py) give the same tokens as
+plain decoding. `reqs` are requests, or a request at a draft position (`DraftRow`),
+which offers the same fields.
 """
 
 from __future__ import annotations
@@ -120,8 +124,18 @@ def _sample_random(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         noise[unseeded] = torch.empty(len(unseeded), vocab).exponential_()
     for i, r in enumerate(reqs):
         if r.generator is not None:
+            r.generator.manual_seed(position_seed(r.params.seed, r.num_output_tokens))
             noise[i] = torch.empty(vocab).exponential_(generator=r.generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A generator seed for one output position of a seeded request (splitmix64 of both), so that
+    neighbouring seeds (the n samples of a request use seed + i) never share a position's noise."""
+    x = (seed * 0x9E3779B97F4A7C15 + position) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -20,9 +20,14 @@ and newest first, which are recomputed later like any preempted request. With eq
 priorities this is exactly the FIFO behaviour above, and the hot path adds a few
 comparisons per request, no sorting.
 
-`update()` applies the model step's results: advance `num_computed_tokens`, append
-sampled tokens and decide token-level finishes (EOS, stop token ids, max_tokens,
-context length). Stop *strings* are decided after detokenization, outside the core,
+Speculative decoding (engine/spec_decode/) adds a request's draft tokens to a step
+after scheduling, through `add_draft_tokens`: within the budget left and the blocks
+free, never preempting anyone for them. They are ordinary new tokens of the step.
+
+`update()` applies the model step's results: advance `num_computed_tokens` (by the
+tokens that stand: rejected drafts are not computed, and the blocks that held only
+them are released), append sampled tokens and decide token-level finishes (EOS,
+stop token ids, max_tokens, context length). Stop *strings* are decided after detokenization, outside the core,
 which then aborts the request.
 """
 
@@ -50,14 +55,16 @@ class SchedulerOutput:
     requests: list[Request]              # in flat-batch order
     num_new_tokens: dict[str, int]       # request_id -> tokens to compute this step
     preempted: list[str] = field(default_factory=list)
-
+    budget_left: int = 0                 # of the step's token budget, after everything scheduled
 
 @dataclass
 class StepResult:
-    """Model-step results for the requests that reached the end of their tokens."""
+    """Model-step results for the requests that reached the end of their tokens: the tokens each adds
+    (one, or with drafts the accepted ones and one more), with logprobs per token where asked."""
 
-    sampled: dict[str, int]
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    sampled: dict[str, list[int]]
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    num_drafts: dict[str, int] = field(default_factory=dict)  # drafts verified per request
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
 
 
@@ -196,7 +203,7 @@ class Scheduler:
                     budget -= n
                     i += 1
                     continue
-                return SchedulerOutput(scheduled, num_new, preempted)  # req itself was preempted
+                return SchedulerOutput(scheduled, num_new, preempted, budget)  # req itself was preempted
 
             if not waiting or budget <= 0:
                 break
@@ -231,7 +238,19 @@ class Scheduler:
             scheduled.append(req)
             num_new[req.request_id] = n
             budget -= n
-        return SchedulerOutput(scheduled, num_new, preempted)
+        return SchedulerOutput(scheduled, num_new, preempted, budget)
+
+    def add_draft_tokens(self, out: SchedulerOutput, req: Request, drafts: list[int]) -> bool:
+        """Add a scheduled request's draft tokens to the step, if the budget and the free blocks allow.
+        Only for a request whose scheduled tokens reach the end of its known ones."""
+        n = out.num_new_tokens[req.request_id]
+        d = len(drafts)
+        if d == 0 or d > out.budget_left or not self.kv.allocate(req, n + d):
+            return False
+        req.spec_token_ids = drafts
+        out.num_new_tokens[req.request_id] = n + d
+        out.budget_left -= d
+        return True
 
     def _preempt_worst(self) -> str:
         """Make room for a better-priority request: give up the worst, newest running one."""
@@ -252,44 +271,66 @@ class Scheduler:
         for req in out.requests:
             if req.status is RequestStatus.FINISHED:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += out.num_new_tokens[req.request_id]
+            rid = req.request_id
+            num_drafts = len(req.spec_token_ids)
+            req.spec_token_ids = []
+            # first the known tokens' progress (their blocks can be registered now), then the accepted drafts'
+            req.num_computed_tokens += out.num_new_tokens[rid] - num_drafts
             self.kv.cache_full_blocks(req)
-            core_out = EngineCoreOutput(req.request_id, [], num_prompt_tokens=req.num_prompt_tokens,
+            core_out = EngineCoreOutput(rid, [], num_prompt_tokens=req.num_prompt_tokens,
                                         num_cached_tokens=req.num_cached_tokens)
-            plp = result.prompt_logprobs.get(req.request_id)
+            plp = result.prompt_logprobs.get(rid)
             if plp:
                 req.num_prompt_logprobs_done += len(plp)
                 core_out.new_prompt_logprobs = plp
-            if req.request_id in result.sampled:
-                self._append_token(req, result, core_out)
+            tokens = result.sampled.get(rid)
+            if tokens is not None:
+                logprobs = result.logprobs.get(rid)
+                for i, token in enumerate(tokens):
+                    if not self._append_token(req, token, logprobs[i] if logprobs else None, core_out):
+                        break
+                if req.status is not RequestStatus.FINISHED and num_drafts:
+                    # every token but the last sampled one is now in the cache; the blocks past
+                    # them held only rejected drafts
+                    req.num_computed_tokens += len(tokens) - 1
+                    self.kv.cache_full_blocks(req)
+                    self.kv.release_tail(req)
             if core_out.new_token_ids or core_out.new_prompt_logprobs or core_out.finished:
                 outputs.append(core_out)
         return outputs
 
-    def _append_token(self, req: Request, result: StepResult, core_out: EngineCoreOutput) -> None:
+    def _append_token(self, req: Request, token: int, logprobs: PositionLogprobs | None,
+                      core_out: EngineCoreOutput) -> bool:
+        """Append one sampled token; False when the request finished (the token may or may not be kept)."""
         params = req.params
         max_tokens = params.max_tokens
         if max_tokens is not None and req.num_output_tokens >= max_tokens:
             self._finish(req, "length", core_out)  # max_tokens=0: prompt work only
-            return
-        token = result.sampled[req.request_id]
+            return False
         req.token_ids.append(token)
         core_out.new_token_ids.append(token)
-        if req.request_id in result.logprobs:
-            core_out.new_logprobs = [result.logprobs[req.request_id]]
+        if logprobs is not None:
+            if core_out.new_logprobs is None:
+                core_out.new_logprobs = []
+            core_out.new_logprobs.append(logprobs)
         if req.matcher is not None and token not in req.eos_token_ids:
             if not req.matcher.consume_token(token) or req.matcher.is_stopped():
                 # the grammar is complete (nothing but EOS could follow), or, with the mask applied,
                 # a state that cannot happen: either way this answer ends here
-                return self._finish(req, "stop" if not req.matcher.is_error() else "abort", core_out)
+                self._finish(req, "stop" if not req.matcher.is_error() else "abort", core_out)
+                return False
         n_out = req.num_output_tokens
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in req.eos_token_ids:
-                return self._finish(req, "stop", core_out)
+                self._finish(req, "stop", core_out)
+                return False
             if token in params.stop_token_ids:
-                return self._finish(req, "stop", core_out, stop_reason=token)
+                self._finish(req, "stop", core_out, stop_reason=token)
+                return False
         if (max_tokens is not None and n_out >= max_tokens) or req.num_tokens >= self.config.max_model_len:
             self._finish(req, "length", core_out)
+            return False
+        return True
 
     def _finish(self, req: Request, reason: str, core_out: EngineCoreOutput | None = None,
                 stop_reason: int | str | None = None) -> None:

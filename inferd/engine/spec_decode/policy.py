@@ -1,0 +1,96 @@
+"""When speculation pays: draft lengths per request, chosen each step against the measured step cost.
+
+Speculation trades compute for steps: a request's d drafts cost d more tokens in
+the step and are worth, on average, a + a^2 + ... + a^d more output tokens, where a
+is that request's acceptance rate. When a step is bound by reading the weights
+(one or a few requests on a CPU), extra tokens are almost free and speculation
+wins; when it is bound by compute (many requests), extra tokens cost their full
+share and rejected ones are pure loss. The policy does not guess which regime it
+is in: it measures.
+
+- `StepCost` keeps the mean wall time of a step per number of tokens computed in
+  it (an exponential moving average per count, counts above 64 in buckets of
+  powers of two). A count not measured yet is estimated from the nearest measured
+  one by a roofline prior: flat up to 16 tokens, proportional above.
+- `Acceptance` is one request's acceptance rate: decayed counts of accepted drafts
+  over drafts that reached verification (a rejected draft ends its run, so the
+  drafts after it are not evidence), with a prior of the rate seen across requests.
+- `choose` gives every candidate draft token a value (a^j for a request's j-th
+  draft), takes them best first, and keeps the prefix that maximizes expected
+  output tokens per second of step: at high batch sizes that prefix is usually
+  empty, and speculation switches itself off.
+"""
+
+from __future__ import annotations
+
+FLAT_TOKENS = 16     # the prior: a step costs about the same up to this many tokens (weight-bound)
+_EXACT = 64          # token counts kept one by one; above, buckets of powers of two
+_COST_DECAY = 0.2    # weight of a new step time in its count's average
+_ACCEPT_DECAY = 0.8  # weight of the past in a request's acceptance counts
+
+
+def _bucket(num_tokens: int) -> int:
+    return num_tokens if num_tokens <= _EXACT else 1 << (num_tokens - 1).bit_length()
+
+
+class StepCost:
+    """Mean seconds of a step by the number of tokens it computes."""
+
+    def __init__(self):
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        b = _bucket(num_tokens)
+        old = self._seconds.get(b)
+        self._seconds[b] = seconds if old is None else old + _COST_DECAY * (seconds - old)
+
+    def estimate(self, num_tokens: int) -> float | None:
+        """Seconds for a step of num_tokens, or None before any step was measured."""
+        if not self._seconds:
+            return None
+        b = _bucket(num_tokens)
+        if b in self._seconds:
+            return self._seconds[b]
+        below = [k for k in self._seconds if k < b]
+        ref = max(below) if below else min(self._seconds)
+        return self._seconds[ref] * max(b, FLAT_TOKENS) / max(ref, FLAT_TOKENS)
+
+
+class Acceptance:
+    """A request's draft acceptance rate, from decayed counts and a prior."""
+
+    __slots__ = ("accepted", "tried")
+
+    def __init__(self):
+        self.accepted = 0.0
+        self.tried = 0.0
+
+    def observe(self, num_drafts: int, num_accepted: int) -> None:
+        tried = num_accepted + (1 if num_accepted < num_drafts else 0)
+        self.accepted = _ACCEPT_DECAY * self.accepted + num_accepted
+        self.tried = _ACCEPT_DECAY * self.tried + tried
+
+    def rate(self, prior: float, prior_weight: float = 1.0) -> float:
+        return (self.accepted + prior * prior_weight) / (self.tried + prior_weight)
+
+
+def choose(base_tokens: int, base_outputs: int, candidates: list[tuple[float, int]], cost: StepCost) -> list[int]:
+    """Draft lengths for the candidates [(acceptance rate, drafts available)], given a step that computes
+    base_tokens and samples base_outputs tokens without drafts: the draft tokens that maximize
+    expected output tokens per second of step."""
+    lengths = [0] * len(candidates)
+    base = cost.estimate(base_tokens)
+    if base is None:  # the first step: measure it plain
+        return lengths
+    values = sorted(((rate ** j, i) for i, (rate, n) in enumerate(candidates) for j in range(1, n + 1)),
+                    reverse=True)
+    expected = float(base_outputs)  # every sampling request emits at least one token
+    best_rate, best_count = expected / base, 0
+    for count, (value, _) in enumerate(values, 1):
+        expected += value
+        seconds = cost.estimate(base_tokens + count)
+        if expected / seconds > best_rate:
+            best_rate, best_count = expected / seconds, count
+    for _, i in values[:best_count]:
+        lengths[i] += 1
+    return lengths

@@ -1,0 +1,259 @@
+"""Speculative decoding: the same tokens as plain decoding, the target's distribution, blocks given back."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from inferd import LLM, SamplingParams
+from inferd.engine.core.kv_cache import KVCacheManager
+from inferd.engine.core.request import Request
+from inferd.engine.core.scheduler import Scheduler, SchedulerConfig, StepResult
+from inferd.engine.spec_decode import verify
+from inferd.engine.spec_decode.config import SpeculativeConfig
+from inferd.engine.spec_decode.ngram import NgramIndex
+from inferd.engine.spec_decode.policy import StepCost, choose
+from inferd.engine.structured import grammar_for
+from tests.engine.test_reference import PROMPTS
+
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+ALWAYS = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_llama):
+    return LLM(str(tiny_llama), dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_llama):
+    return LLM(str(tiny_llama), dtype="float32", progress=False, speculative_config=ALWAYS)
+
+
+def _prompts(llm, count):
+    # repeated text, so prompt lookup finds drafts; a random model's greedy output also loops
+    return [llm.tokenizer.encode((PROMPTS[i % len(PROMPTS)] + " ") * (2 + i % 3)) for i in range(count)]
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def _stats(llm):
+    return llm.engine.core.speculator.stats
+
+
+# -- the proposer, the rule, the policy ---------------------------------------------------
+
+def test_ngram_proposes_what_followed_the_longest_suffix_match():
+    index = NgramIndex(1, 3)
+    tokens = [1, 2, 3, 4, 5, 1, 2, 3]
+    assert index.propose(tokens, 4) == [4, 5, 1, 2]
+    tokens += [4, 9]
+    assert index.propose(tokens, 4) == []                 # 9 never occurred before
+    tokens += [1, 2]
+    assert index.propose(tokens, 4) == [3, 4, 9, 1]       # the latest occurrence of (1, 2)
+    assert index.propose(tokens, 2) == [3, 4]
+    assert NgramIndex(2, 3).propose([5, 1, 7, 1], 3) == []  # a match shorter than prompt_lookup_min
+
+
+def test_a_draft_is_kept_up_to_the_first_token_that_differs():
+    assert verify.accepted([4, 5, 6], [4, 5]) == [4, 5, 6]
+    assert verify.accepted([4, 8, 6], [4, 5]) == [4, 8]
+    assert verify.accepted([9, 5, 6], [4, 5]) == [9]
+
+
+def test_the_policy_speculates_when_steps_are_flat_and_not_when_they_are_compute_bound():
+    flat, bound = StepCost(), StepCost()
+    for n in range(1, 100):
+        flat.observe(n, 0.010)
+        bound.observe(n, 0.001 * n)
+    assert choose(1, 1, [(0.7, 4)], flat) == [4]
+    assert choose(16, 16, [(0.5, 4)] * 16, bound) == [0] * 16
+    # a request that rarely accepts gets fewer drafts than one that usually does
+    few, many = choose(32, 32, [(0.2, 4), (0.9, 4)], _linear(0.010, 0.0002))
+    assert few < many
+
+
+def _linear(base, per_token):
+    cost = StepCost()
+    for n in range(1, 129):
+        cost.observe(n, base + per_token * n)
+    return cost
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"method": "eagle"}, "not supported"),
+    ({"num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"prompt_lookup_min": 5, "prompt_lookup_max": 2}, "prompt_lookup_min"),
+    ({"draft_model": "x"}, "unknown option"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_speculative_options_are_refused_naming_them(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.parse(bad)
+
+
+# -- greedy: identical to plain decoding --------------------------------------------------
+
+def test_greedy_with_speculation_equals_without_alone_and_in_a_batch(plain, spec):
+    prompts = _prompts(plain, 12)
+    expected = _tokens(plain.generate(prompts, GREEDY))
+    alone = [_tokens(spec.generate([p], GREEDY))[0] for p in prompts[:3]]
+    before = _stats(spec).num_accepted_tokens
+    batched = _tokens(spec.generate(prompts, GREEDY))
+    assert alone == expected[:3]
+    assert batched == expected
+    assert _stats(spec).num_accepted_tokens > before  # drafts were accepted, not just tried
+    kv = spec.engine.core.kv
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_greedy_with_speculation_survives_preemption_chunking_and_the_prefix_cache(tiny_llama, plain):
+    prompts = _prompts(plain, 24)
+    expected = _tokens(plain.generate(prompts, GREEDY))
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # k+v, layers, block_size, kv heads, head_dim, fp32
+    small = LLM(str(tiny_llama), dtype="float32", progress=False, block_size=4,
+                kv_cache_bytes=64 * block_bytes, max_num_batched_tokens=16, speculative_config=ALWAYS)
+    assert _tokens(small.generate(prompts, GREEDY)) == expected
+    core = small.engine.core
+    assert core.scheduler.num_preemptions > 0
+    assert core.speculator.stats.num_accepted_tokens > 0
+    hits = core.kv.prefix_hits
+    assert _tokens(small.generate(prompts[:4], GREEDY)) == expected[:4]  # again, from the prefix cache
+    assert core.kv.prefix_hits > hits
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_stops_inside_accepted_drafts_end_the_request_where_plain_decoding_does(plain, spec):
+    prompts = _prompts(plain, 6)
+    free = _tokens(plain.generate(prompts, GREEDY))
+    # stop at a token each output produces mid-way: it may be a draft accepted in the middle of a run
+    for prompt, tokens in zip(prompts, free):
+        params = SamplingParams(temperature=0, max_tokens=32, stop_token_ids=[tokens[9]])
+        [a], [b] = plain.generate([prompt], params), spec.generate([prompt], params)
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].finish_reason == a.outputs[0].finish_reason == "stop"
+    for n in (1, 2, 5):
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        assert _tokens(spec.generate(prompts, params)) == [t[:n] for t in free]
+
+
+def test_constrained_output_is_the_same_with_speculation(plain, spec):
+    grammar = grammar_for("regex", "(ab|cd)+ (ab|cd)+ (ab|cd)+ (ab|cd)+ (ab|cd)+", "regex")
+    prompts = _prompts(plain, 4)
+    params = SamplingParams(temperature=0, max_tokens=24, grammar=grammar)
+    assert _tokens(spec.generate(prompts, params)) == _tokens(plain.generate(prompts, params))
+
+
+def test_rejected_drafts_give_their_blocks_back():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), kv)
+    req = Request("r", [1, 2, 3], SamplingParams(max_tokens=20))
+    s.add(req)
+    s.update(s.schedule(), StepResult({"r": [4]}))          # prefill: 3 computed, 4 tokens known
+    out = s.schedule()
+    assert s.add_draft_tokens(out, req, [5, 6, 7, 8, 9, 10])  # positions 3..9: 3 blocks
+    assert len(req.block_ids) == 3
+    s.update(out, StepResult({"r": [5, 1]}, num_drafts={"r": 6}))  # one accepted, then a correction
+    assert req.token_ids == [1, 2, 3, 4, 5, 1]
+    assert req.num_computed_tokens == 5 and len(req.block_ids) == 2
+    assert kv.num_free_blocks == 14
+    out = s.schedule()
+    assert out.num_new_tokens["r"] == 1                        # only the correction is left to compute
+
+
+# -- sampling: the target's distribution, and seeds --------------------------------------
+
+def test_seeded_sampling_gives_the_same_tokens_with_speculation(plain, spec):
+    prompts = _prompts(plain, 6)
+    params = [SamplingParams(temperature=0.8, top_k=20, seed=s, max_tokens=24, ignore_eos=True) for s in range(6)]
+    assert _tokens(spec.generate(prompts, params)) == _tokens(plain.generate(prompts, params))
+
+
+def _exact_two_token_distribution(llm, prompt, top_k):
+    """P(x1, x2) of the target model under top-k sampling, by teacher forcing."""
+    model = llm.engine.core.model
+    runner = llm.engine.core.runner
+
+    def probs(ids):
+        logits = _last_logits(model, runner, ids)
+        top = logits.topk(top_k)
+        p = torch.zeros_like(logits)
+        p[top.indices] = torch.softmax(top.values, -1)
+        return p
+
+    p1 = probs(prompt)
+    dist = {}
+    for x1 in p1.nonzero().flatten().tolist():
+        p2 = probs(prompt + [x1])
+        for x2 in p2.nonzero().flatten().tolist():
+            dist[(x1, x2)] = float(p1[x1] * p2[x2])
+    return dist
+
+
+def _last_logits(model, runner, ids):
+    from inferd.layers.attention import AttentionMetadata
+
+    n = len(ids)
+    caches = [torch.zeros_like(c[:, :8]) for c in runner.kv_caches]  # 8 blocks of scratch
+    bs = runner.block_size
+    meta = AttentionMetadata(torch.arange(n), [n], [n], torch.arange(-(-n // bs)).unsqueeze(0))
+    runner.backend.prepare(meta, torch.device("cpu"))
+    with torch.inference_mode():
+        hidden = model(torch.tensor(ids), torch.arange(n), caches, meta, runner.backend)
+        return model.compute_logits(hidden[-1:]).float()[0]
+
+
+def _chi_square_p_value(counts: dict, dist: dict, total: int) -> float:
+    stat, cells = 0.0, 0
+    other = total - sum(counts.get(k, 0) for k in dist)
+    for k, p in dist.items():
+        e = p * total
+        stat += (counts.get(k, 0) - e) ** 2 / e
+        cells += 1
+    if other:
+        return 0.0  # an outcome the target gives probability 0
+    return _chi2_sf(stat, cells - 1)
+
+
+def _chi2_sf(x: float, dof: int) -> float:
+    """P(chi-square(dof) > x), by the Wilson-Hilferty approximation (good for dof >= 3)."""
+    z = ((x / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def _sampled_pairs(llm, prompt, top_k, n):
+    params = [SamplingParams(temperature=1.0, top_k=top_k, seed=1000 + i, max_tokens=2, ignore_eos=True)
+              for i in range(n)]
+    counts: dict = {}
+    for out in llm.generate([prompt] * n, params):
+        key = tuple(out.outputs[0].token_ids)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _over_accepting(sampled, drafts):
+    """A wrong rule: also keeps a draft the target did not sample, one time in three."""
+    j = 0
+    while j < len(drafts) and (sampled[j] == drafts[j] or torch.rand(()) < 1 / 3):
+        j += 1
+    return drafts[:j] + sampled[j:j + 1]
+
+
+def test_sampled_output_with_speculation_follows_the_target_distribution(spec, monkeypatch):
+    # the prompt ends with a bigram seen before, so every request drafts the token that followed it
+    words = spec.tokenizer.encode("a b c d e f a b")
+    top_k, n = 3, 1500
+    dist = _exact_two_token_distribution(spec, words, top_k)
+    before = _stats(spec).num_draft_tokens
+    counts = _sampled_pairs(spec, words, top_k, n)
+    assert _stats(spec).num_draft_tokens - before >= n  # every request verified a draft
+    assert _chi_square_p_value(counts, dist, n) > 1e-3
+    # the test has the power to see a wrong acceptance rule
+    from inferd.engine.core import model_runner
+    monkeypatch.setattr(model_runner, "accepted", _over_accepting)
+    wrong = _sampled_pairs(spec, words, top_k, n)
+    assert _chi_square_p_value(wrong, dist, n) < 1e-6
