@@ -4,8 +4,10 @@ Request timings arrive from each local engine's client as one `RequestMetrics`
 per finished request (`EngineMetrics.observe`), measured on the API side where
 clients see them: time to first token, inter-token latency, end-to-end latency
 and queue time (arrival until the core first scheduled it). Engine gauges
-(running, waiting, KV usage and free blocks, preemptions) are refreshed from each
-core's latest stats at scrape time. Every series is labelled with the model name,
+(running, waiting, KV usage and free blocks, preemptions, speculative decoding's
+drafted and accepted tokens) are refreshed from each core's latest stats at scrape
+time. The acceptance rate at draft position k is
+`spec_decode_num_accepted_tokens_per_pos{position="k"} / spec_decode_num_drafts`. Every series is labelled with the model name,
 so one registry covers every local engine; each app gets its own registry, so
 several apps can live in one process.
 """
@@ -61,6 +63,15 @@ class EngineMetrics:
                                       m, registry=r)
         self.prefix_hits = Counter("inferd:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
                                    m, registry=r)
+        self.spec_drafts = Counter("inferd:spec_decode_num_drafts",
+                                   "Speculative decoding: request-steps that verified draft tokens.", m, registry=r)
+        self.spec_draft_tokens = Counter("inferd:spec_decode_num_draft_tokens",
+                                         "Speculative decoding: draft tokens verified.", m, registry=r)
+        self.spec_accepted_tokens = Counter("inferd:spec_decode_num_accepted_tokens",
+                                            "Speculative decoding: draft tokens accepted.", m, registry=r)
+        self.spec_accepted_per_pos = Counter("inferd:spec_decode_num_accepted_tokens_per_pos",
+                                             "Speculative decoding: draft tokens accepted at each draft position.",
+                                             ["model_name", "position"], registry=r)
         self.embed_requests = Counter("inferd:embedding_requests", "Embedding requests served.",
                                       m, registry=r)
         self.embed_batches = Counter("inferd:embedding_batches",
@@ -101,7 +112,16 @@ class EngineMetrics:
         self.healthy.labels(model).set(1 if healthy else 0)
         self._advance(model, stats, (("num_preemptions", self.preemptions),
                                      ("prefix_cache_queries", self.prefix_queries),
-                                     ("prefix_cache_hits", self.prefix_hits)))
+                                     ("prefix_cache_hits", self.prefix_hits),
+                                     ("spec_decode_num_drafts", self.spec_drafts),
+                                     ("spec_decode_num_draft_tokens", self.spec_draft_tokens),
+                                     ("spec_decode_num_accepted_tokens", self.spec_accepted_tokens)))
+        for pos, total in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            key = (model, f"spec_decode_num_accepted_tokens_per_pos:{pos}")
+            seen = self._totals_seen.get(key, 0)
+            if total > seen:
+                self.spec_accepted_per_pos.labels(model, str(pos)).inc(total - seen)
+                self._totals_seen[key] = total
 
     def update_embedder(self, model: str, stats: EmbedStats) -> None:
         self._advance(model, stats, (("num_requests", self.embed_requests), ("num_batches", self.embed_batches),

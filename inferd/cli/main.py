@@ -36,6 +36,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template, or a file holding one, instead of the model's own")
     g.add_argument("--grammar-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="a structured-output or tool grammar that takes longer to compile is refused (400)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM names it: {"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 1, "adaptive": true} (see '
+                        'docs/speculative_decoding.md)')
+    g.add_argument("--speculative-method", default=None, choices=["ngram"],
+                   help="shorthand: turn speculative decoding on with this proposer (prompt lookup)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="the most draft tokens a request verifies in a step (default 4)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prompt prefixes (default: on)")
 
@@ -48,7 +56,23 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         max_model_len=args.max_model_len, num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
         reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
-        grammar_timeout_s=args.grammar_timeout)
+        grammar_timeout_s=args.grammar_timeout, speculative_config=speculative_config(args))
+
+
+def speculative_config(args: argparse.Namespace) -> dict | None:
+    """--speculative-config, with --speculative-method and --num-speculative-tokens filled in (they win)."""
+    if args.speculative_config is None and args.speculative_method is None:
+        if args.num_speculative_tokens is not None:
+            raise ValueError("--num-speculative-tokens needs --speculative-method or --speculative-config")
+        return None
+    from inferd.engine.spec_decode.config import SpeculativeConfig
+
+    config = SpeculativeConfig.parse(args.speculative_config or "{}").to_dict()
+    if args.speculative_method is not None:
+        config["method"] = args.speculative_method
+    if args.num_speculative_tokens is not None:
+        config["num_speculative_tokens"] = args.num_speculative_tokens
+    return config
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

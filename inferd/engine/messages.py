@@ -99,6 +99,11 @@ class Stats(msgspec.Struct, tag="stats", array_like=True):
     num_preemptions: int = 0  # since start
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_cache_hits: int = 0     # of those, served from it
+    # speculative decoding, since start (engine/spec_decode/speculator.py; zeros when it is off)
+    spec_decode_num_drafts: int = 0            # request-steps that verified drafts
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = []  # [k]: drafts accepted at position k
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):

@@ -61,9 +61,15 @@ class _CoreLoop:
         self.running = True
 
     def stats(self) -> Stats:
-        s, kv = self.core.scheduler, self.core.kv
-        return Stats(len(s.running), len(s.waiting), kv.usage, kv.num_free_blocks, kv.num_blocks,
-                     s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
+        s, kv, spec = self.core.scheduler, self.core.kv, self.core.speculator
+        stats = Stats(len(s.running), len(s.waiting), kv.usage, kv.num_free_blocks, kv.num_blocks,
+                      s.num_preemptions, kv.prefix_queries, kv.prefix_hits)
+        if spec is not None:
+            d = spec.stats
+            stats.spec_decode_num_drafts, stats.spec_decode_num_draft_tokens = d.num_drafts, d.num_draft_tokens
+            stats.spec_decode_num_accepted_tokens = d.num_accepted_tokens
+            stats.spec_decode_num_accepted_tokens_per_pos = list(d.accepted_per_pos)
+        return stats
 
     def run(self) -> None:
         core = self.core
