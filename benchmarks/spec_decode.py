@@ -1,0 +1,306 @@
+"""Speculative decoding (prompt lookup) vs the same server without it, through the HTTP API.
+
+Two `inferd serve` configurations on the embedded SmolLM2-135M-Instruct, one at a
+time on loopback, the same threads: `off` (no speculation) and `ngram`
+(`--speculative-method ngram`, adaptive: it decides per step whether drafts pay).
+Against each, the same streaming client (`inferd.bench.serve.run_benchmark`, greedy)
+runs four scenarios:
+
+- grounded-c1 / grounded-c16: chat requests that work on a text given in the prompt
+  (correct its spelling, rewrite it, extract its sentences about one subject,
+  summarize it); seeded synthetic paragraphs, up to 128 output tokens, each answer
+  ends where the model ends it;
+- random-c1 / random-c16: random-word completions (as benchmarks/serve_vs_llamacpp.py),
+  64 output tokens with ignore_eos.
+
+Concurrency 1 runs 8 requests, concurrency 16 runs 32. Both servers are started
+first and only one works at a time: each scenario runs on one and then on the
+other, `--repeats` times (3) in alternating order, so that load from elsewhere on
+a shared machine drifts over both alike; the median TPOT run is reported. The acceptance figures are the `spec_decode_*`
+counters of /metrics (vLLM's names), read before and after each scenario. Also
+reported: how many answers are token for token the same as without speculation
+(greedy; where they differ, a multi-row matmul rounded differently in bf16, see
+docs/speculative_decoding.md). Writes benchmarks/results/spec_decode.json, a PNG
+plot and the `spec_decode` section of docs/benchmarks.md.
+
+    python benchmarks/spec_decode.py                  # ~10 minutes on 2 cores
+    python benchmarks/spec_decode.py --quantization int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import sys
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, Server, machine_info, save_json, write_doc_section  # noqa: E402
+from inferd.bench.datasets import TextPrompt, random_text_prompts  # noqa: E402
+from inferd.bench.metrics import compute_metrics  # noqa: E402
+from inferd.bench.serve import run_benchmark  # noqa: E402
+
+CONFIGS = {"off": [], "ngram": ["--speculative-method", "ngram", "--num-speculative-tokens", "4"]}
+# name -> (workload, num_prompts, max_concurrency, output_len, seed)
+SCENARIOS = {
+    "grounded-c1": ("grounded", 8, 1, 128, 2001),
+    "grounded-c16": ("grounded", 32, 16, 128, 2016),
+    "random-c1": ("random", 8, 1, 64, 3001),
+    "random-c16": ("random", 32, 16, 64, 3016),
+}
+SPEC_COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
+
+# -- the input-grounded workload ----------------------------------------------------------
+
+_NAMES = ["Anna", "Marco", "Priya", "Tom", "Lena", "Kenji", "Sofia", "Omar", "Julia", "Ravi"]
+_PLACES = ["the north district", "the harbor", "the old town", "the university", "the train station",
+           "the city library", "the market square", "the river park"]
+_SUBJECTS = ["budget", "bridge", "school", "library", "park", "bus line", "water supply", "festival"]
+_SENTENCES = [
+    "{name} said that the {subject} near {place} needs about {n} new workers before the winter.",
+    "The council agreed to spend {n} thousand euros on the {subject} in {place}.",
+    "According to {name}, the {subject} has been closed for {n} days because of the storm.",
+    "Residents of {place} asked for a meeting about the {subject} next {day}.",
+    "{name} and {name2} will present a new plan for the {subject} on {day}.",
+    "The report shows that {n} percent of the people in {place} use the {subject} every week.",
+    "A decision about the {subject} was postponed until {day}, when {name} returns.",
+]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
+_TYPOS = {"the": "teh", "about": "abuot", "because": "becuase", "people": "poeple", "which": "wich",
+          "meeting": "meetting", "decision": "desicion", "agreed": "agred", "winter": "wintr"}
+_TASKS = [
+    ("Correct the spelling mistakes in the following text. Return the whole corrected text and nothing else."
+     "\n\n{text}", True),
+    ("Rewrite the following text in the past tense. Keep every name and number.\n\n{text}", False),
+    ("Copy every sentence of the following text that mentions the {subject}, word for word.\n\n{text}", False),
+    ("Summarize the following text in two sentences.\n\n{text}", False),
+]
+
+
+def grounded_prompts(n: int, seed: int) -> list[TextPrompt]:
+    """`n` chat prompts, each a task over a seeded synthetic paragraph."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        subject = rng.choice(_SUBJECTS)
+        sentences = []
+        for _ in range(rng.randint(5, 7)):
+            names = rng.sample(_NAMES, 2)
+            sentences.append(rng.choice(_SENTENCES).format(
+                name=names[0], name2=names[1], place=rng.choice(_PLACES), n=rng.randint(2, 90),
+                day=rng.choice(_DAYS), subject=subject if rng.random() < 0.6 else rng.choice(_SUBJECTS)))
+        template, typos = _TASKS[i % len(_TASKS)]
+        text = " ".join(sentences)
+        if typos:
+            text = re.sub(r"\b(\w+)\b", lambda m: _TYPOS.get(m.group(1), m.group(1))
+                          if rng.random() < 0.5 else m.group(1), text)
+        body = template.format(text=text, subject=subject)
+        prompts.append(TextPrompt(body, round(len(body.split()) * 1.3), False))
+    return prompts
+
+
+# -- running ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(config: str, threads: int, extra: list[str]) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", "--port", str(port),
+           "--num-threads", str(threads), "--served-model-name", "smollm2", *extra, *CONFIGS[config]]
+    return Server(config, cmd, port, {"OMP_NUM_THREADS": str(threads)}).wait_ready()
+
+
+def spec_counters(server: Server) -> dict[str, float]:
+    text = httpx.get(server.url + "/metrics", timeout=10, trust_env=False).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'inferd:(spec_decode_\w+?)_total\{([^}]*)\} (\S+)', line)
+        if not m:
+            continue
+        pos = re.search(r'position="(\d+)"', m.group(2))
+        values[m.group(1) + (f":{pos.group(1)}" if pos else "")] = float(m.group(3))
+    return values
+
+
+def run_scenario(server: Server, scenario: str, tokenizer) -> dict:
+    workload, n, c, out_len, seed = SCENARIOS[scenario]
+    if workload == "grounded":
+        prompts, endpoint, ignore_eos = grounded_prompts(n + 1, seed), "/v1/chat/completions", False
+    else:
+        prompts, endpoint, ignore_eos = random_text_prompts(n + 1, 150, seed, tokenizer), "/v1/completions", True
+    before = spec_counters(server)
+    results, duration = asyncio.run(run_benchmark(
+        base_url=server.url, endpoint=endpoint, model="smollm2", prompts=prompts[1:], output_len=out_len,
+        max_concurrency=c, seed=seed, ignore_eos=ignore_eos, tokenizer=tokenizer, warmup_prompt=prompts[0]))
+    after = spec_counters(server)
+    metrics = compute_metrics(results, duration)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    texts = [r.generated_text for r in results]
+    print(f"  {server.name:6} {scenario:13} TPOT median {metrics['tpot_ms']['median']:7.1f} ms, "
+          f"{metrics['output_throughput']:6.1f} output tok/s, drafts {delta.get('spec_decode_num_draft_tokens', 0):.0f}"
+          f" accepted {delta.get('spec_decode_num_accepted_tokens', 0):.0f}", flush=True)
+    return {"metrics": metrics, "spec": delta, "texts": texts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per server (1: on a shared machine, 2 OpenMP threads wait on each other)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quantization", default=None, choices=["int4", "int8"])
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    args = ap.parse_args()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    extra = ["--quantization", args.quantization] if args.quantization else []
+
+    from inferd.bench.serve import load_tokenizer
+    tokenizer = load_tokenizer("auto")
+    load_before = _loadavg()
+    runs: dict[str, dict[str, list[dict]]] = {c: {s: [] for s in scenarios} for c in CONFIGS}
+    servers = {c: start(c, args.threads, extra) for c in CONFIGS}  # both up; one runs at a time
+    commands = {c: _display(srv.cmd) for c, srv in servers.items()}
+    try:
+        for rep in range(args.repeats):
+            for sc in scenarios:  # back to back per scenario, in alternating order, so drifting load hits both
+                for config in CONFIGS if rep % 2 == 0 else reversed(CONFIGS):
+                    runs[config][sc].append(run_scenario(servers[config], sc, tokenizer))
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    results = {c: {s: _median(rs) for s, rs in by.items()} for c, by in runs.items()}
+    m = machine_info()
+    m["loadavg_before"], m["loadavg_after"] = load_before, _loadavg()
+    m["isa"] = _isa()
+    summary = {s: _summary(results, runs, s) for s in scenarios}
+    data = {"args": vars(args), "machine": m, "scenarios": {s: dict(zip(
+        ("workload", "num_prompts", "max_concurrency", "output_len", "seed"), SCENARIOS[s])) for s in scenarios},
+        "server_commands": commands, "summary": summary,
+        "results": {c: {s: {"metrics": r["metrics"], "spec": r["spec"]} for s, r in by.items()}
+                    for c, by in results.items()},
+        "tpot_all_runs": {c: {s: [r["metrics"]["tpot_ms"]["median"] for r in rs] for s, rs in by.items()}
+                          for c, by in runs.items()}}
+    name = "spec_decode" + (f"_{args.quantization}" if args.quantization else "")
+    save_json(name, data)
+    plot(summary, name)
+    for s, row in summary.items():
+        print(s, row)
+    if not args.no_doc:
+        write_doc_section(name, doc(data, name))
+
+
+def _median(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["metrics"]["tpot_ms"]["median"])[(len(runs) - 1) // 2]
+
+
+def _summary(results: dict, runs: dict, scenario: str) -> dict:
+    off, on = results["off"][scenario], results["ngram"][scenario]
+    spec = on["spec"]
+    drafts = spec.get("spec_decode_num_drafts", 0)
+    draft_tokens = spec.get("spec_decode_num_draft_tokens", 0)
+    accepted = spec.get("spec_decode_num_accepted_tokens", 0)
+    per_pos = [spec.get(f"spec_decode_num_accepted_tokens_per_pos:{k}", 0) / drafts if drafts else 0.0
+               for k in range(4)]
+    same = [a == b for a, b in zip(runs["off"][scenario][0]["texts"], runs["ngram"][scenario][0]["texts"])]
+    return {
+        "tpot_off_ms": off["metrics"]["tpot_ms"]["median"], "tpot_ngram_ms": on["metrics"]["tpot_ms"]["median"],
+        "tpot_speedup": off["metrics"]["tpot_ms"]["median"] / on["metrics"]["tpot_ms"]["median"],
+        "tok_s_off": off["metrics"]["output_throughput"], "tok_s_ngram": on["metrics"]["output_throughput"],
+        "throughput_ratio": on["metrics"]["output_throughput"] / off["metrics"]["output_throughput"],
+        "draft_tokens": draft_tokens, "accepted_tokens": accepted,
+        "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
+        "mean_accepted_per_draft": accepted / drafts if drafts else 0.0,
+        "acceptance_per_pos": per_pos,
+        "same_text": f"{sum(same)}/{len(same)}",
+    }
+
+
+def plot(summary: dict, name: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(summary)
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [summary[s]["tpot_off_ms"] for s in names], 0.4, label="off", color="#999")
+    ax.bar([i + 0.2 for i in x], [summary[s]["tpot_ngram_ms"] for s in names], 0.4, label="ngram", color="#2a7")
+    for i, s in enumerate(names):
+        ax.text(i + 0.2, summary[s]["tpot_ngram_ms"], f"{summary[s]['tpot_speedup']:.2f}x", ha="center",
+                va="bottom", fontsize=8)
+    ax.set_xticks(list(x), names, fontsize=8)
+    ax.set_ylabel("median TPOT (ms)")
+    ax.set_title("Speculative decoding (prompt lookup), SmolLM2-135M", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+    plt.close(fig)
+
+
+def doc(data: dict, name: str) -> str:
+    m = data["machine"]
+    quant = data["args"]["quantization"]
+    lines = [
+        f"## Speculative decoding (prompt lookup){f', --quantization {quant}' if quant else ''}", "",
+        f"`python benchmarks/spec_decode.py{f' --quantization {quant}' if quant else ''}` — the same server with "
+        f"and without `--speculative-method ngram` (adaptive), streaming, greedy. {m['date']}, {m['cpu']} "
+        f"({m['isa']}), {m['cores']} cores shared with other work (load average before "
+        f"{m['loadavg_before']}, after {m['loadavg_after']}), {data['args']['threads']} torch threads, "
+        f"torch {m['torch']}, inferd {m['inferd']}.", "",
+        "Grounded: chat tasks over a text in the prompt (correct its spelling, rewrite it, copy its sentences "
+        "about one subject, summarize it), up to 128 output tokens. Random: random-word completions, 64 output "
+        "tokens (ignore_eos). Concurrency 1: 8 requests; 16: 32 requests. Median of "
+        f"{data['args']['repeats']} runs by TPOT; both servers up, one working at a time, each scenario on one then "
+        "the other in alternating order.", "",
+        "| scenario | TPOT off (ms) | TPOT ngram (ms) | TPOT speedup | output tok/s off | ngram | ratio "
+        "| drafted | accepted | acceptance | accepted per position 1-4 | same text |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, r in data["summary"].items():
+        pos = " / ".join(f"{p:.2f}" for p in r["acceptance_per_pos"])
+        lines.append(f"| {s} | {r['tpot_off_ms']:.1f} | {r['tpot_ngram_ms']:.1f} | **{r['tpot_speedup']:.2f}x** | "
+                     f"{r['tok_s_off']:.1f} | {r['tok_s_ngram']:.1f} | {r['throughput_ratio']:.2f}x | "
+                     f"{r['draft_tokens']:.0f} | {r['accepted_tokens']:.0f} | {r['acceptance_rate']:.2f} | {pos} | "
+                     f"{r['same_text']} |")
+    lines += ["", "TPOT of every run (ms): " + "; ".join(
+        f"{c} {s}: {', '.join(f'{v:.1f}' for v in vs)}" for c, by in data["tpot_all_runs"].items()
+        for s, vs in by.items()), "",
+        "Acceptance per position k: drafts accepted at position k / request-steps that verified drafts "
+        "(`spec_decode_num_accepted_tokens_per_pos / spec_decode_num_drafts`). Same text: answers identical to "
+        "the run without speculation (first run of each).", "",
+        f"![speculative decoding](../benchmarks/results/{name}.png)"]
+    return "\n".join(lines)
+
+
+def _display(cmd: list[str]) -> str:
+    out = [Path(x).name if "/" in x else x for x in cmd]
+    return " ".join("PORT" if i and out[i - 1] == "--port" else x for i, x in enumerate(out))
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
+
+
+def _isa() -> str:
+    from inferd.layers.cpu_isa import has_native_bf16
+    flags = open("/proc/cpuinfo").read()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "x86-64"
+    return isa + (" BF16 (bf16 weights)" if has_native_bf16() else " (float32 weights)")
+
+
+if __name__ == "__main__":
+    main()
