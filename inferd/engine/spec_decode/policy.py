@@ -23,6 +23,8 @@ is in: it measures.
 
 from __future__ import annotations
 
+import bisect
+
 FLAT_TOKENS = 16     # the prior: a step costs about the same up to this many tokens (weight-bound)
 _EXACT = 64          # token counts kept one by one; above, buckets of powers of two
 _COST_DECAY = 0.2    # weight of a new step time in its count's average
@@ -38,11 +40,16 @@ class StepCost:
 
     def __init__(self):
         self._seconds: dict[int, float] = {}
+        self._counts: list[int] = []  # the measured buckets, ascending
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         b = _bucket(num_tokens)
         old = self._seconds.get(b)
-        self._seconds[b] = seconds if old is None else old + _COST_DECAY * (seconds - old)
+        if old is None:
+            bisect.insort(self._counts, b)
+            self._seconds[b] = seconds
+        else:
+            self._seconds[b] = old + _COST_DECAY * (seconds - old)
 
     def estimate(self, num_tokens: int) -> float | None:
         """Seconds for a step of num_tokens, or None before any step was measured."""
@@ -51,8 +58,8 @@ class StepCost:
         b = _bucket(num_tokens)
         if b in self._seconds:
             return self._seconds[b]
-        below = [k for k in self._seconds if k < b]
-        ref = max(below) if below else min(self._seconds)
+        i = bisect.bisect_left(self._counts, b)
+        ref = self._counts[i - 1] if i else self._counts[0]  # the nearest measured count below, else above
         return self._seconds[ref] * max(b, FLAT_TOKENS) / max(ref, FLAT_TOKENS)
 
 
