@@ -142,10 +142,26 @@ def test_stops_inside_accepted_drafts_end_the_request_where_plain_decoding_does(
 
 
 def test_constrained_output_is_the_same_with_speculation(plain, spec):
+    # a repetitive grammar, so drafts are proposed inside it and checked against it
     grammar = grammar_for("regex", "(ab|cd)+ (ab|cd)+ (ab|cd)+ (ab|cd)+ (ab|cd)+", "regex")
-    prompts = _prompts(plain, 4)
+    prompts = [plain.tokenizer.encode("ab cd ab cd abab cdcd ab cd ")] + _prompts(plain, 3)
     params = SamplingParams(temperature=0, max_tokens=24, grammar=grammar)
+    before = _stats(spec).num_draft_tokens
     assert _tokens(spec.generate(prompts, params)) == _tokens(plain.generate(prompts, params))
+    assert _stats(spec).num_draft_tokens > before
+
+
+def test_penalties_logprobs_and_min_tokens_see_the_drafts_before_each_position(plain, spec):
+    prompts = _prompts(plain, 4)
+    params = SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.3, frequency_penalty=0.5,
+                            presence_penalty=0.3, min_tokens=20, logprobs=2, logit_bias={5: 2.0})
+    a, b = plain.generate(prompts, params), spec.generate(prompts, params)
+    assert _tokens(b) == _tokens(a)
+    for x, y in zip(a, b):
+        assert len(y.outputs[0].logprobs) == len(y.outputs[0].token_ids)
+        for pa, pb in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            assert list(pa) == list(pb)
+            assert [v.logprob for v in pa.values()] == pytest.approx([v.logprob for v in pb.values()], abs=1e-4)
 
 
 def test_rejected_drafts_give_their_blocks_back():
