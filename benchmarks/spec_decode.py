@@ -157,6 +157,12 @@ def run_scenario(server: Server, scenario: str, tokenizer) -> dict:
     return {"metrics": metrics, "spec": delta, "texts": texts}
 
 
+def render(name: str = "spec_decode") -> None:
+    """Write the docs section again from the saved results (after a change to its wording)."""
+    import json
+    write_doc_section(name, doc(json.loads((RESULTS / f"{name}.json").read_text()), name))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1,
@@ -265,13 +271,16 @@ def doc(data: dict, name: str) -> str:
         f"`python benchmarks/spec_decode.py{f' --quantization {quant}' if quant else ''}` — the same server with "
         f"and without `--speculative-method ngram` (adaptive), streaming, greedy. {m['date']}, {m['cpu']} "
         f"({m['isa']}), {m['cores']} cores shared with other work (load average before "
-        f"{m['loadavg_before']}, after {m['loadavg_after']}), {data['args']['threads']} torch threads, "
+        f"{m['loadavg_before']}, after {m['loadavg_after']}), {data['args']['threads']} torch thread(s) per server, "
         f"torch {m['torch']}, inferd {m['inferd']}.", "",
         "Grounded: chat tasks over a text in the prompt (correct its spelling, rewrite it, copy its sentences "
         "about one subject, summarize it), up to 128 output tokens. Random: random-word completions, 64 output "
-        "tokens (ignore_eos). Concurrency 1: 8 requests; 16: 32 requests. Median of "
-        f"{data['args']['repeats']} runs by TPOT; both servers up, one working at a time, each scenario on one then "
-        "the other in alternating order.", "",
+        "tokens (ignore_eos); the 135M model tends to repeat itself there, which prompt lookup also catches. "
+        "Sampled: the same at temperature 1.0, where drafts almost never match: speculation has to switch "
+        "itself off. Concurrency 1: 8 requests; 16: 32 requests. "
+        f"{data['args']['repeats']} repeats; both servers up, one working at a time, each scenario on one then "
+        "the other in alternating order. llama.cpp is not in this run: its server is not built on this "
+        "machine (benchmarks/peers/build_llama_cpp.sh).", "",
         "| scenario | TPOT off (ms) | TPOT ngram (ms) | TPOT speedup, paired (each repeat) | output tok/s off "
         "| ngram | drafted | accepted | acceptance | accepted per position 1-4 | same text |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -289,8 +298,10 @@ def doc(data: dict, name: str) -> str:
         "TPOT off / ngram: medians over the repeats of each; the speedup is the median of the per-repeat ratios "
         "(both configurations back to back), which drifting load from other work disturbs least. "
         "Acceptance per position k: drafts accepted at position k / request-steps that verified drafts "
-        "(`spec_decode_num_accepted_tokens_per_pos / spec_decode_num_drafts`). Same text: answers identical to "
-        "the run without speculation (first run of each).", "",
+        "(`spec_decode_num_accepted_tokens_per_pos / spec_decode_num_drafts`); drafted, accepted and acceptance "
+        "are those of the median-TPOT run. Same text: answers identical to the run without speculation (first "
+        "run of each; greedy answers part only at bf16 rounding near ties, docs/speculative_decoding.md; "
+        "sampled ones are unseeded, so they differ by design).", "",
         f"![speculative decoding](../benchmarks/results/{name}.png)"]
     return "\n".join(lines)
 
