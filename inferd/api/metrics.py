@@ -3,13 +3,13 @@
 Request timings arrive from each local engine's client as one `RequestMetrics`
 per finished request (`EngineMetrics.observe`), measured on the API side where
 clients see them: time to first token, inter-token latency, end-to-end latency
-and queue time (arrival until the core first scheduled it). Engine gauges
-(running, waiting, KV usage and free blocks, preemptions, speculative decoding's
-drafted and accepted tokens) are refreshed from each core's latest stats at scrape
-time. The acceptance rate at draft position k is
-`spec_decode_num_accepted_tokens_per_pos{position="k"} / spec_decode_num_drafts`. Every series is labelled with the model name,
-so one registry covers every local engine; each app gets its own registry, so
-several apps can live in one process.
+and queue time (arrival until the core first scheduled it). Engine gauges and
+counters (running, waiting, KV usage and free blocks, preemptions, speculative
+decoding's drafted and accepted tokens) are refreshed from each core's latest
+stats at scrape time; the acceptance rate at draft position k is
+`spec_decode_num_accepted_tokens_per_pos{position="k"} / spec_decode_num_drafts`.
+Every series is labelled with the model name, so one registry covers every local
+engine; each app gets its own registry, so several apps can live in one process.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ def test_flags_fill_one_config_and_bad_ones_are_refused():
     assert engine_config(parser.parse_args(["serve"]), None).speculative_config is None
     for argv, message in ((["--num-speculative-tokens", "4"], "needs --speculative-method"),
                           (["--speculative-config", '{"method": "draft_model"}'], "not supported"),
-                          (["--speculative-method", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens")):
+                          (["--speculative-method", "ngram", "--num-speculative-tokens", "0"],
+                           "num_speculative_tokens")):
         with pytest.raises(ValueError, match=message):
             engine_config(parser.parse_args(["serve", *argv]), None)

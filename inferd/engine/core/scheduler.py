@@ -27,8 +27,8 @@ free, never preempting anyone for them. They are ordinary new tokens of the step
 `update()` applies the model step's results: advance `num_computed_tokens` (by the
 tokens that stand: rejected drafts are not computed, and the blocks that held only
 them are released), append sampled tokens and decide token-level finishes (EOS,
-stop token ids, max_tokens, context length). Stop *strings* are decided after detokenization, outside the core,
-which then aborts the request.
+stop token ids, max_tokens, context length). Stop *strings* are decided after
+detokenization, outside the core, which then aborts the request.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class SchedulerOutput:
     num_new_tokens: dict[str, int]       # request_id -> tokens to compute this step
     preempted: list[str] = field(default_factory=list)
     budget_left: int = 0                 # of the step's token budget, after everything scheduled
+
 
 @dataclass
 class StepResult:
