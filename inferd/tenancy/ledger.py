@@ -12,6 +12,7 @@ deployment are not rows: only the request is.
 from __future__ import annotations
 
 import dataclasses
+import random
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,14 @@ from inferd.store.base import Tx
 from inferd.wire.json_shape import is_text
 
 
+_ROW_ID_BITS = random.Random(secrets.randbits(64))  # seeded once: ids need to be unique, not secret
+
+
 def new_row_id() -> str:
     """Time-ordered (nanoseconds, then random bits), so new rows append at the end of the primary key's
-    index instead of landing at random places in it."""
-    return f"{time.time_ns():016x}{secrets.token_hex(6)}"
+    index instead of landing at random places in it. The random bits come from a generator seeded
+    once, not from the OS on every row (a system call per request)."""
+    return f"{time.time_ns():016x}{_ROW_ID_BITS.getrandbits(48):012x}"
 
 
 @dataclass
