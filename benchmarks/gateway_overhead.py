@@ -510,7 +510,7 @@ the 2 cores take the rest).
 # what profiling the gateway found (py-spy on `inferd serve --config`, wrk -c32, 50 ms upstream), and what
 # changed; kept with the table because it explains its shape
 PROFILE = """Where a gateway request's CPU went, and what changed (py-spy on the server at 32 clients,
-50 ms upstream, 2-core Xeon): with httpx to the upstream, 73% of the samples were in httpcore's
+50 ms upstream, 2-core AMD EPYC): with httpx to the upstream, 73% of the samples were in httpcore's
 connection pool, which on every request walks all pooled connections and checks each
 socket (`is_idle`, `has_expired`, `getpeername`): 8.6 ms of CPU per request, so past about 8
 clients the server was CPU-bound and throughput fell as clients rose (127 req/s at 32 clients,
