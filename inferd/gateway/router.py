@@ -44,7 +44,7 @@ from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.resume import Mismatch, PrefixFilter, Progress, blocker, continuation
 from inferd.gateway.stats import DeploymentStats, Outcome
 from inferd.gateway.strategies import RoutingStrategy, routing_key_for
-from inferd.providers.base import Deployment
+from inferd.providers.base import Deployment, usage_unknown_chunk
 from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.request import InferenceRequest
 
@@ -206,7 +206,7 @@ class Gateway:
             return h, first, chunks, PrefixFilter(cont.expected, cont.strict)
 
         deadline = self.clock() + self.max_total_s
-        group: ModelGroup | None = self._by_name[route.group or request.model or self.groups[0].name]
+        group: ModelGroup | None = self._by_name[route.group]  # set once the stream's first chunk came
         tried: set[str] = set()
         while group is not None:
             tried.add(group.name)
@@ -360,7 +360,6 @@ class OpenStream:
         self._complete = self._closed = False
         self._progress = Progress(request.endpoint, blocker=blocker(request))
         self._sent_before_resume = 0  # tokens the client had when the current continuation started
-        self._prefilled = False       # the current continuation was given the answer so far
 
     async def __aiter__(self) -> AsyncIterator[dict]:
         self._progress.observe(self.first)
@@ -385,8 +384,7 @@ class OpenStream:
                 error = e
                 if self._progress.finished:  # the answer is whole: only its end (usage, [DONE]) went missing
                     self._error = error
-                    yield {**{k: self.first[k] for k in ("id", "object", "created", "model") if k in self.first},
-                           "choices": [], "usage": None}
+                    yield usage_unknown_chunk(self.first)
                     return
             except Mismatch:
                 # the regenerated answer differs from what the client has: end with the break that
@@ -402,7 +400,7 @@ class OpenStream:
         """Account the broken part and switch to a deployment that continues it, if there is one."""
         self._error = error
         progress = self._progress
-        if progress.blocker or progress.finished or not self.request.stream:
+        if progress.blocker:
             return None
         broken.add(self.handle.name)
         found = await self.gateway.resume(self.request, self.route, progress, error, broken)
@@ -416,19 +414,17 @@ class OpenStream:
         self.handle, first, chunks, prefix = found
         self._started, self._error, self._sent_before_resume = self.gateway.clock(), None, progress.tokens
         self._chunks = _prepend(first, chunks)
-        self._prefilled = not prefix.strict
         return prefix
 
     def _stitched(self, chunk: dict, prefix: PrefixFilter) -> dict | None:
         """A continuation's chunk as part of the one answer: the text already sent dropped, the role
         not announced again, the usage of all parts, the deployments named at the end."""
         if chunk.get("usage") and not chunk.get("choices"):
-            return {**chunk, "usage": self._total_usage(chunk["usage"])}
+            return {**chunk, "usage": self._total_usage(chunk["usage"], prefilled=not prefix.strict)}
         choices = []
         for choice in chunk.get("choices") or ():
             choice = dict(choice)
-            key = "delta" if self.request.endpoint == "chat" else "text"
-            if key == "delta":
+            if self.request.endpoint == "chat":
                 delta = {k: v for k, v in (choice.get("delta") or {}).items() if k != "role"}
                 if delta.get("content"):
                     delta["content"] = prefix.take(delta["content"])
@@ -448,11 +444,11 @@ class OpenStream:
             out["inferd_deployments"] = self.route.deployments
         return out
 
-    def _total_usage(self, usage: dict) -> dict:
+    def _total_usage(self, usage: dict, prefilled: bool) -> dict:
         """The continuation's usage plus the broken parts' (their providers billed their prompts too)."""
         total = dict(usage)
         prompt = int(usage.get("prompt_tokens") or 0)
-        if self._prefilled:  # the continuation's prompt held the answer so far
+        if prefilled:  # the continuation's prompt held the answer so far
             prompt = max(0, prompt - self._sent_before_resume)
         for part in self.route.broken_parts:
             part.prompt_tokens = prompt

@@ -36,6 +36,15 @@ from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.request import InferenceRequest
 
 
+_CHUNK_IDENTITY = ("id", "object", "created", "model")
+
+
+def usage_unknown_chunk(like: dict) -> dict:
+    """The closing chunk of a stream whose usage never came: no choices, `usage: null`, with the identity
+    (id, object, created, model) of `like`, a chunk of the same stream."""
+    return {**{key: like[key] for key in _CHUNK_IDENTITY if key in like}, "choices": [], "usage": None}
+
+
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds; None means no limit. Remote deployments enforce them and raise `TIMEOUT` errors."""

@@ -331,10 +331,10 @@ class RemoteClient:
 
 def _proxy_for(url: str) -> str | None:
     """The proxy the environment names for `url` (None: connect directly), as urllib reads it."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if urllib.request.proxy_bypass(host):
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
-    return urllib.request.getproxies().get(urllib.parse.urlsplit(url).scheme)
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 async def _drain(events: AsyncIterator[SSEEvent]) -> None:

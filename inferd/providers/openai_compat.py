@@ -25,12 +25,11 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from inferd.providers.base import Deployment
+from inferd.providers.base import Deployment, usage_unknown_chunk
 from inferd.providers.http import RemoteClient, RemoteConfig, SSEEvent, parse_chunk, require_endpoint
 from inferd.wire.errors import ErrorKind, InferdError, classify_status
 from inferd.wire.request import ENDPOINT_PATHS, Endpoint, InferenceRequest
 
-_CHUNK_IDENTITY = ("id", "object", "created", "model")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,8 +132,7 @@ class OpenAICompatDeployment(Deployment):
             # every choice has its finish_reason: the answer is whole, whether or not [DONE] came
             if e.code != "stream_truncated" or open_choices or not last:
                 raise
-        yield final or {**{key: last[key] for key in _CHUNK_IDENTITY if key in last}, "choices": [],
-                        "usage": None}
+        yield final or usage_unknown_chunk(last)
 
     async def aclose(self) -> None:
         await self._http.aclose()

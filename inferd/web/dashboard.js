@@ -38,12 +38,14 @@ function seconds(input) {
   return new Date(input.value).getTime() / 1000;
 }
 
+const formatShare = (v) => `${(v * 100).toFixed(1)}%`;
+
 const COLUMNS = [
   ["requests", "Requests", String],
   ["errors", "Errors", String],
   ["prompt_tokens", "Prompt", String],
   ["completion_tokens", "Completion", String],
-  ["cached_share", "Cached", (v) => `${(v * 100).toFixed(1)}%`],
+  ["cached_share", "Cached", formatShare],
   ["cost_usd", "Cost", formatUsd],
   ["latency_p50_s", "P50", formatMs],
   ["latency_p95_s", "P95", formatMs],
@@ -57,7 +59,7 @@ const TOTALS = [
   ["requests", "Requests", String],
   ["errors", "Errors", String],
   ["total_tokens", "Tokens", String],
-  ["cached_share", "Cached share", (v) => `${(v * 100).toFixed(1)}%`],
+  ["cached_share", "Cached share", formatShare],
   ["cost_usd", "Cost", formatUsd],
   ["latency_p50_s", "Latency P50", formatMs],
   ["latency_p95_s", "Latency P95", formatMs],
