@@ -35,10 +35,29 @@ def machine_info() -> dict:
     import inferd
     return {
         "date": dt.date.today().isoformat(),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu, "isa": isa(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "inferd": inferd.__version__,
     }
+
+
+def loadavg() -> list[float]:
+    """The 1-, 5- and 15-minute load averages ([] where /proc is not there)."""
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
+
+
+def isa() -> str:
+    """The instruction set inferd's CPU code runs with: avx512_bf16, avx512 or avx2 (ATEN_CPU_CAPABILITY
+    can ask for less than the CPU has)."""
+    from inferd.layers.cpu_isa import cpu_flags, forced_capability
+
+    if forced_capability() is not None:
+        return forced_capability()
+    flags = cpu_flags()
+    return "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int, exclude: set[int]) -> list[list[int]]:

@@ -70,7 +70,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import RESULTS, ROOT, machine_info, save_json, write_doc_section  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, loadavg, machine_info, save_json, write_doc_section  # noqa: E402
 from benchmarks.loadgen import RunResult, chat_body, run_load, run_wrk  # noqa: E402
 
 
@@ -89,11 +89,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return []
 
 
 def wait_for_quiet(max_load: float, max_wait: float) -> list[float]:
@@ -456,7 +451,7 @@ def doc(data: dict) -> None:
         pooled = "all repeats pooled"
     stream_table = ""
     if stream_rows:
-        stream_table = f"""
+        stream_table = """
 Streamed (`stream: true`, 16 chunks and `[DONE]`; TTFT: time to the first `data:` event;
 the overhead headers are sent with the response headers, so they cover the time to the
 first chunk):
@@ -471,7 +466,7 @@ suite's mock OpenAI upstream (`tests/gateway/mock_upstream.py`, 16-word answers,
 delay before each answer) behind inferd's gateway and behind LiteLLM's proxy, both on
 loopback with one worker, both checking an API key, neither logging each request
 (inferd meters every request into its SQLite usage ledger; LiteLLM runs without a database);
-and the same load sent to the mock directly as the baseline. {m['date']}, {m['cpu']},
+and the same load sent to the mock directly as the baseline. {m['date']}, {m['cpu']} ({m.get('isa', '?')}),
 {m['cores']} cores **shared by the load generator, the mock upstream and the gateway**
 (nothing pinned); load average before {data['loadavg_before']}, after {data['loadavg_after']}; other
 processes took at most {_pct(data['foreign_cpu_share']['max'])} of the 2 cores during any kept run (median:

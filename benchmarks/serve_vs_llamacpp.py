@@ -34,7 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, Server, machine_info, save_json, write_doc_section  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, loadavg, Server, machine_info, save_json, write_doc_section  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -83,11 +83,6 @@ def bench(server: Server, scenario: str, endpoint: str, out_dir: Path) -> dict:
     return json.loads(result.read_text())
 
 
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return []
 
 
 def llama_version(binary: Path) -> str:

@@ -42,7 +42,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, Server, machine_info, save_json, write_doc_section  # noqa: E402
+from benchmarks.common import RESULTS, Server, isa, loadavg, machine_info, save_json, write_doc_section  # noqa: E402
 from inferd.bench.datasets import TextPrompt, random_text_prompts  # noqa: E402
 from inferd.bench.metrics import compute_metrics  # noqa: E402
 from inferd.bench.serve import run_benchmark  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> None:
 
     from inferd.bench.serve import load_tokenizer
     tokenizer = load_tokenizer("auto")
-    load_before = _loadavg()
+    load_before = loadavg()
     runs: dict[str, dict[str, list[dict]]] = {c: {s: [] for s in scenarios} for c in CONFIGS}
     servers = {c: start(c, args.threads, extra) for c in CONFIGS}  # both up; one runs at a time
     commands = {c: _display(srv.cmd) for c, srv in servers.items()}
@@ -191,7 +191,7 @@ def main() -> None:
             srv.stop()
     results = {c: {s: _median(rs) for s, rs in by.items()} for c, by in runs.items()}
     m = machine_info()
-    m["loadavg_before"], m["loadavg_after"] = load_before, _loadavg()
+    m["loadavg_before"], m["loadavg_after"] = load_before, loadavg()
     m["isa"] = _isa()
     summary = {s: _summary(results, runs, s) for s in scenarios}
     data = {"args": vars(args), "machine": m, "scenarios": {s: dict(zip(
@@ -311,18 +311,10 @@ def _display(cmd: list[str]) -> str:
     return " ".join("PORT" if i and out[i - 1] == "--port" else x for i, x in enumerate(out))
 
 
-def _loadavg() -> list[float]:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return []
-
-
 def _isa() -> str:
     from inferd.layers.cpu_isa import has_native_bf16
-    flags = open("/proc/cpuinfo").read()
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "x86-64"
-    return isa + (" BF16 (bf16 weights)" if has_native_bf16() else " (float32 weights)")
+    label = "AVX2" if isa() == "avx2" else "AVX-512"
+    return label + (" BF16 (bf16 weights)" if has_native_bf16() else " (float32 weights)")
 
 
 if __name__ == "__main__":

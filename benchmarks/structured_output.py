@@ -23,12 +23,12 @@ import json
 import statistics
 import time
 
-from benchmarks.common import RESULTS, machine_info, save_json, write_doc_section
+from benchmarks.common import RESULTS, isa, machine_info, save_json, write_doc_section
 from inferd import LLM, SamplingParams
 from inferd.engine.core import sampler
 from inferd.engine.core.guidance import GrammarCompiler
 from inferd.engine.structured import grammar_for
-from inferd.layers.cpu_isa import cpu_flags, forced_capability
+from inferd.layers.cpu_isa import forced_capability
 from inferd.providers import local_tools
 from inferd.wire.schema import ChatCompletionRequest
 
@@ -131,21 +131,14 @@ def main() -> None:
     free, bound = (statistics.median(runs[k]) for k in ("unconstrained", "json_schema"))
     summary = {"unconstrained_tok_s": free, "json_schema_tok_s": bound, "ratio": bound / free,
                "mask_ms_per_token": 1000 * spent / max(1, rows), "constrained_tokens": tokens["json_schema"],
-               "isa": _isa(), "dtype": str(llm.engine.core.dtype).removeprefix("torch."),
+               "isa": isa(), "dtype": str(llm.engine.core.dtype).removeprefix("torch."),
                **{f"tools50_{k}": v for k, v in compile_times(llm).items()}}
     data = {"args": vars(args), "machine": machine_info(), "summary": summary, "runs": runs}
     # one result per instruction set (ATEN_CPU_CAPABILITY=avx2 measures the AVX2 path on an AVX-512 CPU)
-    save_json("structured_output" if forced_capability() is None else f"structured_output_{_isa()}", data)
+    save_json("structured_output" if forced_capability() is None else f"structured_output_{isa()}", data)
     _plot(runs)
     _doc([d for d in (_load("structured_output"), _load("structured_output_avx2")) if d is not None])
     print(summary)
-
-
-def _isa() -> str:
-    if forced_capability() is not None:
-        return forced_capability()
-    flags = cpu_flags()
-    return "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
 
 
 def _load(name: str) -> dict | None:
