@@ -297,6 +297,10 @@ class RemoteClient:
             async for chunk in response.content.iter_any():
                 yield chunk
         except (aiohttp.ClientError, ConnectionError) as exc:
+            # aiohttp raises a cut connection's error before it hands over the bytes that arrived
+            # ahead of the cut: pass them on first, or events the upstream did send would be lost
+            for rest in list(getattr(response.content, "_buffer", ())):
+                yield bytes(rest)
             raise self._transport_error(exc) from exc
 
     async def _guarded(self, awaitable: Awaitable[T]) -> T:
