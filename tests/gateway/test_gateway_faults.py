@@ -39,6 +39,9 @@ def upstreams():
 @pytest.fixture(scope="module")
 def gateway_server(upstreams, tiny_llama, tmp_path_factory):
     fast = {"connect": 1, "first_token": 0.5, "total": 5, "stream_silence": 0.5}
+    # the primaries of the failover groups: a slow first token there would fall back before the stream
+    # starts, and those tests are about what happens after it
+    patient = {**fast, "first_token": 5}
     config = {"models": [
         {"name": "remote", "aliases": ["gpt-test"],
          "deployments": [{"provider": "openai", "name": "primary", "base_url": upstreams["primary"].openai_base_url,
@@ -52,18 +55,18 @@ def gateway_server(upstreams, tiny_llama, tmp_path_factory):
         # the same primary, falling back to a server without prefill (it regenerates) ...
         {"name": "remote-regen", "fallbacks": {"default": ["regen"]},
          "deployments": [{"provider": "openai", "name": "primary-2", "base_url": upstreams["primary"].openai_base_url,
-                          "model": "up-primary", "timeouts": fast}]},
+                          "model": "up-primary", "timeouts": patient}]},
         {"name": "regen",
          "deployments": [{"provider": "openai", "name": "regen", "base_url": upstreams["strict"].openai_base_url,
                           "model": "up-strict", "timeouts": fast}]},
         # ... and to one configured for prefill that refuses it
         {"name": "remote-refused", "fallbacks": {"default": ["refuser"]},
          "deployments": [{"provider": "openai", "name": "primary-3", "base_url": upstreams["primary"].openai_base_url,
-                          "model": "up-primary", "timeouts": fast}]},
+                          "model": "up-primary", "timeouts": patient}]},
         # ... and to inferd's own engine, which continues the answer (continue_final_message)
         {"name": "remote-local", "fallbacks": {"default": ["tiny"]},
          "deployments": [{"provider": "openai", "name": "primary-4", "base_url": upstreams["primary"].openai_base_url,
-                          "model": "up-primary", "timeouts": fast}]},
+                          "model": "up-primary", "timeouts": patient}]},
         {"name": "refuser",
          "deployments": [{"provider": "openai", "name": "refuser", "base_url": upstreams["strict"].openai_base_url,
                           "model": "up-strict", "timeouts": fast, "prefill": True}]},
