@@ -10,6 +10,10 @@ stats at scrape time; the acceptance rate at draft position k is
 `spec_decode_num_accepted_tokens_per_pos{position="k"} / spec_decode_num_drafts`.
 Every series is labelled with the model name, so one registry covers every local
 engine; each app gets its own registry, so several apps can live in one process.
+Several engines under one model name (the replicas of a Ray deployment, or two
+local deployments of a group) show as one: gauges are their sums, counters advance
+by each engine's own increase (a restarted engine counts from zero again), and
+`engine_healthy` is 1 only while all of them are.
 """
 
 from __future__ import annotations
@@ -96,44 +100,51 @@ class EngineMetrics:
         for reason in m.finish_reasons:
             self._success.labels(model, reason).inc()
 
-    def update(self, model: str, stats: Stats | EmbedStats, healthy: bool) -> None:
-        """The latest counters a model process reported (an engine core's or an embedding process's)."""
-        if isinstance(stats, EmbedStats):
-            self.update_embedder(model, stats)
-        else:
-            self.update_engine(model, stats, healthy)
+    def update(self, model: str, reports: list[tuple[str, Stats | EmbedStats, bool]]) -> None:
+        """The latest counters of the model processes serving `model`, as (deployment, stats, healthy)
+        (engine cores' or embedding processes')."""
+        engines = [(source, stats) for source, stats, _ in reports if isinstance(stats, Stats)]
+        for source, stats, _ in reports:
+            if isinstance(stats, EmbedStats):
+                self._advance(model, source, stats, (("num_requests", self.embed_requests),
+                                                     ("num_batches", self.embed_batches),
+                                                     ("num_tokens", self.embed_tokens)))
+        if engines:
+            self._update_engines(model, engines, all(ok for _, stats, ok in reports if isinstance(stats, Stats)))
 
-    def update_engine(self, model: str, stats: Stats, healthy: bool) -> None:
-        self.running.labels(model).set(stats.running)
-        self.waiting.labels(model).set(stats.waiting)
-        self.kv_usage.labels(model).set(stats.kv_usage)
-        self.kv_free.labels(model).set(stats.num_free_blocks)
-        self.kv_total.labels(model).set(stats.num_blocks)
+    def _update_engines(self, model: str, engines: list[tuple[str, Stats]], healthy: bool) -> None:
+        stats = [s for _, s in engines]
+        total_blocks = sum(s.num_blocks for s in stats)
+        self.running.labels(model).set(sum(s.running for s in stats))
+        self.waiting.labels(model).set(sum(s.waiting for s in stats))
+        self.kv_usage.labels(model).set(sum(s.kv_usage * s.num_blocks for s in stats) / total_blocks
+                                        if total_blocks else 0.0)
+        self.kv_free.labels(model).set(sum(s.num_free_blocks for s in stats))
+        self.kv_total.labels(model).set(total_blocks)
         self.healthy.labels(model).set(1 if healthy else 0)
-        self._advance(model, stats, (("num_preemptions", self.preemptions),
-                                     ("prefix_cache_queries", self.prefix_queries),
-                                     ("prefix_cache_hits", self.prefix_hits),
-                                     ("spec_decode_num_drafts", self.spec_drafts),
-                                     ("spec_decode_num_draft_tokens", self.spec_draft_tokens),
-                                     ("spec_decode_num_accepted_tokens", self.spec_accepted_tokens)))
-        for pos, total in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
-            key = (model, f"spec_decode_num_accepted_tokens_per_pos:{pos}")
-            seen = self._totals_seen.get(key, 0)
-            if total > seen:
-                self.spec_accepted_per_pos.labels(model, str(pos)).inc(total - seen)
-                self._totals_seen[key] = total
+        for source, s in engines:
+            self._advance(model, source, s, (("num_preemptions", self.preemptions),
+                                             ("prefix_cache_queries", self.prefix_queries),
+                                             ("prefix_cache_hits", self.prefix_hits),
+                                             ("spec_decode_num_drafts", self.spec_drafts),
+                                             ("spec_decode_num_draft_tokens", self.spec_draft_tokens),
+                                             ("spec_decode_num_accepted_tokens", self.spec_accepted_tokens)))
+            for pos, total in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
+                self._add(self.spec_accepted_per_pos.labels(model, str(pos)),
+                          (source, f"spec_decode_num_accepted_tokens_per_pos:{pos}"), total)
 
-    def update_embedder(self, model: str, stats: EmbedStats) -> None:
-        self._advance(model, stats, (("num_requests", self.embed_requests), ("num_batches", self.embed_batches),
-                                     ("num_tokens", self.embed_tokens)))
-
-    def _advance(self, model: str, stats, counters) -> None:
+    def _advance(self, model: str, source: str, stats, counters) -> None:
         for name, counter in counters:
-            total = getattr(stats, name)
-            seen = self._totals_seen.get((model, name), 0)
-            if total > seen:
-                counter.labels(model).inc(total - seen)
-                self._totals_seen[(model, name)] = total
+            self._add(counter.labels(model), (source, name), getattr(stats, name))
+
+    def _add(self, child, key: tuple[str, str], total: int) -> None:
+        """Advance `child` by what `total` (a count since its engine started) grew by since last seen."""
+        seen = self._totals_seen.get(key, 0)
+        if total < seen:  # the engine behind this source was restarted: it counts from zero again
+            seen = 0
+        if total > seen:
+            child.inc(total - seen)
+        self._totals_seen[key] = total
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

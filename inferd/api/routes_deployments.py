@@ -6,7 +6,8 @@ are healthy, requests in flight, the price book's prices (USD per million tokens
 a client can price the usage it was given by the deployment named in the
 `x-inferd-deployment` header), and for local engines the scheduler's gauges (running,
 waiting, KV cache use) and token totals since start (their rate over two reads is the
-engine's throughput). It is /metrics' engine gauges in a shape a browser reads; any
+engine's throughput), and for Ray replicas where they run (`placement`: node, pid,
+restarts). It is /metrics' engine gauges in a shape a browser reads; any
 key may call it (prices and load are not per team).
 """
 
@@ -44,7 +45,7 @@ def _card(st: ServerState, group: ModelGroup, h: Handle) -> dict:
             "in_flight": h.stats.in_flight,
             "price": {"input": price.input, "cached_input": price.cached_input, "output": price.output,
                       "batch_discount": price.batch_discount, "per_1k_predictions": price.per_1k_predictions},
-            "engine": _engine(st, h)}
+            "engine": _engine(st, h), "placement": h.deployment.placement()}
 
 
 @router.get("/v1/deployments")

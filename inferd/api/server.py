@@ -12,7 +12,7 @@ the exit code is 0.
 The app: /v1/completions and /v1/chat/completions (routes_generate.py),
 /v1/embeddings, /v1/files and /v1/batches (with the batch runner in the
 background), /v1/usage, /v1/deployments (prices and live load), /admin (keys and
-teams), the web app at / (routes_web.py), the Open Inference Protocol for
+teams, Ray replica counts), the web app at / (routes_web.py), the Open Inference Protocol for
 tensor models under /v2 (routes_infer.py), /v1/models, /health (503 once a
 local engine core is gone or draining), /version and /metrics. An ASGI
 middleware gives every response an `X-Request-Id` (the client's, if it sent a
@@ -43,7 +43,7 @@ from starlette.responses import Response
 
 from inferd import __version__
 from inferd.api import (routes_admin, routes_batches, routes_deployments, routes_embeddings, routes_files,
-                        routes_generate, routes_infer, routes_tokenize, routes_usage, routes_web)
+                        routes_generate, routes_infer, routes_replicas, routes_tokenize, routes_usage, routes_web)
 from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits
 from inferd.api.errors import error_response, install_error_handlers
@@ -124,6 +124,8 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     for h in gateway.handles():
         if h.deployment.info is not None:
             h.deployment.observe_requests(lambda m, name=h.deployment.info.id: engine_metrics.observe(name, m))
+    for pool in gateway.pools.values():  # its replicas, those up now and those it starts later
+        pool.observe_requests(lambda m, name=pool.group.name: engine_metrics.observe(name, m))
     app.state.inferd = st
     install_error_handlers(app)
     app.include_router(routes_infer.router)  # first: routes match in order, and infer calls are the most frequent
@@ -132,6 +134,7 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     app.include_router(routes_embeddings.router)
     app.include_router(routes_tokenize.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_replicas.router)
     app.include_router(routes_usage.router)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
@@ -141,8 +144,12 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
 
     @app.get("/health")
     async def health(request: Request):
+        # a replica coming back by itself is not an outage while its group has another that answers
+        gateway = state(request).gateway
+        served = {g.name for g in gateway.groups if any(h.deployment.healthy for h in g.handles)}
         down = [f"{h.name}: {h.deployment.unavailable().message}"
-                for h in state(request).gateway.handles() if not h.deployment.healthy]
+                for g in gateway.groups for h in g.handles
+                if not h.deployment.healthy and not (h.deployment.recovering and g.name in served)]
         if not down:
             return json_response({"status": "ok"})
         return json_response({"status": "unavailable", "reason": "; ".join(down)}, status=503)
@@ -154,12 +161,15 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     @app.get("/metrics")
     async def metrics_endpoint(request: Request):
         st = state(request)
+        reports: dict[str, list] = {}  # model name -> (deployment, stats, healthy) of its engines
         for h in st.gateway.handles():
             stats = h.deployment.stats()
             if stats is not None:
-                st.engine_metrics.update(h.deployment.info.id, stats, h.deployment.healthy)
+                reports.setdefault(h.deployment.info.id, []).append((h.name, stats, h.deployment.healthy))
             st.gateway_metrics.in_flight.labels(h.name).set(h.stats.in_flight)
             st.gateway_metrics.circuit(h.name, h.breaker.gauge_value)
+        for model, engines in reports.items():
+            st.engine_metrics.update(model, engines)
         body, content_type = render(st.registry)
         return Response(body, media_type=content_type)
 
@@ -290,13 +300,12 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         log.info("serving on http://%s:%d", args.host, args.port)
         loop = asyncio.get_running_loop()
         drains: list[asyncio.Task] = []
-        deployments = [h.deployment for h in gateway.handles()]
 
         def on_exit_signal() -> None:
             def start_drain():
                 # batch lines first: in flight they get the same time; unfinished ones stay to their leases
                 drains.append(loop.create_task(batch_runner.stop(shutdown_timeout)))
-                drains.extend(loop.create_task(d.drain(shutdown_timeout)) for d in deployments)
+                drains.append(loop.create_task(gateway.drain(shutdown_timeout)))
             loop.call_soon_threadsafe(start_drain)
 
         uv_config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
@@ -315,7 +324,7 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         for task in drains:
             await task
     finally:
-        await asyncio.gather(*(h.deployment.aclose() for h in gateway.handles()), return_exceptions=True)
+        await gateway.aclose()
         if metering is not None:
             await metering.flush()
         store.close()

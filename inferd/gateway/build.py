@@ -3,21 +3,28 @@
 Local engines start concurrently (each loads its model in its own process); if
 any fails to start, the ones already started are stopped and the error says which
 deployment failed, so a config starts whole or not at all. Remote deployments
-need their API key's environment variable set when the config names one.
+need their API key's environment variable set when the config names one. A
+`provider: ray` deployment becomes a `ReplicaPool` (gateway/replicas.py) whose
+replicas join its group as they come up; this process joins the Ray cluster first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import random
+from collections.abc import Callable
 
 from inferd.engine.config import EngineConfig
 from inferd.gateway.backoff import RetryPolicy
 from inferd.gateway.circuit_breaker import CircuitBreaker
+from inferd.gateway.autoscale import Autoscaler
 from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OnnxSpec, OpenAISpec,
-                                   PriceSpec, local_embed_config, local_engine_config)
+                                   PriceSpec, RaySpec, local_embed_config, local_engine_config, replica_name)
 from inferd.gateway.metrics import GatewayMetrics
+from inferd.gateway.replicas import ReplicaPool
 from inferd.gateway.router import Gateway, Handle, ModelGroup
 from inferd.gateway.stats import DeploymentStats, LoadPredictor
 from inferd.gateway.strategies import make_strategy
@@ -62,32 +69,72 @@ def _cost_per_mtok(price: PriceSpec | None) -> float | None:
     return (3 * inp + out) / 4
 
 
-def _group(g: ModelGroupSpec, deployments: list[Deployment], rng: random.Random) -> ModelGroup:
-    handles = []
-    for spec, dep in zip(g.deployments, deployments):
-        capacity = getattr(dep, "capacity", None)
-        predictor = LoadPredictor(capacity) if capacity else None
-        breaker = CircuitBreaker(g.circuit_breaker.failure_threshold, g.circuit_breaker.cooldown_s)
-        handles.append(Handle(dep, weight=spec.weight, cost_per_mtok=_cost_per_mtok(spec.price or g.price),
-                              stats=DeploymentStats(predictor=predictor), breaker=breaker))
-    return ModelGroup(name=g.name, handles=handles, strategy=make_strategy(g.routing, rng), aliases=g.aliases,
+def _handle(g: ModelGroupSpec, spec, dep: Deployment) -> Handle:
+    """A started deployment as a member of group `g`."""
+    capacity = getattr(dep, "capacity", None)
+    predictor = LoadPredictor(capacity) if capacity else None
+    breaker = CircuitBreaker(g.circuit_breaker.failure_threshold, g.circuit_breaker.cooldown_s)
+    return Handle(dep, weight=spec.weight, cost_per_mtok=_cost_per_mtok(spec.price or g.price),
+                  stats=DeploymentStats(predictor=predictor), breaker=breaker)
+
+
+def _empty_group(g: ModelGroupSpec, rng: random.Random) -> ModelGroup:
+    return ModelGroup(name=g.name, handles=[], strategy=make_strategy(g.routing, rng), aliases=g.aliases,
                       fallbacks=dict(g.fallbacks), degrade_to=g.degrade_to,
                       slo_ttft_s=g.slo_ttft_ms / 1000 if g.slo_ttft_ms else None,
                       retry=RetryPolicy(**g.retry.model_dump()))
 
 
+def _replica_maker(spec: RaySpec, group: str, base: EngineConfig, where: str,
+                   max_waiting: int | None) -> Callable[[int], Deployment]:
+    """What makes replica `slot` of a Ray deployment (joining the Ray cluster first)."""
+    from inferd.providers.ray_actor import ActorResources, RayActorHost, connect, this_node_address
+    from inferd.providers.ray_replica import RayReplica
+
+    config = local_engine_config(spec, base, where)
+    if "num_threads" not in spec.engine:  # the cores Ray reserved for it, not the whole node's
+        config = dataclasses.replace(config, num_threads=max(1, math.floor(spec.num_cpus)))
+    connect(spec.address)
+    resources = ActorResources(spec.num_cpus, spec.num_gpus, dict(spec.resources))
+    bind_host = spec.link_host or this_node_address()
+    waiting = spec.max_waiting_requests if max_waiting is None else max_waiting
+    return lambda slot: RayReplica(replica_name(spec.name, slot), group, config,
+                                   lambda: RayActorHost(resources, bind_host), max_waiting_requests=waiting,
+                                   start_timeout_s=spec.start_timeout_s)
+
+
+def _pool(spec: RaySpec, g: ModelGroupSpec, group: ModelGroup, make_replica) -> ReplicaPool:
+    a = spec.autoscale
+    autoscaler = Autoscaler(spec.min_replicas, spec.max_replicas, a.target_queue, a.upscale_delay_s,
+                            a.downscale_delay_s)
+    return ReplicaPool(spec.name, group, make_replica, lambda dep: _handle(g, spec, dep), replicas=spec.replicas,
+                       autoscaler=autoscaler, interval_s=a.interval_s)
+
+
 async def start_gateway(config: GatewayConfig, base: EngineConfig, metrics: GatewayMetrics | None = None, *,
                         max_waiting_requests: int | None = None) -> Gateway:
-    """Make every deployment, start the local ones, and wire up the groups."""
-    made: list[list[Deployment]] = []
-    for i, g in enumerate(config.models):
-        made.append([_make_deployment(d, g.name, base, f"models[{i}].deployments[{j}]", max_waiting_requests)
-                     for j, d in enumerate(g.deployments)])
-    everything = [d for ds in made for d in ds]
-    results = await asyncio.gather(*(d.start() for d in everything), return_exceptions=True)
+    """Make every deployment, start the local ones and the Ray replicas, and wire up the groups."""
+    rng = random.Random()
+    groups = [_empty_group(g, rng) for g in config.models]
+    made: list[list[tuple[object, Deployment]]] = []
+    pools: list[ReplicaPool] = []
+    for i, (g, group) in enumerate(zip(config.models, groups)):
+        mine = []
+        for j, d in enumerate(g.deployments):
+            where = f"models[{i}].deployments[{j}]"
+            if isinstance(d, RaySpec):
+                pools.append(_pool(d, g, group, _replica_maker(d, g.name, base, where, max_waiting_requests)))
+            else:
+                mine.append((d, _make_deployment(d, g.name, base, where, max_waiting_requests)))
+        made.append(mine)
+    everything = [d for ds in made for _, d in ds]
+    results = await asyncio.gather(*(d.start() for d in everything), *(p.start() for p in pools),
+                                   return_exceptions=True)
     failed = next((r for r in results if isinstance(r, BaseException)), None)
     if failed is not None:
-        await asyncio.gather(*(d.aclose() for d in everything), return_exceptions=True)
+        await asyncio.gather(*(d.aclose() for d in everything), *(p.aclose() for p in pools),
+                             return_exceptions=True)
         raise failed
-    rng = random.Random()
-    return Gateway([_group(g, ds, rng) for g, ds in zip(config.models, made)], metrics=metrics)
+    for g, group, mine in zip(config.models, groups, made):
+        group.handles[:0] = [_handle(g, spec, d) for spec, d in mine]
+    return Gateway(groups, metrics=metrics, pools=pools)

@@ -15,6 +15,11 @@ models:
       - provider: local             # inferd's own engine; model: a path, a .gguf, or omitted (default)
         engine: {max_num_seqs: 16, kv_cache_bytes: 512MiB}
         price: {input: 0.02, output: 0.08}   # USD per million tokens
+      - provider: ray               # the same engine as replicas on a Ray cluster (docs/scale-out.md)
+        address: auto
+        replicas: 2                 # autoscaled on queue depth between min_replicas and max_replicas
+        num_cpus: 4
+        num_gpus: 1
       - provider: openai            # any OpenAI-compatible server
         base_url: https://api.example.com/v1
         model: gpt-4o-mini
@@ -55,6 +60,8 @@ from inferd.providers.base import Timeouts
 
 Routing = Literal["weighted_random", "least_in_flight", "lowest_latency", "lowest_cost", "prefix_affinity"]
 FALLBACK_CLASSES = ("default", "rate_limit", "server", "timeout", "context_length")
+MAX_REPLICAS = 64
+ENGINE_PROVIDERS = ("local", "ray")  # inferd's own engine: a queue the admission control can predict
 
 
 class _Spec(BaseModel):
@@ -119,12 +126,67 @@ class _DeploymentSpec(_Spec):
     price: PriceSpec | None = None
 
 
-class LocalSpec(_DeploymentSpec):
-    provider: Literal["local"]
+class _EngineSpec(_DeploymentSpec):
+    """A model on inferd's own engine: where it runs is the subclass's business."""
+
     model: str | None = None  # HF directory or .gguf; None: the embedded default model
-    task: Literal["generate", "embed"] = "generate"
     engine: dict = Field(default_factory=dict)
     max_waiting_requests: int = Field(256, ge=0)
+
+
+class LocalSpec(_EngineSpec):
+    provider: Literal["local"]
+    task: Literal["generate", "embed"] = "generate"
+
+
+class AutoscaleSpec(_Spec):
+    """How a Ray deployment's replica count follows its load (gateway/autoscale.py)."""
+
+    # requests waiting per replica, beyond those it runs at once (its max_num_seqs), that a replica
+    # is sized for: more than that for `upscale_delay_s` adds replicas, less for `downscale_delay_s`
+    # removes them
+    target_queue: float = Field(2.0, ge=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    interval_s: float = Field(1.0, gt=0, le=60)
+
+
+class RaySpec(_EngineSpec):
+    """Engine replicas placed on a Ray cluster, each an actor on a node that has its resources; the
+    gateway routes to them as to local engines (providers/ray_replica.py, gateway/replicas.py)."""
+
+    provider: Literal["ray"]
+    address: str | None = None       # a cluster ("auto", "10.0.0.5:6379"); None: start Ray on this machine
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
+    min_replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS)   # None: replicas (no autoscaling down)
+    max_replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS)   # None: replicas (no autoscaling up)
+    num_cpus: float = Field(1.0, gt=0)    # per replica; also its engine's torch threads, unless engine: says
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per replica
+    # the address of this server that replicas send their tokens to; None: this node's address in Ray
+    link_host: str | None = None
+    start_timeout_s: float = Field(600.0, gt=0)  # waiting for resources and loading the model
+    autoscale: AutoscaleSpec = Field(default_factory=AutoscaleSpec)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RaySpec:
+        self.min_replicas = self.replicas if self.min_replicas is None else self.min_replicas
+        self.max_replicas = self.replicas if self.max_replicas is None else self.max_replicas
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(f"need min_replicas <= replicas <= max_replicas, got {self.min_replicas}, "
+                             f"{self.replicas}, {self.max_replicas}")
+        return self
+
+
+def replica_name(deployment: str, slot: int) -> str:
+    """The name of replica `slot` of a Ray deployment: what headers, metrics and the ledger show."""
+    return f"{deployment}#{slot}"
+
+
+def replica_of(name: str) -> str:
+    """The deployment a replica's name belongs to (a name that is no replica's: itself)."""
+    base, sep, slot = name.rpartition("#")
+    return base if sep and slot.isdigit() else name
 
 
 class _RemoteSpec(_DeploymentSpec):
@@ -163,7 +225,8 @@ class OnnxSpec(_DeploymentSpec):
     intra_op_num_threads: int = Field(1, ge=1, le=256)
 
 
-DeploymentSpec = Annotated[LocalSpec | OpenAISpec | AnthropicSpec | OnnxSpec, Field(discriminator="provider")]
+DeploymentSpec = Annotated[LocalSpec | RaySpec | OpenAISpec | AnthropicSpec | OnnxSpec,
+                           Field(discriminator="provider")]
 
 
 class RetrySpec(_Spec):
@@ -209,6 +272,9 @@ class GatewayConfig(_Spec):
                 d.name = d.name or f"{g.name}/{j}"
                 if d.name in deployment_names:
                     raise ValueError(f"{where}.deployments[{j}].name: {d.name!r} is used twice")
+                if replica_of(d.name) != d.name:
+                    raise ValueError(f"{where}.deployments[{j}].name: {d.name!r} ends like a replica's name "
+                                     "(#<number>); choose another")
                 deployment_names.add(d.name)
             for cls, targets in g.fallbacks.items():
                 for t in targets:
@@ -221,8 +287,12 @@ class GatewayConfig(_Spec):
                     raise ValueError(f"{where}.degrade_to: no model group is named {g.degrade_to!r}")
                 if names[g.degrade_to] == g.name:
                     raise ValueError(f"{where}.degrade_to: a group cannot degrade to itself")
-            if g.slo_ttft_ms is not None and not any(d.provider == "local" for d in g.deployments):
+            if g.slo_ttft_ms is not None and not any(d.provider in ENGINE_PROVIDERS for d in g.deployments):
                 raise ValueError(f"{where}.slo_ttft_ms: needs a local deployment (its queue is what is predicted)")
+        addresses = {d.address for g in self.models for d in g.deployments if isinstance(d, RaySpec)}
+        if len(addresses) > 1:  # one Ray connection per process
+            raise ValueError(f"every provider: ray deployment must name the same address, got "
+                             f"{', '.join(sorted(map(str, addresses)))}")
         return self
 
 
@@ -231,7 +301,7 @@ def _error_path(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("local", "openai", "anthropic", "onnx") and out.endswith("]"):
+        elif part in ("local", "ray", "openai", "anthropic", "onnx") and out.endswith("]"):
             continue  # the discriminator's branch name is noise in the path
         else:
             out += f".{part}" if out else str(part)
@@ -276,7 +346,7 @@ def _engine_block(cls, spec: LocalSpec, where: str, make, what: str = ""):
         raise ValueError(f"{where}.engine: {e}") from None
 
 
-def local_engine_config(spec: LocalSpec, base: EngineConfig, where: str) -> EngineConfig:
+def local_engine_config(spec: _EngineSpec, base: EngineConfig, where: str) -> EngineConfig:
     """The CLI's engine options overridden by the deployment's `engine:` block."""
     return _engine_block(EngineConfig, spec, where,
                          lambda: dataclasses.replace(base, model=spec.model, **spec.engine))

@@ -141,8 +141,12 @@ Call = Callable[[Handle, InferenceRequest, int], Awaitable[Any]]
 class Gateway:
     def __init__(self, groups: list[ModelGroup], *, metrics: GatewayMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, max_total_s: float = 600.0):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, max_total_s: float = 600.0,
+                 pools: list | None = None):
         self.groups = groups
+        # the replica pools of `provider: ray` deployments (gateway/replicas.py), by deployment name:
+        # their replicas are handles of their groups like any other
+        self.pools = {p.name: p for p in pools or ()}
         self._by_name = {n: g for g in groups for n in (g.name, *g.aliases)}
         self.metrics = metrics
         self.clock, self.rng, self.sleep = clock, rng or random.Random(), sleep
@@ -164,6 +168,30 @@ class Gateway:
 
     def handles(self) -> list[Handle]:
         return [h for g in self.groups for h in g.handles]
+
+    def pool(self, name: str):
+        """The replica pool of the Ray deployment called `name`."""
+        pool = self.pools.get(name)
+        if pool is None:
+            known = ", ".join(repr(n) for n in self.pools) or "none"
+            raise InferdError(ErrorKind.INVALID_REQUEST, f"no provider: ray deployment is named {name!r}; "
+                                f"this server has {known}", status=404, param="name", code="not_found")
+        return pool
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work everywhere and give what is in flight `timeout` s (replica pools stop scaling)."""
+        for p in self.pools.values():
+            p.stop_scaling()
+        await asyncio.gather(*(h.deployment.drain(timeout) for h in self.handles()))
+
+    async def aclose(self) -> None:
+        """Release every deployment: the pools' replicas (up, starting, retiring) and the others."""
+        pooled = {h.name for p in self.pools.values() for h in p.handles}
+        await asyncio.gather(*(p.aclose() for p in self.pools.values()),
+                             *(h.deployment.aclose() for h in self.handles() if h.name not in pooled),
+                             return_exceptions=True)
 
     # -- the two calls ------------------------------------------------------------------------
 
@@ -284,6 +312,8 @@ class Gateway:
                         raise
                     if not e.kind.retryable or e.kind is ErrorKind.TIMEOUT:
                         break  # a deployment that let a timeout run out would likely do it again: next one
+                    if not h.deployment.healthy:
+                        break  # it went down (a dead engine): the next one, without waiting
                     delay = retry_delay(group.retry, attempt, e.retry_after, self.rng)
                     if delay is None or self.clock() + delay > deadline:
                         break
@@ -317,8 +347,12 @@ class Gateway:
         return result
 
     def _record(self, h: Handle, kind: ErrorKind, status: int, seconds: float) -> Outcome:
-        """Account a failed attempt on the breaker and metrics; returns its outcome for the stats."""
-        if kind in _BREAKER_FAILURES:
+        """Account a failed attempt on the breaker and metrics; returns its outcome for the stats.
+
+        A deployment that says it is down (a dead engine) is skipped for that already; its failures
+        are not held against it by the breaker, or a replica restarted in seconds would stay shut
+        out for the breaker's cooldown."""
+        if kind in _BREAKER_FAILURES and h.deployment.healthy:
             h.breaker.record_failure()
             outcome = Outcome.FAILURE
         else:

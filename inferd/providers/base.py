@@ -99,6 +99,16 @@ class Deployment(ABC):
         """False while the deployment cannot take work at all (a dead or draining engine)."""
         return True
 
+    @property
+    def recovering(self) -> bool:
+        """True while the deployment is down but being brought back by itself (a replica whose engine
+        died and is restarting): the server stays healthy meanwhile, its group's other replicas answer."""
+        return False
+
+    def placement(self) -> dict | None:
+        """Where a deployment that runs its own engine elsewhere runs it (node, process, restarts)."""
+        return None
+
     def unavailable(self) -> InferdError:
         """The error for a request that finds the deployment not `healthy`."""
         return InferdError(ErrorKind.SERVER, f"{self.name} is not accepting requests", status=503)

@@ -19,6 +19,7 @@ from inferd.engine.client.async_client import (AsyncEngine, EngineDeadError, Eng
                                                RequestMetrics, RequestRejectedError)
 from inferd.engine.config import EngineConfig
 from inferd.engine.messages import Stats
+from inferd.engine.process_link import ChildHost
 from inferd.engine.sampling_params import InvalidParameterError
 from inferd.engine.tokenizer import ChatTemplateError, Tokenizer
 from inferd.providers.base import Deployment, ModelInfo
@@ -81,9 +82,9 @@ class LocalEngineDeployment(Deployment):
     takes_prefill = True  # continue_final_message (local_chat.py)
 
     def __init__(self, name: str, model_name: str, config: EngineConfig, *,
-                 max_waiting_requests: int = 256):
+                 max_waiting_requests: int = 256, host: ChildHost | None = None):
         self.name, self.model_name = name, model_name
-        self.engine = AsyncEngine(config, max_waiting_requests=max_waiting_requests)
+        self.engine = AsyncEngine(config, max_waiting_requests=max_waiting_requests, host=host)
 
     async def start(self) -> None:
         await self.engine.start()

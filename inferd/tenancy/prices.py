@@ -5,14 +5,15 @@ group's, else free (a self-hosted model nobody priced). `worst(group)` is the
 highest input and output price among every deployment that could answer a
 request to that group, following its fallback chains and degradation target,
 because budgets reserve before anyone knows which deployment will answer.
-Tensor models are priced per prediction (a row scored), per 1,000 of them.
+Tensor models are priced per prediction (a row scored), per 1,000 of them. The
+replicas of a Ray deployment (`chat/0#1`) cost what their deployment costs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inferd.gateway.config import GatewayConfig, PriceSpec
+from inferd.gateway.config import GatewayConfig, PriceSpec, replica_of
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class PriceBook:
         return cls(by_deployment, worst)
 
     def price(self, deployment: str | None) -> Price:
-        return self._by_deployment.get(deployment, FREE) if deployment else FREE
+        if not deployment:
+            return FREE
+        return self._by_deployment.get(deployment) or self._by_deployment.get(replica_of(deployment), FREE)
 
     def worst(self, group: str) -> Price:
         return self._worst.get(group, FREE)

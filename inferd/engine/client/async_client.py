@@ -21,6 +21,10 @@ requests in flight (`max_num_seqs + max_waiting_requests`) turns overload into
 `EngineOverloadedError` with a retry hint. `EngineDeadError` and
 `RequestAbortedError` are defined with the link, as the embedding client raises
 them too; they are importable from here as well.
+
+Where the core runs is the link's `host`: a process of this one by default, or a
+Ray actor on any node of a cluster (providers/ray_actor.py), whose outputs come
+over TCP straight to this process, as they come over ipc from a local core.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from inferd.engine.client.output_processor import OutputProcessor
 from inferd.engine.config import EngineConfig
 from inferd.engine.core import process as cp
 from inferd.engine.outputs import RequestOutput
-from inferd.engine.process_link import EngineDeadError, ProcessLink, RequestAbortedError
+from inferd.engine.process_link import ChildHost, EngineDeadError, ProcessLink, RequestAbortedError
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
 from inferd.engine.tokenizer import Tokenizer, with_chat_template
 
@@ -118,7 +122,7 @@ class _Stream:
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, *, max_waiting_requests: int = 256,
-                 on_request_done: Callable[[RequestMetrics], None] | None = None):
+                 on_request_done: Callable[[RequestMetrics], None] | None = None, host: ChildHost | None = None):
         self.config = config
         self.max_waiting_requests = max_waiting_requests
         self.on_request_done = on_request_done
@@ -129,7 +133,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._reused = 0  # suffixes handed out by `_unique`
         self._link = ProcessLink("engine core", "engine", ipc.FromEngineCore, on_message=self._on_message,
-                                 fail_all=self._fail_all, log=log)
+                                 fail_all=self._fail_all, log=log, host=host)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -150,6 +154,11 @@ class AsyncEngine:
     @property
     def dead_reason(self) -> str | None:
         return self._link.dead_reason
+
+    async def wait_dead(self) -> str:
+        """Wait until the core is gone (it exited, failed or became unreachable); why."""
+        await self._link.dead.wait()
+        return self.dead_reason
 
     @property
     def is_healthy(self) -> bool:

@@ -66,7 +66,7 @@ class AsyncEmbedder(SpecFacts):
     @property
     def _proc(self):
         # the child process (None before start): tests kill it to see requests fail fast
-        return self._link.proc
+        return self._link.host.proc
 
     @property
     def dead_reason(self) -> str | None:
