@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -85,6 +86,13 @@ def write_doc_section(key: str, markdown: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     DOC.write_text(text)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class Server:
