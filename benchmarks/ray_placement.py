@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -53,6 +55,9 @@ from inferd.bench.datasets import random_text_prompts  # noqa: E402
 from inferd.bench.metrics import compute_metrics  # noqa: E402
 from inferd.bench.serve import load_tokenizer, run_benchmark  # noqa: E402
 
+# Ray's token authentication with a token of this run's own: without one set, a new local Ray writes
+# ~/.ray/auth_token, which other clusters of the user would then pick up
+RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 ENGINE = {"num_threads": 1, "max_num_seqs": 16, "kv_cache_bytes": "256MiB", "max_model_len": 1024}
 GROUPS = {"local": None, "ray x1": 1, "ray x2": 2}  # group -> Ray replicas (None: a local engine)
 
@@ -71,7 +76,7 @@ def start(tmp: Path) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", "--config", str(config),
            "--port", str(port), "--store", f"sqlite:///{tmp}/ledger.db"]
-    return Server("inferd", cmd, port, {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}).wait_ready(600)
+    return Server("inferd", cmd, port, {**RAY_AUTH, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}).wait_ready(600)
 
 
 def run(srv: Server, name: str, prompts, concurrency: int, output_len: int, tokenizer):
@@ -105,6 +110,7 @@ def transport(messages: int = 200, interval_s: float = 0.005) -> dict:
     import ray
     import zmq
 
+    os.environ.update(RAY_AUTH)
     ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         @ray.remote(num_cpus=1)

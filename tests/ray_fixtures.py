@@ -5,7 +5,9 @@ dashboard and a 200 MB object store, in a temporary directory of its own (never
 the machine's default /tmp/ray, which another cluster may use), and stops it by
 ending that command's process group: `ray stop` would stop every cluster of the
 user on the machine. Its workers import this checkout's `inferd` (PYTHONPATH),
-as the server does.
+as the server does. It uses Ray's token authentication with a token of its own,
+given to the cluster, `ray status` and the server in the environment: with none
+set, Ray would use (or write) ~/.ray/auth_token, which belongs to the user.
 
 Without Ray installed the tests that need it are skipped, unless
 INFERD_REQUIRE_RAY is set (CI sets it): then they fail, so a broken install
@@ -15,6 +17,7 @@ cannot pass as a green run that never placed an engine on Ray.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -50,7 +53,8 @@ class RayCluster:
                "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0",
                "--include-dashboard", "false", "--object-store-memory", str(200 * 2**20),
                "--temp-dir", self.temp_dir, "--disable-usage-stats"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
         self.log = open(Path(self.temp_dir) / "start.log", "w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                      start_new_session=True)
@@ -61,7 +65,7 @@ class RayCluster:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}:\n{self.output()}")
             status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", self.address],
-                                    capture_output=True, text=True, timeout=30)
+                                    capture_output=True, text=True, timeout=30, env={**os.environ, **self.env})
             if status.returncode == 0 and "CPU" in status.stdout:
                 return self
             time.sleep(0.5)
@@ -114,7 +118,7 @@ def serve_on_ray(cluster: RayCluster, model: Path, tmp: Path, *extra_args: str, 
                           "deployments": [ray_deployment(cluster, model, **deployment)]}]}
     path = tmp / "inferd.yaml"
     path.write_text(yaml.safe_dump(config))
-    srv = ServerProc(model, "--config", str(path), *extra_args)
+    srv = ServerProc(model, "--config", str(path), *extra_args, env=cluster.env)
     try:
         return srv.wait_ready(timeout=120)
     except BaseException:

@@ -53,8 +53,8 @@ class Autoscaler:
         self.target_queue = target_queue
         self.upscale_delay_s, self.downscale_delay_s = upscale_delay_s, downscale_delay_s
         self.clock = clock
-        self._up_since: float | None = None    # since when more replicas have been wanted, without a break
-        self._down_since: float | None = None  # likewise fewer
+        # (more?, since when) more (or fewer) replicas have been wanted without a break; None: as many as now
+        self._wanting: tuple[bool, float] | None = None
 
     def set_bounds(self, min_replicas: int, max_replicas: int) -> None:
         if not 1 <= min_replicas <= max_replicas:
@@ -74,21 +74,15 @@ class Autoscaler:
             return ScaleDecision(n, desired, wanted, load.in_flight, reason)
 
         if not self.min_replicas <= n <= self.max_replicas:  # the bounds moved: follow them at once
-            self._up_since = self._down_since = None
+            self._wanting = None
             return decision(min(self.max_replicas, max(self.min_replicas, n)), "outside the bounds")
-        if wanted > n:
-            self._down_since = None
-            self._up_since = now if self._up_since is None else self._up_since
-            if now - self._up_since >= self.upscale_delay_s:
-                self._up_since = None
-                return decision(wanted, f"{load.in_flight} in flight need {wanted} replicas")
-            return decision(n, "more wanted, not for long enough yet")
-        if wanted < n:
-            self._up_since = None
-            self._down_since = now if self._down_since is None else self._down_since
-            if now - self._down_since >= self.downscale_delay_s:
-                self._down_since = None
-                return decision(wanted, f"{load.in_flight} in flight need only {wanted} replicas")
-            return decision(n, "fewer wanted, not for long enough yet")
-        self._up_since = self._down_since = None
-        return decision(n, "sized for the load")
+        if wanted == n:
+            self._wanting = None
+            return decision(n, "sized for the load")
+        up = wanted > n
+        if self._wanting is None or self._wanting[0] != up:  # a change of mind starts the wait again
+            self._wanting = (up, now)
+        if now - self._wanting[1] < (self.upscale_delay_s if up else self.downscale_delay_s):
+            return decision(n, f"{'more' if up else 'fewer'} wanted, not for long enough yet")
+        self._wanting = None
+        return decision(wanted, f"{load.in_flight} in flight need {'' if up else 'only '}{wanted} replicas")

@@ -170,6 +170,11 @@ class RaySpec(_EngineSpec):
 
     @model_validator(mode="after")
     def _bounds(self) -> RaySpec:
+        if self.address and self.address.startswith("ray://"):
+            # a Ray Client driver is not a node of the cluster: replicas could not be told an address of this
+            # server that they reach, nor the server learn of their deaths as a node does
+            raise ValueError("address: Ray Client (ray://) is not supported; run inferd serve on a node of the "
+                             "cluster (ray start --address=HEAD:6379) and give address: auto")
         self.min_replicas = self.replicas if self.min_replicas is None else self.min_replicas
         self.max_replicas = self.replicas if self.max_replicas is None else self.max_replicas
         if not self.min_replicas <= self.replicas <= self.max_replicas:

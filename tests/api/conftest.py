@@ -44,7 +44,8 @@ def free_port() -> int:
 
 
 class ServerProc:
-    def __init__(self, model: Path, *extra: str, api_key: str | None = API_KEY, log_level: str = "warning"):
+    def __init__(self, model: Path, *extra: str, api_key: str | None = API_KEY, log_level: str = "warning",
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -58,7 +59,7 @@ class ServerProc:
         if "--store" not in extra:  # each server its own ledger, never the user's
             argv += ["--store", f"sqlite:///{self.store_path}"]
         cmd = [sys.executable, "-m", "inferd.cli", *argv]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     def wait_ready(self, timeout: float = 90.0) -> "ServerProc":

@@ -33,6 +33,7 @@ def test_a_ray_deployment_defaults_to_a_fixed_count_of_one_cpu_replicas():
     ({"task": "embed"}, "task"),                       # replicas serve generation only
     ({"autoscale": {"target_queue": -1}}, "target_queue"),
     ({"placement_group": "x"}, "placement_group"),      # unknown options are refused, never ignored
+    ({"address": "ray://head:10001"}, "Ray Client"),
 ])
 def test_bad_ray_options_are_refused_naming_the_key(deployment, message):
     with pytest.raises(ValueError, match=message) as e:
