@@ -169,8 +169,9 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
             card["aliases"] = group.aliases
         info = next((h.deployment.info for h in group.handles
                      if h.deployment.info is not None and h.deployment.info.source), None)
-        if info is not None:  # a model this server runs itself: where it came from, and its context
-            card.update(root=info.source, max_model_len=info.max_model_len)
+        if info is not None:  # a model this server runs itself: its file, and its context
+            # the file's name, not its path: a caller has no business knowing the server's disk layout
+            card.update(root=Path(info.source).name, max_model_len=info.max_model_len)
         return card
 
     @app.get("/v1/models")

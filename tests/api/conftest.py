@@ -45,6 +45,7 @@ def free_port() -> int:
 
 class ServerProc:
     def __init__(self, model: Path, *extra: str, api_key: str | None = API_KEY, log_level: str = "warning"):
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
