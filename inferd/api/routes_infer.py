@@ -25,8 +25,8 @@ from inferd.api.metered_calls import metered
 from inferd.api.protocol import ServerState, json_response, principal, state
 from inferd.classic.metrics import InferMetrics
 from inferd.classic.tensors import TensorError, decode_request, encode_result
-from inferd.gateway.router import Route
 from inferd.providers.onnx import OnnxDeployment
+from inferd.tenancy.intake import admit
 from inferd.wire.errors import client_error, http_error
 from inferd.wire.request import InferenceRequest
 
@@ -81,12 +81,11 @@ async def infer(request: Request):
         model = _deployments(st, name, version)[0].model_name
         raw = await read_limited(request.stream(), st.body_limits.max_bytes)
         req = decode_request(raw, _header_length(request))
-        first = req.inputs[0].shape
         typed = InferenceRequest("infer" if version is None else f"infer@{version}", req, {"model": name},
                                  request.state.request_id, principal(request), model=name)
-        meter = await st.metering.begin_predictions(typed.caller, model, name, typed.request_id,
-                                                    predictions=first[0] if first else 1)
-        route = request.state.route = Route(name, "infer")
+        admission = await admit(st.gateway, st.metering, typed)
+        meter, route = admission.meter, admission.route
+        request.state.route = route
         work = st.gateway.request(typed, route)
         result = await metered(meter, route, work)
         meter.usage({"predictions": result.rows})
@@ -108,20 +107,6 @@ async def infer(request: Request):
 # before the other /v2 routes: routes are matched in order, and infer calls are the hot path
 router.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
 router.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
-
-
-def infer_path_params(method: str, path: str) -> dict[str, str] | None:
-    """The path parameters when `method path` is an infer call, else None: the server's hot path
-    (api/server.py, `HotPath`) sends these calls to `infer` without FastAPI's middleware and router,
-    which took about a third of the event loop's time per call."""
-    if method != "POST" or not path.startswith("/v2/models/") or not path.endswith("/infer"):
-        return None
-    parts = path[11:-6].split("/")
-    if len(parts) == 1 and parts[0]:
-        return {"name": parts[0]}
-    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
-        return {"name": parts[0], "version": parts[2]}
-    return None
 
 
 async def infer_asgi(scope, receive, send) -> None:

@@ -51,6 +51,7 @@ from inferd.api.errors import error_response, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
 from inferd.api.protocol import ServerState, json_response, state
 from inferd.batch.runner import BatchRunner
+from inferd.classic.tensors import infer_path_params
 from inferd.engine.config import EngineConfig
 from inferd.gateway.build import start_gateway
 from inferd.gateway.config import GatewayConfig, load_config, single_model_config
@@ -125,8 +126,8 @@ class HotPath:
         self.infer = RequestContextMiddleware(routes_infer.infer_asgi, authenticator)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            params = routes_infer.infer_path_params(scope["method"], scope["path"])
+        if scope["type"] == "http" and scope["method"] == "POST":
+            params = infer_path_params(scope["path"])
             if params is not None:
                 scope["app"], scope["path_params"] = self.app, params
                 return await self.infer(scope, receive, send)

@@ -30,15 +30,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inferd.batch.files import BATCH_URLS, create_file
+import msgspec
+
+from inferd.batch.files import batch_endpoint, create_file
+from inferd.classic.tensors import TensorError, decode_request, encode_result, infer_path_params
 from inferd.gateway.router import Gateway
 from inferd.store.base import Store, Tx
 from inferd.tenancy import keys, ledger, quota
 from inferd.tenancy.intake import admit
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
-from inferd.wire.errors import client_error
-from inferd.wire.request import parse_request
+from inferd.wire.errors import client_error, http_error
+from inferd.wire.request import InferenceRequest, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,30 @@ def _complete(tx: Tx, c: Claimed, owner: str, ok: bool, status: int, result: dic
 def _renew(tx: Tx, owner: str, lines: list[tuple[str, int]], until: float) -> None:
     tx.executemany("UPDATE batch_lines SET lease_until = ? WHERE batch_id = ? AND line = ? AND lease_owner = ? "
                    "AND state = 'running'", [(until, b, n, owner) for b, n in lines])
+
+
+def _line_request(endpoint: str, c: Claimed, request_id: str, who: Principal | None,
+                  priority: int) -> InferenceRequest:
+    """A line's typed request: an OpenAI body, or the JSON tensors of a tensor model's infer call."""
+    if not endpoint.startswith("infer"):
+        typed = parse_request(endpoint, c.body, request_id=request_id, caller=who, batch_id=c.batch_id)
+        return typed if "priority" in c.body else typed.with_priority(priority)
+    try:
+        tensors = decode_request(msgspec.json.encode(c.body))
+    except TensorError as e:
+        raise http_error(400, str(e)) from None
+    if tensors.wants_binary:
+        raise http_error(400, "binary output tensors cannot be written to a JSONL output file; "
+                              "leave out binary_data")
+    return InferenceRequest(endpoint, tensors, c.body, request_id, who, c.batch_id,
+                            model=infer_path_params(c.endpoint)["name"])
+
+
+def _line_model(c: Claimed) -> str | None:
+    """The model a line names, for its ledger row when it failed before it was admitted."""
+    params = infer_path_params(c.endpoint)
+    model = params["name"] if params is not None else c.body.get("model")
+    return model if isinstance(model, str) else None
 
 
 def _line_error(custom_id: str, code: str, message: str) -> dict:
@@ -232,7 +259,7 @@ class BatchRunner:
                                    team_limits=who.team_limits.budget_only())
 
     async def _run_line(self, c: Claimed) -> None:
-        endpoint = BATCH_URLS[c.endpoint]
+        endpoint = batch_endpoint(c.endpoint)
         request_id = "batch_req_" + secrets.token_hex(12)
         try:
             who = await self._principal(c)
@@ -241,17 +268,19 @@ class BatchRunner:
             return
         route, admission, refused = None, None, False
         try:
-            typed = parse_request(endpoint, c.body, request_id=request_id, caller=who, batch_id=c.batch_id)
-            if "priority" not in c.body:
-                typed = typed.with_priority(self.priority)
+            typed = _line_request(endpoint, c, request_id, who, self.priority)
             admission = await admit(self.gateway, self.metering, typed)
             route = admission.route
             if who is None:  # an open server's batch: the ledger row has no key
                 admission.meter.row.team = c.team
             answer = await self.gateway.request(typed, route)
-            if "id" in answer:  # a remote provider's answer carries the upstream's own
-                answer["id"] = typed.response_id
-            admission.meter.usage(answer.get("usage"))
+            if endpoint.startswith("infer"):  # scored rows: the protocol's JSON answer
+                admission.meter.usage({"predictions": answer.rows})
+                answer = msgspec.json.decode(encode_result(answer)[0])
+            else:
+                if "id" in answer:  # a remote provider's answer carries the upstream's own
+                    answer["id"] = typed.response_id
+                admission.meter.usage(answer.get("usage"))
             ok, status, payload = True, 200, answer
         except Exception as e:  # noqa: BLE001 - a failed line is a result, written to the error file
             error = client_error(e)  # a bug fails the line, not the runner
@@ -259,10 +288,9 @@ class BatchRunner:
             refused = isinstance(e, quota.QuotaExceeded) and admission is None  # its row is written already
         meter = admission.meter if admission is not None else None
         ticket = meter.ticket if meter is not None else None
-        model = c.body.get("model")
         row = meter.close(status, route) if meter is not None else None if refused else ledger.LedgerRow(
             ts=self.clock(), endpoint=endpoint, status=status, request_id=request_id, key_id=c.key_id, team=c.team,
-            model=model if isinstance(model, str) else None, batch_id=c.batch_id)
+            model=_line_model(c), batch_id=c.batch_id)
         now = self.clock()
         if not ok and self._stopping:
             # failed because this server is going away: leave the line to its lease, to run again, and give
