@@ -62,7 +62,8 @@ class ServerProc:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
-    def wait_ready(self, timeout: float = 90.0) -> "ServerProc":
+    def wait_ready(self, timeout: float = 180.0) -> "ServerProc":
+        # generous: a loaded 2-core machine that compiles the CPU kernels on first use took over 90 s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
