@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +22,7 @@ import yaml
 
 from inferd.store import open_store
 from inferd.tenancy import ledger
-from tests.api.conftest import ServerProc, wait_for
+from tests.api.conftest import ROOT, ServerProc, wait_for
 from tests.gateway.mock_upstream import Fault, MockUpstream
 
 CHAT = [{"role": "user", "content": "hello there"}]
@@ -290,3 +292,20 @@ def test_config_reload_adds_changes_and_removes_groups_without_cutting_a_stream(
     wait_for(lambda: chat(srv, "added").status_code == 404, timeout=30)
     assert admin(srv, "POST", "/admin/models/reload/deploy", json={"spec": []}).status_code == 400
     assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
+
+
+def cli(srv, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inferd.cli", "models", *args, "--base-url", srv.url,
+                           "--api-key", srv.api_key], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_the_models_command(srv, mocks):  # each call is a new process: a few seconds apiece
+    spec = json.dumps(remote(mocks["other"], "cli-other"))
+    out = cli(srv, "deploy", "rollout", spec, "--canary", "25", "--label", "other")
+    assert out.returncode == 0, out.stderr
+    assert "canary other (25% of keys)" in out.stdout
+    assert cli(srv, "promote", "rollout").returncode == 0
+    history = cli(srv, "history", "rollout").stdout.splitlines()
+    assert "promote" in history[0] and "-> other" in history[0] and "(25%)" in history[1]
+    bad = cli(srv, "deploy", "rollout", "{provider: openai}")
+    assert bad.returncode == 2 and "base_url: Field required" in bad.stderr  # the server's 400, said
