@@ -417,13 +417,15 @@ class VersionManager:
         by_group: dict[str, list] = {}
         for (name, _), loaded in self._loaded.items():
             by_group.setdefault(name, []).extend(loaded.specs)
-        current = {g.name for g in self.config.models}
+        # links to groups not running (removed by a reload, or whose start failed) are left out
+        running = {n for name in by_group for n in (name, *self._specs[name].aliases)}
         models = []
         for name, deployments in by_group.items():
-            update = {"deployments": deployments}
-            if name not in current:  # a group a reload removed, still draining: its links may be gone too
-                update.update(fallbacks={}, degrade_to=None)
-            models.append(self._specs[name].model_copy(update=update))
+            spec = self._specs[name]
+            fallbacks = {cls: [t for t in chain if t in running] for cls, chain in spec.fallbacks.items()}
+            degrade_to = spec.degrade_to if spec.degrade_to in running else None
+            models.append(spec.model_copy(update={"deployments": deployments, "fallbacks": fallbacks,
+                                                  "degrade_to": degrade_to}))
         return GatewayConfig.model_construct(models=models)
 
     def describe_one(self, group: ModelGroup, r: Rollout | None = None) -> dict:
