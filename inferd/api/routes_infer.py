@@ -14,6 +14,7 @@ does not fit the model gets a 400 naming the input.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from starlette.background import BackgroundTask
@@ -25,6 +26,7 @@ from inferd.api.metered_calls import metered
 from inferd.api.protocol import ServerState, json_response, principal, state
 from inferd.classic.metrics import InferMetrics
 from inferd.classic.tensors import TensorError, decode_request, encode_result
+from inferd.gateway.router import Handle
 from inferd.providers.onnx import OnnxDeployment
 from inferd.tenancy.intake import admit
 from inferd.wire.errors import client_error, http_error
@@ -34,12 +36,18 @@ router = APIRouter()
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def attach(app, st: ServerState) -> None:
-    """Metrics for the tensor models of a started gateway, on the app's registry."""
+def attach(app, st: ServerState) -> Callable[[Handle], None]:
+    """Metrics for the tensor models of a started gateway, on the app's registry; returns what watches a
+    deployment loaded later (a new model version)."""
     metrics = app.state.infer_metrics = InferMetrics(st.registry)
-    for h in st.gateway.handles():
+
+    def watch(h: Handle) -> None:
         if "infer" in h.deployment.endpoints:  # a tensor model (providers/onnx.py)
             h.deployment.on_batch = lambda record, name=h.deployment.model_name: metrics.batch(name, record)
+
+    for h in st.gateway.handles():
+        watch(h)
+    return watch
 
 
 def _error(exc: BaseException) -> Response:
@@ -127,7 +135,7 @@ async def live():
 
 @router.get("/v2/health/ready")
 async def ready(request: Request):
-    ok = all(h.deployment.healthy for h in state(request).gateway.handles())
+    ok = all(h.deployment.healthy for h in state(request).gateway.serving_handles())
     return Response(status_code=200 if ok else 503)
 
 

@@ -30,6 +30,7 @@ import gc
 import logging
 import os
 import re
+import signal
 import socket
 import random
 import secrets
@@ -44,19 +45,20 @@ from starlette.responses import Response
 
 from inferd import __version__
 from inferd.api import (routes_admin, routes_batches, routes_deployments, routes_embeddings, routes_files,
-                        routes_generate, routes_infer, routes_tokenize, routes_usage, routes_web)
+                        routes_generate, routes_infer, routes_models, routes_tokenize, routes_usage, routes_web)
 from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits
 from inferd.api.errors import error_response, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
-from inferd.api.protocol import ServerState, json_response, state
+from inferd.api.protocol import ServerState, json_response, spawn, state
+from inferd.batch.jobs import pinned_versions
 from inferd.batch.runner import BatchRunner
 from inferd.classic.tensors import infer_path_params
 from inferd.engine.config import EngineConfig
-from inferd.gateway.build import start_gateway
 from inferd.gateway.config import GatewayConfig, load_config, single_model_config
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
+from inferd.gateway.versions import VersionManager
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
 from inferd.store import Store, open_store
@@ -141,23 +143,32 @@ def model_name_from_source(source: str) -> str:
 
 def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics: GatewayMetrics,
               metering: Metering, authenticator: Authenticator, batch_runner: BatchRunner,
-              body_limits: BodyLimits = BodyLimits()) -> FastAPI:
+              body_limits: BodyLimits = BodyLimits(), versions: VersionManager | None = None,
+              config_path: str | None = None) -> FastAPI:
     """The API app around a started gateway."""
     app = FastAPI(title="inferd", version=__version__, docs_url=None, redoc_url=None)
     engine_metrics = EngineMetrics(registry)
     st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator,
-                     ResponseCache(metering.store, metering.clock), batch_runner, body_limits)
-    for h in gateway.handles():
+                     ResponseCache(metering.store, metering.clock), batch_runner, body_limits, versions=versions,
+                     config_path=config_path)
+
+    def observe(h) -> None:
         if h.deployment.info is not None:
             h.deployment.observe_requests(lambda m, name=h.deployment.info.id: engine_metrics.observe(name, m))
+
+    for h in gateway.handles():
+        observe(h)
     app.state.inferd = st
     install_error_handlers(app)
     app.include_router(routes_infer.router)  # first: routes match in order, and infer calls are the most frequent
-    routes_infer.attach(app, st)
+    watch_tensors = routes_infer.attach(app, st)
+    if versions is not None:  # deployments of versions loaded later are watched the same way
+        versions.on_loaded = lambda h: (observe(h), watch_tensors(h))
     app.include_router(routes_generate.router)
     app.include_router(routes_embeddings.router)
     app.include_router(routes_tokenize.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_models.router)
     app.include_router(routes_usage.router)
     app.include_router(routes_files.router)
     app.include_router(routes_batches.router)
@@ -168,7 +179,7 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
     @app.get("/health")
     async def health(request: Request):
         down = [f"{h.name}: {h.deployment.unavailable().message}"
-                for h in state(request).gateway.handles() if not h.deployment.healthy]
+                for h in state(request).gateway.serving_handles() if not h.deployment.healthy]
         if not down:
             return json_response({"status": "ok"})
         return json_response({"status": "unavailable", "reason": "; ".join(down)}, status=503)
@@ -193,7 +204,7 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         card = {"id": group.name, "object": "model", "created": st.created, "owned_by": "inferd"}
         if group.aliases:
             card["aliases"] = group.aliases
-        info = next((h.deployment.info for h in group.handles
+        info = next((h.deployment.info for h in group.serving()
                      if h.deployment.info is not None and h.deployment.info.source), None)
         if info is not None:  # a model this server runs itself: its file, and its context
             # the file's name, not its path: a caller has no business knowing the server's disk layout
@@ -294,43 +305,55 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
     store: Store | None = None
     try:
         store = open_store(args.store)
-        gateway = await start_gateway(config, engine_config, gateway_metrics,
-                                      max_waiting_requests=args.max_waiting_requests)
+        versions = await VersionManager.start(config, engine_config, store, gateway_metrics,
+                                              max_waiting_requests=args.max_waiting_requests, pinned=pinned_versions,
+                                              poll_s=args.versions_poll_s)
     except BaseException:
         sock.close()
         if store is not None:
             store.close()
         raise
+    gateway = versions.gateway
     metering: Metering | None = None
     try:
-        metering = Metering(store, PriceBook.from_config(config), max_output_tokens(gateway))
+        metering = Metering(store, PriceBook.from_config(versions.effective_config()), max_output_tokens(gateway))
+
+        def versions_changed() -> None:  # new or unloaded versions: their prices and context lengths
+            metering.prices = PriceBook.from_config(versions.effective_config())
+            metering.max_output = max_output_tokens(gateway)
+
+        versions.on_change = versions_changed
         authenticator = Authenticator(store, admin_key=admin_key(args),
                                       allow_open_admin=args.allow_open_admin)
         batch_runner = BatchRunner(store, gateway, metering, concurrency=args.batch_concurrency,
                                    lease_s=args.batch_lease_s)
         app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, metering=metering,
                         authenticator=authenticator, batch_runner=batch_runner,
-                        body_limits=BodyLimits(max_bytes=args.max_request_bytes))
+                        body_limits=BodyLimits(max_bytes=args.max_request_bytes), versions=versions,
+                        config_path=args.config)
         log.info("store: %s", store.redacted_url())
         for g in gateway.groups:
             log.info("model %s: %s", g.name, ", ".join(h.name for h in g.handles))
         log.info("serving on http://%s:%d", args.host, args.port)
         loop = asyncio.get_running_loop()
         drains: list[asyncio.Task] = []
-        deployments = [h.deployment for h in gateway.handles()]
 
         def on_exit_signal() -> None:
             def start_drain():
                 # batch lines first: in flight they get the same time; unfinished ones stay to their leases
                 drains.append(loop.create_task(batch_runner.stop(shutdown_timeout)))
-                drains.extend(loop.create_task(d.drain(shutdown_timeout)) for d in deployments)
+                drains.extend(loop.create_task(h.deployment.drain(shutdown_timeout)) for h in versions.handles())
             loop.call_soon_threadsafe(start_drain)
+
+        if args.config:  # SIGHUP reloads the config, as POST /admin/config/reload does
+            loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload_on_signal(versions, args.config)))
 
         uv_config = uvicorn.Config(HotPath(app, authenticator), host=args.host, port=args.port, lifespan="off",
                                    log_level=args.log_level.lower(),
                                    timeout_graceful_shutdown=shutdown_timeout + 5)
         server = _Server(uv_config, on_exit_signal)
         batch_runner.start()
+        versions.run()
         # everything loaded so far (torch, the models' modules, the app) lives as long as the
         # process: moved out of the collector's view, a full collection no longer walks it (under
         # load one took ~70 ms, the P99 of every request then)
@@ -342,11 +365,18 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         for task in drains:
             await task
     finally:
-        await asyncio.gather(*(h.deployment.aclose() for h in gateway.handles()), return_exceptions=True)
+        await versions.aclose()
         if metering is not None:
             await metering.flush()
         store.close()
     return 0 if server.started else 1
+
+
+async def reload_on_signal(versions: VersionManager, path: str) -> None:
+    try:
+        await versions.reload_file(path)
+    except ValueError as e:  # an invalid file changes nothing; the server goes on as it was
+        log.error("config not reloaded: %s", e)
 
 
 def max_output_tokens(gateway: Gateway) -> dict[str, int]:

@@ -14,6 +14,11 @@ So a server killed mid-batch loses only uncommitted work: after its leases
 expire, any runner (the restarted server, or another replica) claims those lines
 again, and no line is answered or billed twice.
 
+A batch pins the model version each of its groups gave its first line (the
+version an interactive request of the batch's key would get); its other lines
+run on that version while it is loaded (an open batch keeps it loaded), and each
+output line names the version that answered (`response.model_version`).
+
 Finalizing writes the output file (answered lines, in input order) and the error
 file (lines that failed, expired or were cancelled) and sets the final status:
 completed, expired (the window passed first) or cancelled.
@@ -25,6 +30,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -33,8 +39,9 @@ from dataclasses import dataclass
 import msgspec
 
 from inferd.batch.files import batch_endpoint, create_file
+from inferd.batch.jobs import pin_version
 from inferd.classic.tensors import TensorError, decode_request, encode_result, infer_path_params
-from inferd.gateway.router import Gateway
+from inferd.gateway.router import Gateway, ModelGroup
 from inferd.store.base import Store, Tx
 from inferd.tenancy import keys, ledger, quota
 from inferd.tenancy.intake import admit
@@ -190,6 +197,8 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._renewed = 0.0
+        self._pins: dict[tuple[str, str], str] = {}  # (batch, group) -> the version its lines are pinned to
+        self._rng = random.Random()
 
     def wake(self) -> None:
         """Look for work now (a batch was created or cancelled)."""
@@ -243,6 +252,19 @@ class BatchRunner:
             self._running[(c.batch_id, c.line)] = task
             task.add_done_callback(lambda _, key=(c.batch_id, c.line): self._line_done(key))
 
+    async def _pin(self, c: Claimed, group: ModelGroup) -> str | None:
+        """The version of `group` the batch's lines run on: the one its first line was given (as an
+        interactive request of its key would be), recorded with the batch so every runner agrees."""
+        if group.assignment.stable is None:
+            return None
+        key = (c.batch_id, group.name)
+        if key not in self._pins:
+            if len(self._pins) > 10_000:
+                self._pins.clear()
+            chosen = group.assignment.pick(group.name, c.key_id, self._rng)
+            self._pins[key] = await self.store.run(lambda tx: pin_version(tx, c.batch_id, group.name, chosen))
+        return self._pins[key]
+
     def _line_done(self, key: tuple[str, int]) -> None:
         self._running.pop(key, None)
         self._wake.set()  # a free slot: claim the next line now, not at the next poll
@@ -269,6 +291,9 @@ class BatchRunner:
         route, admission, refused = None, None, False
         try:
             typed = _line_request(endpoint, c, request_id, who, self.priority)
+            pin = await self._pin(c, self.gateway.resolve(typed.model, typed.endpoint))
+            if pin is not None:
+                typed = dataclasses.replace(typed, version=pin)
             admission = await admit(self.gateway, self.metering, typed)
             route = admission.route
             if who is None:  # an open server's batch: the ledger row has no key
@@ -300,6 +325,8 @@ class BatchRunner:
             return
         result = {"id": request_id, "custom_id": c.custom_id,
                   "response": {"status_code": status, "request_id": request_id, "body": payload}, "error": None}
+        if route is not None and route.version is not None:
+            result["response"]["model_version"] = route.version
         try:
             kept = await self.store.run(lambda tx: _complete(tx, c, self.owner, ok, status, result, row, ticket, now))
         except Exception:  # noqa: BLE001 - the lease will expire and the line run again

@@ -1,4 +1,4 @@
-"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch | examples`.
+"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch | examples | models`.
 
 Engine options are shared by every command that loads a model, so `serve` and
 `generate` accept the same flags with the same meaning.
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a batch line claimed by a server that died is run again after this long")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM")
+    serve.add_argument("--versions-poll-s", type=float, default=1.0, metavar="SECONDS",
+                       help="how often the server reads the model versions from the store (changes made through "
+                            "another replica, automatic rollback, unloading drained versions)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -159,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     from inferd.cli.bench import add_bench_parser
     from inferd.cli.examples import add_examples_parser
     from inferd.cli.keys import add_keys_parsers
+    from inferd.cli.models import add_models_parser
     from inferd.cli.usage import add_usage_parser
     add_bench_parser(sub)  # inferd bench throughput | serve
     add_keys_parsers(sub)  # inferd keys ... | teams ...
     add_usage_parser(sub)  # inferd usage
     add_batch_parser(sub)  # inferd batch submit | status | results
     add_examples_parser(sub)  # inferd examples fraud | recommender
+    add_models_parser(sub)  # inferd models list | deploy | promote | rollback | history
     return parser
 
 

@@ -1,9 +1,10 @@
-"""From a validated `GatewayConfig` to a running `Gateway`: deployments made and started.
+"""From specs to running parts of a `Gateway`: deployments made and started, handles, groups.
 
-Local engines start concurrently (each loads its model in its own process); if
-any fails to start, the ones already started are stopped and the error says which
-deployment failed, so a config starts whole or not at all. Remote deployments
-need their API key's environment variable set when the config names one.
+A model version's deployments start concurrently (local engines each load their
+model in their own process); if any fails to start, the ones already started are
+stopped and the error says which deployment failed, so a version starts whole or
+not at all. Remote deployments need their API key's environment variable set when
+the spec names one. gateway/versions.py decides which versions to start.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import random
 from inferd.engine.config import EngineConfig
 from inferd.gateway.backoff import RetryPolicy
 from inferd.gateway.circuit_breaker import CircuitBreaker
-from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OnnxSpec, OpenAISpec,
-                                   PriceSpec, local_embed_config, local_engine_config)
-from inferd.gateway.metrics import GatewayMetrics
+from inferd.gateway.canary import VersionHealth
+from inferd.gateway.config import (AnthropicSpec, LocalSpec, ModelGroupSpec, OnnxSpec, OpenAISpec, PriceSpec,
+                                   local_embed_config, local_engine_config)
 from inferd.gateway.router import Gateway, Handle, ModelGroup
 from inferd.gateway.stats import DeploymentStats, LoadPredictor
 from inferd.gateway.strategies import make_strategy
+from inferd.gateway.version_store import deployment_name
 from inferd.providers.base import Deployment, Timeouts
 
 log = logging.getLogger(__name__)
@@ -62,32 +64,46 @@ def _cost_per_mtok(price: PriceSpec | None) -> float | None:
     return (3 * inp + out) / 4
 
 
-def _group(g: ModelGroupSpec, deployments: list[Deployment], rng: random.Random) -> ModelGroup:
+def version_deployments(group: str, label: str, specs: list, base: EngineConfig, max_waiting: int | None
+                        ) -> list[Deployment]:
+    """The deployments of one version of a group, named so that versions can run side by side."""
+    return [_make_deployment(spec.model_copy(update={"name": deployment_name(group, label, spec, j)}), group, base,
+                             f"{group}@{label}.deployments[{j}]", max_waiting) for j, spec in enumerate(specs)]
+
+
+async def start_all(deployments: list[Deployment]) -> None:
+    """Start them concurrently; if any fails, stop them all and raise its error."""
+    results = await asyncio.gather(*(d.start() for d in deployments), return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        await asyncio.gather(*(d.aclose() for d in deployments), return_exceptions=True)
+        raise failed
+
+
+def version_handles(g: ModelGroupSpec, label: str | None, specs: list, deployments: list[Deployment]) -> list[Handle]:
+    """Routing handles of one version's deployments; they share the version's health."""
+    health = VersionHealth()
     handles = []
-    for spec, dep in zip(g.deployments, deployments):
+    for spec, dep in zip(specs, deployments):
         capacity = getattr(dep, "capacity", None)
         predictor = LoadPredictor(capacity) if capacity else None
         breaker = CircuitBreaker(g.circuit_breaker.failure_threshold, g.circuit_breaker.cooldown_s)
         handles.append(Handle(dep, weight=spec.weight, cost_per_mtok=_cost_per_mtok(spec.price or g.price),
-                              stats=DeploymentStats(predictor=predictor), breaker=breaker))
-    return ModelGroup(name=g.name, handles=handles, strategy=make_strategy(g.routing, rng), aliases=g.aliases,
-                      fallbacks=dict(g.fallbacks), degrade_to=g.degrade_to,
-                      slo_ttft_s=g.slo_ttft_ms / 1000 if g.slo_ttft_ms else None,
-                      retry=RetryPolicy(**g.retry.model_dump()))
+                              stats=DeploymentStats(predictor=predictor), breaker=breaker, version=label,
+                              health=health if label is not None else None))
+    return handles
 
 
-async def start_gateway(config: GatewayConfig, base: EngineConfig, metrics: GatewayMetrics | None = None, *,
-                        max_waiting_requests: int | None = None) -> Gateway:
-    """Make every deployment, start the local ones, and wire up the groups."""
-    made: list[list[Deployment]] = []
-    for i, g in enumerate(config.models):
-        made.append([_make_deployment(d, g.name, base, f"models[{i}].deployments[{j}]", max_waiting_requests)
-                     for j, d in enumerate(g.deployments)])
-    everything = [d for ds in made for d in ds]
-    results = await asyncio.gather(*(d.start() for d in everything), return_exceptions=True)
-    failed = next((r for r in results if isinstance(r, BaseException)), None)
-    if failed is not None:
-        await asyncio.gather(*(d.aclose() for d in everything), return_exceptions=True)
-        raise failed
-    rng = random.Random()
-    return Gateway([_group(g, ds, rng) for g, ds in zip(config.models, made)], metrics=metrics)
+def apply_settings(group: ModelGroup, g: ModelGroupSpec, rng: random.Random) -> None:
+    """Give a group the settings of its spec (routing, aliases, fallbacks, SLO, retries, canary policy)."""
+    group.strategy = make_strategy(g.routing, rng)
+    group.aliases, group.fallbacks, group.degrade_to = list(g.aliases), dict(g.fallbacks), g.degrade_to
+    group.slo_ttft_s = g.slo_ttft_ms / 1000 if g.slo_ttft_ms else None
+    group.retry = RetryPolicy(**g.retry.model_dump())
+    group.canary_policy = g.canary
+
+
+def make_group(g: ModelGroupSpec, handles: list[Handle], rng: random.Random) -> ModelGroup:
+    group = ModelGroup(name=g.name, handles=handles, strategy=make_strategy(g.routing, rng))
+    apply_settings(group, g, rng)
+    return group

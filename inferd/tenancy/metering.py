@@ -196,7 +196,7 @@ class RequestMeter:
         row.status, row.cancelled, row.cache_hit = status, cancelled, cache_hit
         row.latency_s = time.perf_counter() - self._started
         if route is not None:
-            row.served_model, row.deployment = route.group, route.deployment
+            row.served_model, row.deployment, row.model_version = route.group, route.deployment, route.version
             row.fallback_from, row.degraded_from = route.fallback_from, route.degraded_from
         if self._usage is not None:
             row.prompt_tokens = int(self._usage.get("prompt_tokens") or 0)
