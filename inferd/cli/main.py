@@ -29,6 +29,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="int8 (<= 3 rows) or 4-bit (<= 16 rows, Q4_1-style groups of 32) weight "
                         "copies for small batches (lossy: see docs/benchmarks.md)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto: the model's dtype; int8: int8 levels with a scale per token and head, about "
+                        "twice the tokens in the same --kv-cache-bytes (docs/benchmarks.md has its accuracy)")
     g.add_argument("--reasoning-parser", default=None, choices=["think", "deepseek_r1", "qwen3", "none"],
                    help="split <think>...</think> into reasoning_content (default: when the chat template "
                         "thinks)")
@@ -55,7 +58,7 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-        reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
+        kv_cache_dtype=args.kv_cache_dtype, reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
         grammar_timeout_s=args.grammar_timeout, speculative_config=speculative_config(args))
 
 

@@ -15,6 +15,7 @@ import torch
 
 from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.layers.cpu_isa import has_native_bf16
+from inferd.layers.kv_storage import KV_CACHE_DTYPES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
@@ -80,6 +81,7 @@ class EngineConfig(DeviceOptions):
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     quantization: str | None = None     # None | "int8" | "int4": weight copies for small batches
+    kv_cache_dtype: str = "auto"        # auto (the model's dtype) | int8 (levels with per-row scales)
     reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
     chat_template: str | None = None     # a Jinja chat template (or a file of one) instead of the model's
     grammar_timeout_s: float = 10.0      # the longest a request's grammar may take to compile at the edge
@@ -96,6 +98,8 @@ class EngineConfig(DeviceOptions):
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization: {self.quantization!r} is not one of none, int8, int4")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")

@@ -22,7 +22,7 @@ from inferd.engine.core.scheduler import Scheduler, SchedulerConfig
 from inferd.engine.messages import EngineCoreOutput
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
 from inferd.engine.spec_decode.speculator import Speculator
-from inferd.layers import cpu_kernels
+from inferd.layers import cpu_kernels, kv_storage
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import Checkpoint
 from inferd.models.loader import build_model
@@ -46,15 +46,14 @@ class EngineCore:
         self.eos_token_ids = frozenset(eos_token_ids)
 
         mc = self.model_config
-        bytes_per_block = (2 * mc.num_layers * config.block_size * mc.num_kv_heads
-                           * mc.head_dim * self.dtype.itemsize)
+        bytes_per_block = mc.num_layers * config.block_size * kv_storage.bytes_per_token(
+            config.kv_cache_dtype, mc.num_kv_heads, mc.head_dim, self.dtype)
         num_blocks = self._kv_budget() // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes: budget is below one block ({bytes_per_block} bytes)")
-        self.kv_caches = [
-            torch.zeros(2, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                        dtype=self.dtype, device=self.device)
-            for _ in range(mc.num_layers)]
+        self.kv_caches = [kv_storage.allocate(config.kv_cache_dtype, num_blocks, config.block_size,
+                                              mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+                          for _ in range(mc.num_layers)]
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings, num_blocks * config.block_size)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
