@@ -29,9 +29,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="int8 (<= 3 rows) or 4-bit (<= 16 rows, Q4_1-style groups of 32) weight "
                         "copies for small batches (lossy: see docs/benchmarks.md)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="auto: the model's dtype; int8: int8 levels with a scale per token and head, about "
-                        "twice the tokens in the same --kv-cache-bytes (docs/benchmarks.md has its accuracy)")
+                        "twice the tokens in the same --kv-cache-bytes (docs/benchmarks.md has its accuracy); "
+                        "fp8: the same with float8 e4m3 values, for GPUs (the CPU kernels read int8)")
     g.add_argument("--reasoning-parser", default=None, choices=["think", "deepseek_r1", "qwen3", "none"],
                    help="split <think>...</think> into reasoning_content (default: when the chat template "
                         "thinks)")

@@ -81,7 +81,7 @@ class EngineConfig(DeviceOptions):
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     quantization: str | None = None     # None | "int8" | "int4": weight copies for small batches
-    kv_cache_dtype: str = "auto"        # auto (the model's dtype) | int8 (levels with per-row scales)
+    kv_cache_dtype: str = "auto"        # auto (the model's dtype) | int8 | fp8 (per-row scales: layers/kv_storage)
     reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
     chat_template: str | None = None     # a Jinja chat template (or a file of one) instead of the model's
     grammar_timeout_s: float = 10.0      # the longest a request's grammar may take to compile at the edge

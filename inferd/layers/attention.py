@@ -98,7 +98,7 @@ class TorchAttentionBackend(AttentionBackend):
         data = kv_cache.data if quantized else kv_cache
         k_cache, v_cache = data[0], data[1]
         scales = (kv_cache.scales[0], kv_cache.scales[1]) if quantized else (None, None)
-        ops = ops_for(q)
+        ops = ops_for(q) if not quantized or kv_cache.in_kernel_form else None
         if ops is not None:
             ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, *scales)
         elif quantized:

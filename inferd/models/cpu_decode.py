@@ -55,6 +55,8 @@ def decode_layers(model, residual: torch.Tensor, rope_tables, kv_caches: list[to
     groups = meta.prepared
     if ops is None or len(groups) != 1 or not groups[0].decode or not model.layers:
         return None
+    if isinstance(kv_caches[0], QuantizedKV) and not kv_caches[0].in_kernel_form:
+        return None  # fp8: the torch path
     attn = model.layers[0].self_attn
     if attn.q_norm is not None:
         return None

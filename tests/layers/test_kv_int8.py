@@ -1,4 +1,4 @@
-"""The int8 KV cache (layers/kv_storage.py): quantized writes, paged decode attention over int8
+"""The int8 and fp8 KV caches (layers/kv_storage.py): quantized writes, paged decode attention over int8
 blocks against float64 math, and the engine with `kv_cache_dtype="int8"`.
 
 The kernel tests are skipped only where the CPU kernels cannot be built; CI sets
@@ -118,6 +118,25 @@ def test_engine_with_an_int8_kv_cache_holds_more_and_answers_alike():
     with cpu_kernels.disabled():
         c = [o.outputs[0].token_ids for o in quant.generate(prompts, params)]
     assert sum(x == y for x, y in zip(b, c)) >= 2             # kernel vs torch: different fp32 sum order
+
+
+def test_an_fp8_cache_runs_on_the_torch_path_close_to_float():
+    """fp8 (e4m3 values, per-row scales) on the gathered path: attention within fp8's precision of the
+    float cache's, and the engine answers with it (the kernels, built or not, are not used for it)."""
+    dense, q, k, v, meta, tables = _paged_setup(torch.float32, 64, [3, 17, 40])
+    fp8 = QuantizedKV(*kv_storage.quantize(dense, torch.float8_e4m3fn))
+    assert fp8.data.dtype == torch.float8_e4m3fn and not fp8.in_kernel_form
+    backend = TorchAttentionBackend()
+    backend.prepare(meta, torch.device("cpu"))
+    got = backend.forward(q, k, v, fp8, meta, 0.125)
+    written = dense.double()
+    for i, x in enumerate((k, v)):
+        written[i].view(-1, *x.shape[1:])[meta.slot_mapping] = x.double()
+    exact = _exact_attention(written, q, tables, [3, 17, 40], 0.125)
+    assert (got.double() - exact).abs().max() < 0.1
+    llm = LLM(dtype="float32", kv_cache_dtype="fp8", kv_cache_bytes="32MiB", progress=False)
+    [out] = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    assert len(out.outputs[0].token_ids) > 0
 
 
 def test_kv_cache_dtype_is_checked():
