@@ -7,8 +7,6 @@ INFERD_REQUIRE_CPU_KERNELS=1, which turns that skip into a failure.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -17,16 +15,6 @@ from inferd.layers import cpu_kernels, kv_storage
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.layers.kv_storage import QuantizedKV
 from tests.layers.test_cpu_kernels import DTYPES, _exact_attention, _paged_setup
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    ops = cpu_kernels.load()
-    if ops is None:
-        if os.environ.get("INFERD_REQUIRE_CPU_KERNELS") == "1":
-            pytest.fail("the CPU kernels did not build")
-        pytest.skip("the CPU kernels cannot be built here")
-    return ops
 
 
 def _quantized(cache: torch.Tensor) -> QuantizedKV:
