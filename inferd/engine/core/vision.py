@@ -33,7 +33,9 @@ from inferd.models.siglip import VisionEncoder
 
 log = logging.getLogger(__name__)
 
-MAX_CREDIT_S = 0.25  # the most idle-time credit encoding can save up for a burst while requests run
+# the most loop time one call credits: a step this long earns its full share, while the time since the last
+# image (the loop did not ask) earns no burst of encoding
+MAX_INTERVAL_S = 2.0
 
 
 class _Job:
@@ -95,7 +97,8 @@ class VisionRunner:
         """Encode for a while (all of it when not `busy`, else within the share); returns the requests
         now ready to schedule, and those whose image failed to encode."""
         now = time.perf_counter()
-        self._credit = min(MAX_CREDIT_S, self._credit + self.share * (now - self._last))
+        self._credit = min(self.share * MAX_INTERVAL_S,
+                           self._credit + self.share * min(MAX_INTERVAL_S, now - self._last))
         finished: list[_Job] = []
         with torch.inference_mode():
             while self._jobs and (not busy or self._credit > 0):
