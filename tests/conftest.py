@@ -36,3 +36,9 @@ def tiny_llama_slow(tmp_path_factory):
     (drains, disconnects, overload) by seconds. Serve it with SLOW_KV (tests/api/conftest.py)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-slow"), "llama", max_position_embeddings=4096,
                             hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    from tests.tiny_vlm import build_tiny_vlm
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))

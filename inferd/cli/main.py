@@ -50,6 +50,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="the most draft tokens a request verifies in a step (default 4)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prompt prefixes (default: on)")
+    v = p.add_argument_group("images (vision-language models, docs/vision.md)")
+    v.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                   help="hosts whose http(s) image URLs the server fetches (default: none, data: URLs only)")
+    v.add_argument("--max-image-bytes", default="20MB", help="the largest image file taken")
+    v.add_argument("--max-image-pixels", type=int, default=32_000_000, help="the most pixels an image may have")
+    v.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="the longest fetching one image URL may take")
+    v.add_argument("--vision-cache-bytes", default="256MiB",
+                   help="memory for decoded images (API process) and for encoder outputs (engine core), each")
 
 
 def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
@@ -60,7 +69,10 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         max_model_len=args.max_model_len, num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype, reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
-        grammar_timeout_s=args.grammar_timeout, speculative_config=speculative_config(args))
+        grammar_timeout_s=args.grammar_timeout, speculative_config=speculative_config(args),
+        allowed_media_domains=args.allowed_media_domains, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, media_fetch_timeout_s=args.media_fetch_timeout,
+        vision_cache_bytes=args.vision_cache_bytes)
 
 
 def speculative_config(args: argparse.Namespace) -> dict | None:

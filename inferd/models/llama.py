@@ -84,12 +84,18 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """Returns final hidden states [T, hidden] for the flat batch.
 
+        `input_embeds` (rows, embeddings) replaces the token embeddings of those rows of the
+        batch: a vision-language model's image tokens take its vision encoder's output there.
         The residual stream is carried apart from each sublayer's output, so every
         norm also does the residual add before it (one fused kernel on the CPU)."""
         residual = self.embed_tokens(input_ids)
+        if input_embeds is not None:
+            rows, embeds = input_embeds
+            residual.index_copy_(0, rows, embeds.to(residual.dtype))
         rope_tables = self.rope.tables(positions, residual.dtype)
         fused = decode_layers(self, residual, rope_tables, kv_caches, meta)
         if fused is not None:

@@ -10,7 +10,9 @@ many tokens a cached prefix holds, and the scheduler counts them as computed.
 
 Prefix caching: once a block is full, it is identified by a hash chained to its
 parent block's hash (sha256 over the parent digest and the block's token ids),
-so equal hashes mean equal prefixes. Full blocks are registered in
+so equal hashes mean equal prefixes. A block holding image tokens also hashes the
+images they stand for (`ImagePrompt.block_key`): the same prompt with another image
+shares no block past the image. Full blocks are registered in
 `cached_blocks`; a new request walks its own block hashes and takes every leading
 block that is already cached, by reference, skipping their computation (they
 advance `num_computed_tokens` for free, which is all the scheduler needs to know).
@@ -31,9 +33,10 @@ from collections import OrderedDict
 from inferd.engine.core.request import Request
 
 
-def block_hash(parent: bytes | None, tokens: list[int] | tuple[int, ...]) -> bytes:
+def block_hash(parent: bytes | None, tokens: list[int] | tuple[int, ...], extra: bytes = b"") -> bytes:
     h = hashlib.sha256(parent or b"")
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    h.update(extra)
     return h.digest()
 
 
@@ -64,9 +67,11 @@ class KVCacheManager:
     def _hashes(self, req: Request, num_tokens: int) -> list[bytes]:
         """The request's chained block hashes for its first num_tokens // block_size blocks."""
         bs, hashes, n = self.block_size, req.block_hashes, num_tokens // self.block_size
+        images = req.image_prompt
         while len(hashes) < n:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs:(i + 1) * bs]))
+            extra = images.block_key(i * bs, (i + 1) * bs) if images is not None else b""
+            hashes.append(block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs:(i + 1) * bs], extra))
         return hashes[:n]
 
     def attach_cached_prefix(self, req: Request) -> int:

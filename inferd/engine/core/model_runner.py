@@ -13,6 +13,10 @@ it keeps. Each draft is laid out for attention as a row of its own with one quer
 is written before any row attends, so this is exactly causal attention, and it runs
 on the decode kernels (and the one-call CPU decode path) that plain decoding uses,
 so drafts are cheap and their logits are those plain decoding would compute.
+
+A vision-language request's image tokens take its images' encoder output in place of
+their token embeddings, for whichever of them fall in the step's positions (a prefill
+chunk may hold part of an image; engine/core/image_prompt.py).
 """
 
 from __future__ import annotations
@@ -50,11 +54,14 @@ class ModelRunner:
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
+        with_images: list[tuple[Request, int, int]] = []  # req, flat start, first position
         bs = self.block_size
         for req in out.requests:
             n = out.num_new_tokens[req.request_id]
             start = req.num_computed_tokens
             flat_start = len(ids)
+            if req.image_prompt is not None:
+                with_images.append((req, flat_start, start))
             known = req.num_tokens
             if start + n <= known:
                 ids.extend(req.token_ids[start:start + n])
@@ -100,7 +107,7 @@ class ModelRunner:
         self.backend.prepare(meta, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device),
                             torch.tensor(positions, device=self.device),
-                            self.kv_caches, meta, self.backend)
+                            self.kv_caches, meta, self.backend, self._image_embeds(with_images, out))
 
         result = StepResult(sampled={})
         if sample_rows:
@@ -123,6 +130,21 @@ class ModelRunner:
             result.prompt_logprobs[req.request_id] = self._prompt_logprobs(
                 hidden[flat_start:flat_start + count], req, first)
         return result
+
+    def _image_embeds(self, with_images: list[tuple[Request, int, int]],
+                      out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat rows, embeddings) of the image tokens this step computes, or None."""
+        rows: list[int] = []
+        embeds: list[torch.Tensor] = []
+        for req, flat_start, start in with_images:
+            images = req.image_prompt
+            lo, hi = images.span(start, start + out.num_new_tokens[req.request_id])
+            if lo < hi:
+                rows.extend(flat_start + p - start for p in images.positions[lo:hi])
+                embeds.append(images.embeds[lo:hi])
+        if not rows:
+            return None
+        return torch.tensor(rows, device=self.device), torch.cat(embeds)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, first: int) -> list[PositionLogprobs]:
         lp = torch.log_softmax(self.model.compute_logits(hidden).float().cpu(), dim=-1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inferd.engine.core.image_prompt import ImagePrompt
 from inferd.engine.sampling_params import SamplingParams
 
 
@@ -32,6 +33,9 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower is scheduled sooner (vLLM's convention); batch work uses 10
+    # a vision-language prompt's images: where their tokens are, their encoder output once
+    # computed (engine/core/image_prompt.py); None for text
+    image_prompt: ImagePrompt | None = None
 
     def __post_init__(self):
         self.token_ids: list[int] = list(self.prompt_token_ids)
