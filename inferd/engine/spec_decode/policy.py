@@ -19,6 +19,12 @@ is in: it measures.
   draft), takes them best first, and keeps the prefix that maximizes expected
   output tokens per second of step: at high batch sizes that prefix is usually
   empty, and speculation switches itself off.
+- A draft model's proposals are not free: its forwards are timed by rows in a
+  `StepCost` of their own, and `choose` adds to the step what the chosen drafts
+  cost it (a request's j-th draft is a row of the draft's j-th forward). A
+  catch-up longer than one token (the prompt, when a request drafts for the
+  first time) is paid once and is not charged to a step's decision: charging it
+  would keep a request that has not drafted yet from ever starting.
 """
 
 from __future__ import annotations
@@ -81,10 +87,13 @@ class Acceptance:
         return (self.accepted + prior * prior_weight) / (self.tried + prior_weight)
 
 
-def choose(base_tokens: int, base_outputs: int, candidates: list[tuple[float, int]], cost: StepCost) -> list[int]:
+def choose(base_tokens: int, base_outputs: int, candidates: list[tuple[float, int]], cost: StepCost,
+           draft_cost: StepCost | None = None) -> list[int]:
     """Draft lengths for the candidates [(acceptance rate, drafts available)], given a step that computes
     base_tokens and samples base_outputs tokens without drafts: the draft tokens that maximize
-    expected output tokens per second of step."""
+    expected output tokens per second of step. With `draft_cost` (a draft model's seconds per forward by
+    rows), the step also pays for proposing: a request's j-th draft is one more row of the draft's j-th
+    forward, and the first row of a forward pays for the whole forward."""
     lengths = [0] * len(candidates)
     base = cost.estimate(base_tokens)
     if base is None:  # the first step: measure it plain
@@ -93,11 +102,26 @@ def choose(base_tokens: int, base_outputs: int, candidates: list[tuple[float, in
                     reverse=True)
     expected = float(base_outputs)  # every sampling request emits at least one token
     best_rate, best_count = expected / base, 0
-    for count, (value, _) in enumerate(values, 1):
+    taken = [0] * len(candidates)  # drafts per request in the prefix so far
+    forward_rows: list[int] = []   # rows of each draft forward in the prefix so far
+    proposing = 0.0                # the draft model's seconds for the prefix so far
+    for count, (value, i) in enumerate(values, 1):
         expected += value
-        seconds = cost.estimate(base_tokens + count)
+        if draft_cost is not None:
+            j = taken[i]
+            taken[i] += 1
+            if j == len(forward_rows):
+                forward_rows.append(0)
+            proposing += _draft_seconds(draft_cost, forward_rows[j] + 1) - _draft_seconds(draft_cost, forward_rows[j])
+            forward_rows[j] += 1
+        seconds = cost.estimate(base_tokens + count) + proposing
         if expected / seconds > best_rate:
             best_rate, best_count = expected / seconds, count
     for _, i in values[:best_count]:
         lengths[i] += 1
     return lengths
+
+
+def _draft_seconds(draft_cost: StepCost, rows: int) -> float:
+    """A draft forward's estimated seconds (0 rows: none; before any was measured: free, so one is)."""
+    return (draft_cost.estimate(rows) or 0.0) if rows else 0.0

@@ -2,10 +2,14 @@
 
 `EngineCore.step` calls `extend` after the scheduler has made the step: every
 scheduled request whose tokens reach the end of what it knows (a decode, or the
-last chunk of a prompt) gets a draft from its prompt-lookup index, cut to what its
-grammar accepts and to what max_tokens and the context leave; `policy.choose`
-(or, with `adaptive` off, the config) says how many of those drafts each request
-computes, and the scheduler adds them while the budget and the free blocks allow.
+last chunk of a prompt) may get drafts, up to what max_tokens and the context
+leave. With prompt lookup, each gets the draft its index finds, cut to what its
+grammar accepts; `policy.choose` (or, with `adaptive` off, the config) says how many
+of those drafts each request computes, and the scheduler adds them while the budget
+and the free blocks allow. With a draft model, proposing costs a forward per draft
+position, so the policy first says how many drafts each request gets (counting the
+draft model's measured cost), the scheduler reserves their room, the draft model
+proposes them in one batch (spec_decode/draft_model.py), under each request's grammar.
 After the step, `observe` records the step's wall time against the number of
 tokens it computed and each request's accepted drafts.
 
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from inferd.engine.core.request import Request
 from inferd.engine.core.scheduler import Scheduler, SchedulerOutput, StepResult
 from inferd.engine.spec_decode.config import SpeculativeConfig
+from inferd.engine.spec_decode.draft_model import DraftModel
 from inferd.engine.spec_decode.ngram import NgramIndex
 from inferd.engine.spec_decode.policy import Acceptance, StepCost, choose
 
@@ -40,14 +45,16 @@ class _RequestState:
     __slots__ = ("index", "acceptance")
 
     def __init__(self, config: SpeculativeConfig):
-        self.index = NgramIndex(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.index = (NgramIndex(config.prompt_lookup_min, config.prompt_lookup_max)
+                      if config.method == "ngram" else None)
         self.acceptance = Acceptance()
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft: DraftModel | None = None):
         self.config = config
         self.max_model_len = max_model_len
+        self.draft = draft  # the draft-model proposer, or None for prompt lookup
         self.cost = StepCost()
         self.prior = 0.5  # acceptance rate across requests, the prior of a new request's
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
@@ -63,7 +70,7 @@ class Speculator:
         """Add draft tokens to a scheduled step."""
         if out.budget_left <= 0:
             return
-        candidates: list[tuple[Request, list[int]]] = []
+        candidates: list[tuple[Request, int]] = []  # (request, most drafts it can use)
         outputs = 0
         for req in out.requests:
             if req.num_computed_tokens + out.num_new_tokens[req.request_id] != req.num_tokens:
@@ -74,21 +81,41 @@ class Speculator:
                 continue
             if req.spec is None:
                 req.spec = _RequestState(self.config)
-            draft = req.spec.index.propose(req.token_ids, k)
-            if draft and req.matcher is not None:
-                draft = draft[:req.matcher.validate_tokens(draft)]
-            if draft:
-                candidates.append((req, draft))
+            candidates.append((req, k))
         if not candidates:
             return
-        if self.config.adaptive:
-            rates = [(req.spec.acceptance.rate(self.prior), len(draft)) for req, draft in candidates]
-            lengths = choose(sum(out.num_new_tokens.values()), outputs, rates, self.cost)
-        else:
-            lengths = [len(draft) for _, draft in candidates]
-        for (req, draft), k in zip(candidates, lengths):
-            if k:
-                scheduler.add_draft_tokens(out, req, draft[:k])
+        if self.draft is None:  # prompt lookup costs nothing: find the drafts first, then choose
+            found = [(req, self._lookup(req, k)) for req, k in candidates]
+            found = [(req, d) for req, d in found if d]
+            lengths = self._lengths(out, outputs, [(req, len(d)) for req, d in found])
+            for (req, draft), k in zip(found, lengths):
+                if k:
+                    scheduler.add_draft_tokens(out, req, draft[:k])
+            return
+        # a draft model: choose how many to propose, take their room, then run the draft
+        lengths = self._lengths(out, outputs, candidates)
+        chosen = [(req, scheduler.reserve_draft_tokens(out, req, k))
+                  for (req, _), k in zip(candidates, lengths) if k]
+        chosen = [(req, k) for req, k in chosen if k]
+        if not chosen:
+            return
+        drafts = self.draft.propose([req for req, _ in chosen], [k for _, k in chosen])  # under grammars
+        for (req, reserved), draft in zip(chosen, drafts):
+            scheduler.set_draft_tokens(out, req, draft, reserved)
+
+    def _lookup(self, req: Request, k: int) -> list[int]:
+        draft = req.spec.index.propose(req.token_ids, k)
+        if draft and req.matcher is not None:
+            draft = draft[:req.matcher.validate_tokens(draft)]
+        return draft
+
+    def _lengths(self, out: SchedulerOutput, outputs: int, candidates: list[tuple[Request, int]]) -> list[int]:
+        """How many drafts each candidate gets: as many as it can use, or what the policy finds pays."""
+        if not self.config.adaptive:
+            return [k for _, k in candidates]
+        rates = [(req.spec.acceptance.rate(self.prior), k) for req, k in candidates]
+        return choose(sum(out.num_new_tokens.values()), outputs, rates, self.cost,
+                      self.draft.cost if self.draft is not None else None)
 
     def observe(self, out: SchedulerOutput, result: StepResult, seconds: float) -> None:
         """Learn from a finished step: its cost, and each request's acceptance."""
