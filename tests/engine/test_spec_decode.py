@@ -17,7 +17,7 @@ from inferd.engine.core.scheduler import Scheduler, SchedulerConfig, StepResult
 from inferd.engine.spec_decode import verify
 from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.engine.spec_decode.ngram import NgramIndex
-from inferd.engine.spec_decode.policy import StepCost, choose
+from inferd.engine.spec_decode.policy import DraftCharge, StepCost, choose
 from inferd.engine.structured import grammar_for
 from tests.engine.test_reference import PROMPTS
 
@@ -127,12 +127,20 @@ def test_naming_a_draft_picks_the_draft_model_proposer():
 
 def test_the_policy_charges_the_draft_models_forwards():
     flat = _linear(0.010, 0.0)
-    assert choose(1, 1, [(0.9, 4)], flat, _linear(0.001, 0.0)) == [4]  # a cheap draft: all four
-    assert choose(1, 1, [(0.9, 4)], flat, _linear(0.030, 0.0)) == [0]  # dearer than a step: none
+
+    def charge(per_forward, per_row=0.0, first_rows=(1,), once=(0.0,)):
+        return DraftCharge(_linear(per_forward, per_row), list(first_rows), list(once))
+
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.001)) == [4]  # a cheap draft: all four
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.030)) == [0]  # dearer than a step: none
     # compute-bound steps: a draft row costs what it would save, on top of the draft's forwards
-    assert choose(16, 16, [(0.9, 4)] * 16, _linear(0.001, 0.001), _linear(0.0005, 0.0002)) == [0] * 16
+    assert choose(16, 16, [(0.9, 4)] * 16, _linear(0.001, 0.001), charge(0.0005, 0.0002, [1] * 16, [0.0] * 16)) \
+        == [0] * 16
     # a draft that is rarely kept is not worth a forward, however cheap the target's extra rows
-    assert choose(1, 1, [(0.1, 4)], flat, _linear(0.002, 0.0)) == [0]
+    assert choose(1, 1, [(0.1, 4)], flat, charge(0.002)) == [0]
+    # a catch-up is paid: rows of the first forward, and a long one's share charged once
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.001, 0.001, first_rows=[40])) == [0]
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.001, once=[0.050])) == [0]
 
 
 # -- greedy: identical to plain decoding --------------------------------------------------

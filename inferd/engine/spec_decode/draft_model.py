@@ -28,7 +28,9 @@ the drafts and rolled back after), so its drafts are ones the grammar allows; a
 request stops drafting at an EOS or where its grammar is complete. The blocks
 for the draft positions must exist before the draft writes them: the caller takes
 them first (`Scheduler.reserve_draft_tokens`). Each forward's wall time is recorded
-by rows (`cost`), so the policy can charge the draft's work against what drafts save.
+by rows (`cost`, measured at start for 1 to 64 rows), and `charge` says what
+drafting would cost each request, so the policy can weigh the draft's work
+against what drafts save.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from inferd.engine.core.guidance import apply_masks
 from inferd.engine.core.model_runner import ModelRunner
 from inferd.engine.core.request import Request
 from inferd.engine.spec_decode.config import SpeculativeConfig
-from inferd.engine.spec_decode.policy import StepCost
+from inferd.engine.spec_decode.policy import DraftCharge, StepCost
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import TokenizerSpec
 from inferd.models.config import ModelConfig
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 # a catch-up this short is laid out as one attention row per token (one query each, like the target's
 # drafts, model_runner.py), so that the forward stays on the decode kernels; longer ones are one row
 _ROW_PER_TOKEN_MAX = 4
+_CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class DraftModel:
@@ -86,6 +89,41 @@ class DraftModel:
         caches = [torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                               dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.runner = ModelRunner(self.model, caches, block_size, TorchAttentionBackend(), self.device)
+        self._calibrate()
+
+    def _calibrate(self) -> None:
+        """Time a forward at 1 to 64 rows, so that the policy knows what drafting for many requests costs
+        before it first tries (a warm-up pass, then a measured one). Nothing is cached yet, so the scratch
+        writes into block 0 are harmless: a request's draft reads only positions it wrote itself."""
+        for measured in (False, True):
+            for rows in _CALIBRATION_ROWS:
+                self._argmax([0] * rows, [1] * rows, [1] * rows, [[0]] * rows, list(range(rows)), [None] * rows,
+                             observe=measured)
+
+    def lag(self, req: Request) -> int:
+        """The tokens the draft has not seen yet: its next catch-up."""
+        return req.num_tokens - min(req.num_draft_computed_tokens, req.num_tokens - 1)
+
+    def lags_behind(self, req: Request) -> bool:
+        """Whether the next catch-up is a long one (not just what the last verification added)."""
+        return self.lag(req) > _ROW_PER_TOKEN_MAX
+
+    def charge(self, reqs: list[Request], candidates: list[tuple[float, int]], remaining: list[int]) -> DraftCharge:
+        """What drafting would cost each of reqs, for the policy (candidates[i]: its acceptance rate and most
+        drafts; remaining[i]: its tokens to go). A short catch-up is rows of the first forward; a long one
+        is also charged once, as one step's share of it over the request's remaining steps (at the tokens a
+        step is expected to give), since every later draft of the request profits from it."""
+        first_rows, once = [], []
+        for req, (rate, k), left in zip(reqs, candidates, remaining):
+            lag = self.lag(req)
+            if not self.lags_behind(req):
+                first_rows.append(lag)
+                once.append(0.0)
+            else:
+                per_step = 1 + sum(rate ** j for j in range(1, k + 1))
+                first_rows.append(1)
+                once.append(self.cost.estimate(lag) * min(1.0, per_step / max(left, 1)))
+        return DraftCharge(self.cost, first_rows, once)
 
     @torch.inference_mode()
     def propose(self, reqs: list[Request], lengths: list[int]) -> list[list[int]]:
@@ -145,12 +183,13 @@ class DraftModel:
             req.num_draft_computed_tokens = req.num_tokens + len(d) - 1
         return drafts
 
-    def _argmax(self, ids, query_lens, seq_lens, tables, rows, matchers) -> list[int]:
+    def _argmax(self, ids, query_lens, seq_lens, tables, rows, matchers, observe: bool = True) -> list[int]:
         started = time.perf_counter()
         hidden = self.runner.forward(ids, query_lens, seq_lens, tables)
         logits = apply_masks(self.model.compute_logits(hidden[rows]).float(), matchers)
         tokens = logits.argmax(-1).tolist()
-        self.cost.observe(len(ids), time.perf_counter() - started)
+        if observe:
+            self.cost.observe(len(ids), time.perf_counter() - started)
         return tokens
 
 

@@ -26,9 +26,10 @@ from inferd.engine.core.scheduler import Scheduler, SchedulerOutput, StepResult
 from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.engine.spec_decode.draft_model import DraftModel
 from inferd.engine.spec_decode.ngram import NgramIndex
-from inferd.engine.spec_decode.policy import Acceptance, StepCost, choose
+from inferd.engine.spec_decode.policy import Acceptance, DraftCharge, StepCost, choose
 
 _PRIOR_DECAY = 0.05  # weight of one request's verification in the acceptance rate seen across requests
+_DRAFT_MODEL_PRIOR = 0.8  # the acceptance rate a draft model starts with
 
 
 @dataclass
@@ -56,7 +57,10 @@ class Speculator:
         self.max_model_len = max_model_len
         self.draft = draft  # the draft-model proposer, or None for prompt lookup
         self.cost = StepCost()
-        self.prior = 0.5  # acceptance rate across requests, the prior of a new request's
+        # acceptance rate across requests, the prior of a new request's; a draft model with the target's
+        # tokenizer is expected to agree most of the time (until its verifications say otherwise), and a
+        # pessimistic start would keep the first requests from ever paying for the draft's catch-up
+        self.prior = 0.5 if draft is None else _DRAFT_MODEL_PRIOR
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
 
     def _limit(self, req: Request) -> int:
@@ -114,8 +118,26 @@ class Speculator:
         if not self.config.adaptive:
             return [k for _, k in candidates]
         rates = [(req.spec.acceptance.rate(self.prior), k) for req, k in candidates]
-        return choose(sum(out.num_new_tokens.values()), outputs, rates, self.cost,
-                      self.draft.cost if self.draft is not None else None)
+        base = sum(out.num_new_tokens.values())
+        if self.draft is None:
+            return choose(base, outputs, rates, self.cost)
+        reqs = [req for req, _ in candidates]
+        # a long catch-up is an investment that only drafting in later steps pays back: make it only for a
+        # request that would draft in a plain decode step of these requests (so not where the batch is
+        # compute-bound, whatever this step's prompt chunks make drafts look like)
+        n = len(reqs)
+        steady = choose(outputs, outputs, rates, self.cost, DraftCharge(self.draft.cost, [1] * n, [0.0] * n))
+        rates = [(rate, k if steady[i] or not self.draft.lags_behind(req) else 0)
+                 for i, (req, (rate, k)) in enumerate(zip(reqs, rates))]
+        return choose(base, outputs, rates, self.cost,
+                      self.draft.charge(reqs, rates, [self._remaining(req) for req in reqs]))
+
+    def _remaining(self, req: Request) -> int:
+        """The most tokens the request may still produce."""
+        left = self.max_model_len - req.num_tokens
+        if req.params.max_tokens is not None:
+            left = min(left, req.params.max_tokens - req.num_output_tokens)
+        return left
 
     def observe(self, out: SchedulerOutput, result: StepResult, seconds: float) -> None:
         """Learn from a finished step: its cost, and each request's acceptance."""
