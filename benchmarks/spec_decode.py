@@ -30,8 +30,8 @@ runs five scenarios:
 
 Concurrency 1 runs 6 requests, concurrency 16 runs 16. All servers are started
 first and only one works at a time: each scenario runs on every server in turn,
-`--repeats` times (2) in alternating order, so that load from elsewhere on a shared
-machine drifts over all alike; the median TPOT run is reported, and each
+`--repeats` times (2; llama.cpp's `--llama-repeats`, 1) in alternating order, so
+that load from elsewhere on a shared machine drifts over all alike; the median TPOT run is reported, and each
 speculative configuration's speedup is the median of its per-repeat TPOT ratios to
 its engine's `off` run. The acceptance figures are the `spec_decode_*` counters of
 /metrics (vLLM's names, which llama-server uses too), read before and after each
@@ -40,7 +40,7 @@ speculation (greedy; where they differ, a multi-row matmul rounded differently i
 bf16, see docs/speculative_decoding.md). Writes benchmarks/results/spec_decode.json,
 a PNG plot and the `spec_decode` section of docs/benchmarks.md.
 
-    python benchmarks/spec_decode.py                  # ~12 minutes on 2 cores
+    python benchmarks/spec_decode.py                  # ~15 minutes on 2 cores
     python benchmarks/spec_decode.py --configs off,draft --scenarios grounded-c1
 """
 
@@ -206,6 +206,9 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--llama-server", default=str(LLAMA_SERVER))
+    ap.add_argument("--llama-repeats", type=int, default=1,
+                    help="repeats of the llama.cpp configurations (the first ones; at 16 requests on one thread "
+                         "its server is several times slower than inferd's, so a repeat of it costs minutes)")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     args = ap.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -229,6 +232,8 @@ def main() -> None:
         for rep in range(args.repeats):
             for sc in scenarios:  # back to back per scenario, in alternating order, so drifting load hits all
                 for config in configs if rep % 2 == 0 else reversed(configs):
+                    if CONFIGS[config][0] == "llama.cpp" and rep >= args.llama_repeats:
+                        continue
                     runs[config][sc].append(run_scenario(servers[config], sc, tokenizer))
     finally:
         for srv in servers.values():
@@ -337,8 +342,8 @@ def doc(data: dict, name: str) -> str:
         "tokens (ignore_eos); the 135M model tends to repeat itself there, which prompt lookup also catches. "
         "Sampled: the same at temperature 1.0, where drafts almost never match: speculation has to switch "
         "itself off. Concurrency 1: 6 requests; 16: 16 requests. "
-        f"{data['args']['repeats']} repeats; all servers up, one working at a time, each scenario on every server "
-        "in turn, in alternating order.", "",
+        f"{data['args']['repeats']} repeats ({data['args']['llama_repeats']} of llama.cpp's); all servers up, one "
+        "working at a time, each scenario on every server in turn, in alternating order.", "",
         "| scenario | configuration | TPOT (ms) | TPOT speedup vs the same engine without, paired (each repeat) "
         "| output tok/s | drafted | accepted | acceptance | accepted per position 1-8 | same text |",
         "|---|---|---|---|---|---|---|---|---|---|",

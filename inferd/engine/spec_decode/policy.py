@@ -27,8 +27,8 @@ is in: it measures.
   and its first draft also brings its catch-up (the tokens the draft has not seen)
   into the first forward. A long catch-up (the prompt, when a request first
   drafts, or the tokens of a stretch without drafts) is an investment that every
-  later draft of the request uses: it is made only for a request that would
-  draft in a plain decode step of the same requests (the speculator asks
+  later draft of the request uses: it is made only in a step of decodes alone,
+  for a request that would draft in it once caught up (the speculator asks
   `choose` that first), and charged as its share for one step of the request's
   remaining tokens, so that a request with many tokens to go starts drafting
   where it pays and one near its end does not.

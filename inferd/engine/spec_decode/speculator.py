@@ -122,11 +122,13 @@ class Speculator:
         if self.draft is None:
             return choose(base, outputs, rates, self.cost)
         reqs = [req for req, _ in candidates]
-        # a long catch-up is an investment that only drafting in later steps pays back: make it only for a
-        # request that would draft in a plain decode step of these requests (so not where the batch is
-        # compute-bound, whatever this step's prompt chunks make drafts look like)
+        # a long catch-up is an investment that only drafting in later steps pays back: make it only in a
+        # step of decodes alone (next to a prompt chunk, whose cost makes drafts look free, it would be
+        # made for drafting that stops in the next step) and for a request that would draft in such a step
+        # once caught up (so not where the batch is compute-bound)
         n = len(reqs)
-        steady = choose(outputs, outputs, rates, self.cost, DraftCharge(self.draft.cost, [1] * n, [0.0] * n))
+        steady = (choose(outputs, outputs, rates, self.cost, DraftCharge(self.draft.cost, [1] * n, [0.0] * n))
+                  if base == outputs else [0] * n)
         rates = [(rate, k if steady[i] or not self.draft.lags_behind(req) else 0)
                  for i, (req, (rate, k)) in enumerate(zip(reqs, rates))]
         return choose(base, outputs, rates, self.cost,
