@@ -340,8 +340,10 @@ def doc(data: dict, name: str) -> str:
         "Grounded: chat tasks over a text in the prompt (correct its spelling, rewrite it, copy its sentences "
         "about one subject, summarize it), up to 128 output tokens. Random: random-word completions, 64 output "
         "tokens (ignore_eos); the 135M model tends to repeat itself there, which prompt lookup also catches. "
-        "Sampled: the same at temperature 1.0, where drafts almost never match: speculation has to switch "
-        "itself off. Concurrency 1: 6 requests; 16: 16 requests. "
+        + ("Sampled: the same at temperature 1.0, where drafts almost never match: speculation has to switch "
+           "itself off. " if "sampled-c16" in data["summary"] else "")
+        + "Concurrency 1: 6 requests; 16: 16 requests. llama-server runs with 16 slots of 512 tokens and "
+        "`--no-repack` (its AMX kernels stop with an illegal instruction on this machine's OS). "
         f"{data['args']['repeats']} repeats ({data['args']['llama_repeats']} of llama.cpp's); all servers up, one "
         "working at a time, each scenario on every server in turn, in alternating order.", "",
         "| scenario | configuration | TPOT (ms) | TPOT speedup vs the same engine without, paired (each repeat) "
