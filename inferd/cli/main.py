@@ -42,10 +42,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a structured-output or tool grammar that takes longer to compile is refused (400)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM names it: {"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 4, "prompt_lookup_min": 1, "adaptive": true} (see '
-                        'docs/speculative_decoding.md)')
-    g.add_argument("--speculative-method", default=None, choices=["ngram"],
-                   help="shorthand: turn speculative decoding on with this proposer (prompt lookup)")
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 1, "adaptive": true}, or {"method": '
+                        '"draft_model", "model": PATH, "quantization": "int4"} (see docs/speculative_decoding.md)')
+    g.add_argument("--speculative-method", default=None, choices=["ngram", "draft_model"],
+                   help="shorthand: turn speculative decoding on with this proposer (prompt lookup, or a draft "
+                        "model: without --speculative-model, the target's own weights)")
+    g.add_argument("--speculative-model", default=None, metavar="PATH",
+                   help="shorthand: a draft model with the target's tokenizer (a model directory or .gguf file)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="the most draft tokens a request verifies in a step (default 4)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -76,18 +79,19 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
 
 
 def speculative_config(args: argparse.Namespace) -> dict | None:
-    """--speculative-config, with --speculative-method and --num-speculative-tokens filled in (they win)."""
-    if args.speculative_config is None and args.speculative_method is None:
+    """--speculative-config, with --speculative-method, --speculative-model and --num-speculative-tokens filled
+    in (they win over the same keys); EngineConfig checks the result."""
+    shorthands = {"method": args.speculative_method, "model": args.speculative_model,
+                  "num_speculative_tokens": args.num_speculative_tokens}
+    if args.speculative_config is None and args.speculative_method is None and args.speculative_model is None:
         if args.num_speculative_tokens is not None:
-            raise ValueError("--num-speculative-tokens needs --speculative-method or --speculative-config")
+            raise ValueError("--num-speculative-tokens needs --speculative-method, --speculative-model or "
+                             "--speculative-config")
         return None
     from inferd.engine.spec_decode.config import SpeculativeConfig
 
-    config = SpeculativeConfig.parse(args.speculative_config or "{}").to_dict()
-    if args.speculative_method is not None:
-        config["method"] = args.speculative_method
-    if args.num_speculative_tokens is not None:
-        config["num_speculative_tokens"] = args.num_speculative_tokens
+    config = SpeculativeConfig.options(args.speculative_config or "{}")
+    config.update({k: v for k, v in shorthands.items() if v is not None})
     return config
 
 

@@ -24,6 +24,7 @@ from inferd.engine.core.scheduler import Scheduler, SchedulerConfig
 from inferd.engine.core.vision import VisionRunner
 from inferd.engine.messages import EngineCoreOutput, ImageData
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
+from inferd.engine.spec_decode.draft_model import DraftModel
 from inferd.engine.spec_decode.speculator import Speculator
 from inferd.layers import cpu_kernels, kv_storage
 from inferd.layers.attention import TorchAttentionBackend
@@ -44,13 +45,20 @@ class EngineCore:
         t0 = time.perf_counter()
         self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
         if config.quantization:
-            self._quantize(config.quantization)
+            self.model.quantize(config.quantization)
         log.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, self.device, self.dtype)
         self.eos_token_ids = frozenset(eos_token_ids)
+
+        spec = config.speculative_config
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = DraftModel(spec, self.model, ckpt.tokenizer, self.device, self.dtype)
 
         mc = self.model_config
         bytes_per_block = mc.num_layers * config.block_size * kv_storage.bytes_per_token(
             config.kv_cache_dtype, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if draft is not None:  # the budget holds both pools, which have the same number of blocks
+            bytes_per_block += draft.bytes_per_block(config.block_size, config.kv_cache_dtype)
         num_blocks = self._kv_budget() // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes: budget is below one block ({bytes_per_block} bytes)")
@@ -59,13 +67,18 @@ class EngineCore:
                           for _ in range(mc.num_layers)]
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings, num_blocks * config.block_size)
+        if draft is not None:
+            draft.allocate(num_blocks, config.block_size, config.kv_cache_dtype)
+            if draft.cfg.max_position_embeddings < self.max_model_len:
+                log.warning("max_model_len: %d, the draft model's context (was %d)",
+                            draft.cfg.max_position_embeddings, self.max_model_len)
+                self.max_model_len = draft.cfg.max_position_embeddings
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv)
         self.grammars = GrammarCompiler(ckpt.tokenizer, mc.vocab_size, eos_token_ids)
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
-        spec = config.speculative_config
-        self.speculator = Speculator(spec, self.max_model_len) if spec is not None else None
+        self.speculator = Speculator(spec, self.max_model_len, draft) if spec is not None else None
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
                                   TorchAttentionBackend(), self.device)
         self.vision_spec = ckpt.vision
@@ -73,20 +86,6 @@ class EngineCore:
         if ckpt.vision is not None:
             self.vision = VisionRunner(build_vision_encoder(ckpt, self.dtype, self.device), self.device,
                                        cache_bytes=config.vision_cache_bytes)
-
-    def _quantize(self, kind: str) -> None:
-        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
-            raise ValueError(f"quantization: {kind} needs the CPU and dtype bfloat16")
-        from inferd.layers.linear import Linear
-        for module in self.model.modules():
-            if not isinstance(module, Linear):
-                continue
-            # the output head stays at 8 bits under int4: it scores the whole vocabulary,
-            # and GGUF files keep it above 4 bits too (Q8_0 in the default model's Q4_1 file)
-            if kind == "int8" or module is self.model.lm_head:
-                module.quantize_int8()
-            else:
-                module.quantize_int4()
 
     def _kv_budget(self) -> int:
         if self.device.type == "cuda":

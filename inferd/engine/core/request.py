@@ -61,6 +61,10 @@ class Request:
         # after token_ids, and the proposer's and acceptance state, kept across preemption
         self.spec_token_ids: list[int] = []
         self.spec = None
+        # how many of token_ids a draft model (spec_decode/draft_model.py) holds KV for, in its own pool at
+        # this request's slots: valid only with the blocks, so the KV manager zeroes it when it frees them
+        # and cuts it to what it keeps when it gives a tail back
+        self.num_draft_computed_tokens = 0
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:
             self.generator = torch.Generator()
