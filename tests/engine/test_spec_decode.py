@@ -202,6 +202,19 @@ def test_a_self_draft_of_the_same_weights_is_almost_always_kept(tiny_llama, plai
     assert core.kv.num_free_blocks == core.kv.num_blocks
 
 
+def test_a_self_draft_over_int8_kv_caches_is_kept_and_changes_no_token(tiny_llama):
+    # both pools store int8 levels (--kv-cache-dtype int8); the same quantization on both sides, so the
+    # draft still predicts the target, and the output is the int8 cache's own greedy output
+    prompts = [[1, 2, 3, 4, 5, 6] * (2 + i) for i in range(6)]
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False, kv_cache_dtype="int8")
+    expected = _tokens(plain.generate(prompts, GREEDY))
+    spec = LLM(str(tiny_llama), dtype="float32", progress=False, kv_cache_dtype="int8",
+               speculative_config={**ALWAYS, "method": "draft_model"})
+    assert _tokens(spec.generate(prompts, GREEDY)) == expected
+    stats = spec.engine.core.speculator.stats
+    assert stats.num_draft_tokens > 100 and stats.num_accepted_tokens / stats.num_draft_tokens > 0.95
+
+
 def test_drafts_are_the_draft_models_own_greedy_continuation(tiny_llama, tiny_llama_draft, plain, monkeypatch):
     # every draft, proposed from the draft's KV pool in a batch with rejections and preemptions, is what the
     # draft model computes from scratch on the request's tokens (and the drafts before it)
