@@ -193,12 +193,11 @@ The encoder runs in the engine core between model steps, in units of one layer o
 requests are running it gets at most half the time the rest of the loop takes (engine/core/vision.py),
 so the text streams keep decoding while an image is encoded (by design at most ~1.5x slower on average;
 timed in-process on this model, 16 decoding requests and two arriving images, the encoder took 28% of
-the wall time, against the 33% the rule allows). The phases above run one after another on a machine
-that other work shared (load average {data['loadavg_before'][0]:.1f} before, {data['loadavg_after'][0]:.1f}
-after, on {m['cores']} cores), so the ratio of their TPOTs also carries that load's drift: the text-only
-TPOT of the same configuration ranged from 0.3 to 1.0 s between runs. An image request among the streams
-waits for its encoding at a third of the machine, behind the images that arrived before it (one is
-encoded at a time), which is what its TTFT under load shows.
+the wall time, against the 33% the rule allows). The phases above run one after another (load average
+{data['loadavg_before'][0]:.1f} before, {data['loadavg_after'][0]:.1f} after, on {m['cores']} cores), so
+the ratio of their TPOTs also carries any drift of the machine's load: on a machine busy with other work
+(load average 7) the same configuration measured 2.7x, with a text-only TPOT ten times this one. Images
+are encoded one at a time, so an image request among others waits behind the ones before it.
 
 ![text TPOT with and without image arrivals](../benchmarks/results/vision.png)
 """
