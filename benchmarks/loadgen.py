@@ -153,8 +153,8 @@ end
 
 
 def run_wrk(port: int, body: bytes, api_key: str, concurrency: int, seconds: float,
-            overhead_header: str | None, wrk: str = "wrk") -> RunResult:
-    """`wrk -t1 -c<concurrency>` for `seconds` against /v1/chat/completions: a closed loop in C."""
+            overhead_header: str | None, wrk: str = "wrk", path: str = "/v1/chat/completions") -> RunResult:
+    """`wrk -t1 -c<concurrency>` for `seconds`, POSTing `body` to `path`: a closed loop in C."""
     with tempfile.TemporaryDirectory() as tmp:
         script, body_file, header_file = Path(tmp, "post.lua"), Path(tmp, "body.json"), Path(tmp, "header.txt")
         script.write_text(_WRK_SCRIPT)
@@ -162,7 +162,7 @@ def run_wrk(port: int, body: bytes, api_key: str, concurrency: int, seconds: flo
         env = {"BENCH_API_KEY": api_key, "BENCH_BODY": str(body_file), "BENCH_HEADER": overhead_header or "",
                "BENCH_HEADER_FILE": str(header_file), "PATH": "/usr/bin:/bin"}
         out = subprocess.run([wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-                              "-s", str(script), f"http://127.0.0.1:{port}/v1/chat/completions"],
+                              "-s", str(script), f"http://127.0.0.1:{port}{path}"],
                              capture_output=True, text=True, env=env, timeout=seconds + 60, check=True)
         summary = json.loads(out.stdout.strip().splitlines()[-1])
         overheads = [float(x) for x in header_file.read_text().split()] if header_file.exists() else []

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import inferd.layers.linear as linear  # noqa: E402
 from benchmarks.common import machine_info, save_json, write_doc_section  # noqa: E402
 from inferd import LLM, SamplingParams  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 TEXT = """The history of the printing press begins in the fifteenth century, when Johannes
@@ -51,7 +50,9 @@ def main() -> None:
     for name, opts in (("float32", dict(dtype="float32")), ("bfloat16", dict(dtype="bfloat16")),
                        ("bfloat16 + int8 weights", dict(dtype="bfloat16", quantization="int8")),
                        ("bfloat16 + int4 weights (output head int8)",
-                        dict(dtype="bfloat16", quantization="int4"))):
+                        dict(dtype="bfloat16", quantization="int4")),
+                       ("bfloat16 + int8 KV cache", dict(dtype="bfloat16", kv_cache_dtype="int8")),
+                       ("float32 + int8 KV cache", dict(dtype="float32", kv_cache_dtype="int8"))):
         llm = LLM(progress=False, **opts)
         ids = llm.tokenizer.encode(TEXT)
         saved = linear.INT8_MAX_ROWS, linear.INT4_MAX_ROWS
@@ -62,17 +63,23 @@ def main() -> None:
         finally:
             linear.INT8_MAX_ROWS, linear.INT4_MAX_ROWS = saved
         del llm
-    ref = results["bfloat16"]
     m = machine_info()
-    rows = "\n".join(f"| {k} | {v:.3f} | {100 * (v / ref - 1):+.2f}% |" for k, v in results.items())
+
+    def ref(name: str) -> tuple[str, float]:  # each option against the plain run of its dtype
+        dtype = name.split()[0]
+        return dtype, results[dtype]
+
+    rows = "\n".join(f"| {k} | {v:.3f} | {100 * (v / ref(k)[1] - 1):+.2f}% vs {ref(k)[0]} |"
+                      for k, v in results.items())
     save_json("quant_accuracy", {"machine": m, "tokens": len(ids), "perplexity": results})
     write_doc_section("quant_accuracy", f"""## Accuracy of lossy options
 
 `python benchmarks/quant_accuracy.py` — perplexity of SmolLM2-135M-Instruct (weights as
 dequantized from its Q4_1 GGUF) on a fixed {len(ids)}-token English passage, one
-teacher-forced pass; {m['date']}, torch {m['torch']}.
+teacher-forced pass (with an int8 KV cache every position attends to the int8 K/V of the
+positions before it); {m['date']}, {m['cpu']} ({m['isa']}), torch {m['torch']}.
 
-| weights | perplexity | vs bf16 |
+| option | perplexity | change |
 |---|---|---|
 {rows}
 """)

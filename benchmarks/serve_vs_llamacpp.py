@@ -67,7 +67,9 @@ def start_inferd(name: str, gguf: Path, threads: int) -> Server:
 def start_llama(binary: Path, gguf: Path, threads: int, slots: int, ctx: int) -> Server:
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(slots), "-c", str(ctx), "-t", str(threads), "-tb", str(threads)]
+           "-np", str(slots), "-c", str(ctx), "-t", str(threads), "-tb", str(threads),
+           # the repacked (AMX) kernels of a native build stop with an illegal instruction on some machines
+           "--no-repack"]
     return Server("llama.cpp", cmd, port).wait_ready()
 
 

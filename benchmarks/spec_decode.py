@@ -1,10 +1,23 @@
-"""Speculative decoding (prompt lookup) vs the same server without it, through the HTTP API.
+"""Speculative decoding (prompt lookup, a draft model) vs the same server without it, through the HTTP API;
+llama.cpp's server with its own speculative decoding in the same run.
 
-Two `inferd serve` configurations on the embedded SmolLM2-135M-Instruct, one at a
-time on loopback, the same threads: `off` (no speculation) and `ngram`
-(`--speculative-method ngram`, adaptive: it decides per step whether drafts pay).
+Servers on the embedded SmolLM2-135M-Instruct (its Q4_1 GGUF), one at a time on
+loopback, the same threads each:
+
+- `off`: `inferd serve`, no speculation;
+- `ngram`: `--speculative-method ngram --num-speculative-tokens 4` (prompt lookup, adaptive);
+- `draft`: `--speculative-config '{"method": "draft_model", "quantization": "int4"}'
+  --num-speculative-tokens 8`: the int4 self-draft (the model's own weights at int4,
+  no second file; adaptive);
+- `llama.cpp`, `llama.cpp-draft`, `llama.cpp-ngram`: `llama-server` (built by
+  benchmarks/peers/build_llama_cpp.sh; skipped when it is not there) without
+  speculation, with the same GGUF as its draft model (`-md`, `--spec-type
+  draft-simple`, 8 drafts) and with its prompt lookup (`--spec-type ngram-simple`,
+  3-gram lookup, 4 drafts). `--no-repack`: the repacked (AMX) kernels of a native
+  build stop with an illegal instruction where the OS does not grant AMX.
+
 Against each, the same streaming client (`inferd.bench.serve.run_benchmark`, greedy)
-runs four scenarios:
+runs five scenarios:
 
 - grounded-c1 / grounded-c16: chat requests that work on a text given in the prompt
   (correct its spelling, rewrite it, extract its sentences about one subject,
@@ -15,18 +28,20 @@ runs four scenarios:
 - sampled-c16: the same at temperature 1.0, where drafts are mostly rejected: the
   case where speculation must switch itself off.
 
-Concurrency 1 runs 8 requests, concurrency 16 runs 32. Both servers are started
-first and only one works at a time: each scenario runs on one and then on the
-other, `--repeats` times (3) in alternating order, so that load from elsewhere on
-a shared machine drifts over both alike; the median TPOT run is reported. The acceptance figures are the `spec_decode_*`
-counters of /metrics (vLLM's names), read before and after each scenario. Also
-reported: how many answers are token for token the same as without speculation
-(greedy; where they differ, a multi-row matmul rounded differently in bf16, see
-docs/speculative_decoding.md). Writes benchmarks/results/spec_decode.json, a PNG
-plot and the `spec_decode` section of docs/benchmarks.md.
+Concurrency 1 runs 6 requests, concurrency 16 runs 16. All servers are started
+first and only one works at a time: each scenario runs on every server in turn,
+`--repeats` times (2; llama.cpp's `--llama-repeats`, 1) in alternating order, so
+that load from elsewhere on a shared machine drifts over all alike; the median TPOT run is reported, and each
+speculative configuration's speedup is the median of its per-repeat TPOT ratios to
+its engine's `off` run. The acceptance figures are the `spec_decode_*` counters of
+/metrics (vLLM's names, which llama-server uses too), read before and after each
+scenario. Also reported: how many answers are token for token the same as without
+speculation (greedy; where they differ, a multi-row matmul rounded differently in
+bf16, see docs/speculative_decoding.md). Writes benchmarks/results/spec_decode.json,
+a PNG plot and the `spec_decode` section of docs/benchmarks.md.
 
-    python benchmarks/spec_decode.py                  # ~10 minutes on 2 cores
-    python benchmarks/spec_decode.py --quantization int4
+    python benchmarks/spec_decode.py                  # ~15 minutes on 2 cores
+    python benchmarks/spec_decode.py --configs off,draft --scenarios grounded-c1
 """
 
 from __future__ import annotations
@@ -42,21 +57,34 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, Server, isa, loadavg, machine_info, save_json, write_doc_section  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, Server, isa, loadavg, machine_info, save_json, write_doc_section  # noqa: E402
 from inferd.bench.datasets import TextPrompt, random_text_prompts  # noqa: E402
 from inferd.bench.metrics import compute_metrics  # noqa: E402
 from inferd.bench.serve import run_benchmark  # noqa: E402
 
-CONFIGS = {"off": [], "ngram": ["--speculative-method", "ngram", "--num-speculative-tokens", "4"]}
+LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "bin" / "llama-server"
+# name -> (engine, extra server arguments)
+CONFIGS = {
+    "off": ("inferd", []),
+    "ngram": ("inferd", ["--speculative-method", "ngram", "--num-speculative-tokens", "4"]),
+    "draft": ("inferd", ["--speculative-config", '{"method": "draft_model", "quantization": "int4"}',
+                         "--num-speculative-tokens", "8"]),
+    "llama.cpp": ("llama.cpp", []),
+    "llama.cpp-draft": ("llama.cpp", ["-md", "GGUF", "--spec-type", "draft-simple", "--spec-draft-n-max", "8"]),
+    "llama.cpp-ngram": ("llama.cpp", ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                                      "--spec-ngram-simple-size-m", "4"]),
+}
+BASELINE = {"inferd": "off", "llama.cpp": "llama.cpp"}  # each engine's configuration without speculation
 # name -> (workload, num_prompts, max_concurrency, output_len, seed)
 SCENARIOS = {
-    "grounded-c1": ("grounded", 8, 1, 128, 2001),
-    "grounded-c16": ("grounded", 32, 16, 128, 2016),
-    "random-c1": ("random", 8, 1, 64, 3001),
-    "random-c16": ("random", 32, 16, 64, 3016),
-    "sampled-c16": ("sampled", 32, 16, 64, 4016),
+    "grounded-c1": ("grounded", 6, 1, 128, 2001),
+    "grounded-c16": ("grounded", 16, 16, 128, 2016),
+    "random-c1": ("random", 6, 1, 64, 3001),
+    "random-c16": ("random", 16, 16, 64, 3016),
+    "sampled-c16": ("sampled", 16, 16, 64, 4016),
 }
 SPEC_COUNTERS = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens")
+MAX_POSITIONS = 8  # acceptance per draft position reported for positions 1..8
 
 # -- the input-grounded workload ----------------------------------------------------------
 
@@ -116,21 +144,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(config: str, threads: int, extra: list[str]) -> Server:
+def start(config: str, threads: int, gguf: Path, llama_server: Path) -> Server:
+    engine, extra = CONFIGS[config]
     port = free_port()
-    cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", "--port", str(port),
-           "--num-threads", str(threads), "--served-model-name", "smollm2", *extra, *CONFIGS[config]]
-    return Server(config, cmd, port, {"OMP_NUM_THREADS": str(threads)}).wait_ready()
+    if engine == "inferd":
+        cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", str(gguf), "--port", str(port),
+               "--num-threads", str(threads), "--served-model-name", "smollm2", *extra]
+        return Server(config, cmd, port, {"OMP_NUM_THREADS": str(threads)}).wait_ready()
+    # 16 slots of 512 tokens (a grounded prompt and its answer fit one); the draft gets the same threads
+    cmd = [str(llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "16",
+           "-c", str(16 * 512), "-t", str(threads), "-tb", str(threads), "-td", str(threads), "--no-repack",
+           "--metrics", *[str(gguf) if x == "GGUF" else x for x in extra]]
+    return Server(config, cmd, port).wait_ready()
 
 
 def spec_counters(server: Server) -> dict[str, float]:
     text = httpx.get(server.url + "/metrics", timeout=10, trust_env=False).text
     values: dict[str, float] = {}
     for line in text.splitlines():
-        m = re.match(r'inferd:(spec_decode_\w+?)_total\{([^}]*)\} (\S+)', line)
+        m = re.match(r'(?:inferd|llamacpp):(spec_decode_\w+?)_total(?:\{([^}]*)\})? (\S+)', line)
         if not m:
             continue
-        pos = re.search(r'position="(\d+)"', m.group(2))
+        pos = re.search(r'position="(\d+)"', m.group(2) or "")
         values[m.group(1) + (f":{pos.group(1)}" if pos else "")] = float(m.group(3))
     return values
 
@@ -151,7 +186,7 @@ def run_scenario(server: Server, scenario: str, tokenizer) -> dict:
     metrics = compute_metrics(results, duration)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     texts = [r.generated_text for r in results]
-    print(f"  {server.name:6} {scenario:13} TPOT median {metrics['tpot_ms']['median']:7.1f} ms, "
+    print(f"  {server.name:16} {scenario:13} TPOT median {metrics['tpot_ms']['median']:7.1f} ms, "
           f"{metrics['output_throughput']:6.1f} output tok/s, drafts {delta.get('spec_decode_num_draft_tokens', 0):.0f}"
           f" accepted {delta.get('spec_decode_num_accepted_tokens', 0):.0f}", flush=True)
     return {"metrics": metrics, "spec": delta, "texts": texts}
@@ -167,77 +202,97 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per server (1: on a shared machine, 2 OpenMP threads wait on each other)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quantization", default=None, choices=["int4", "int8"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--llama-server", default=str(LLAMA_SERVER))
+    ap.add_argument("--llama-repeats", type=int, default=1,
+                    help="repeats of the llama.cpp configurations (the first ones; at 16 requests on one thread "
+                         "its server is several times slower than inferd's, so a repeat of it costs minutes)")
     ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     args = ap.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
-    extra = ["--quantization", args.quantization] if args.quantization else []
+    llama_server = Path(args.llama_server)
+    configs = [c for c in args.configs.split(",") if c]
+    skipped = [c for c in configs if CONFIGS[c][0] == "llama.cpp" and not llama_server.is_file()]
+    if skipped:
+        print(f"{llama_server} not found (benchmarks/peers/build_llama_cpp.sh): without {', '.join(skipped)}")
+        configs = [c for c in configs if c not in skipped]
 
     from inferd.bench.serve import load_tokenizer
+    from inferd.models.default_model import default_model_path
+    gguf = default_model_path()
     tokenizer = load_tokenizer("auto")
     load_before = loadavg()
-    runs: dict[str, dict[str, list[dict]]] = {c: {s: [] for s in scenarios} for c in CONFIGS}
-    servers = {c: start(c, args.threads, extra) for c in CONFIGS}  # both up; one runs at a time
-    commands = {c: _display(srv.cmd) for c, srv in servers.items()}
+    runs: dict[str, dict[str, list[dict]]] = {c: {s: [] for s in scenarios} for c in configs}
+    servers: dict[str, Server] = {}
     try:
+        for c in configs:  # all up; one runs at a time
+            servers[c] = start(c, args.threads, gguf, llama_server)
         for rep in range(args.repeats):
-            for sc in scenarios:  # back to back per scenario, in alternating order, so drifting load hits both
-                for config in CONFIGS if rep % 2 == 0 else reversed(CONFIGS):
+            for sc in scenarios:  # back to back per scenario, in alternating order, so drifting load hits all
+                for config in configs if rep % 2 == 0 else reversed(configs):
+                    if CONFIGS[config][0] == "llama.cpp" and rep >= args.llama_repeats:
+                        continue
                     runs[config][sc].append(run_scenario(servers[config], sc, tokenizer))
     finally:
         for srv in servers.values():
             srv.stop()
-    results = {c: {s: _median(rs) for s, rs in by.items()} for c, by in runs.items()}
+    commands = {c: _display(srv.cmd) for c, srv in servers.items()}
     m = machine_info()
     m["loadavg_before"], m["loadavg_after"] = load_before, loadavg()
     m["isa"] = _isa()
-    summary = {s: _summary(results, runs, s) for s in scenarios}
+    if any(CONFIGS[c][0] == "llama.cpp" for c in configs):
+        from benchmarks.serve_vs_llamacpp import llama_version
+        m["llama_cpp"] = llama_version(llama_server)
+    summary = {s: {c: _summary(runs, c, s) for c in configs} for s in scenarios}
     data = {"args": vars(args), "machine": m, "scenarios": {s: dict(zip(
         ("workload", "num_prompts", "max_concurrency", "output_len", "seed"), SCENARIOS[s])) for s in scenarios},
         "server_commands": commands, "summary": summary,
-        "results": {c: {s: {"metrics": r["metrics"], "spec": r["spec"]} for s, r in by.items()}
-                    for c, by in results.items()},
         "tpot_all_runs": {c: {s: [r["metrics"]["tpot_ms"]["median"] for r in rs] for s, rs in by.items()}
                           for c, by in runs.items()}}
-    name = "spec_decode" + (f"_{args.quantization}" if args.quantization else "")
-    save_json(name, data)
-    plot(summary, name)
-    for s, row in summary.items():
-        print(s, row)
+    save_json("spec_decode", data)
+    plot(summary, "spec_decode")
+    for s, by in summary.items():
+        for c, row in by.items():
+            print(s, c, {k: v for k, v in row.items() if k != "tpot_speedup_paired_all"})
     if not args.no_doc:
-        write_doc_section(name, doc(data, name))
+        write_doc_section("spec_decode", doc(data, "spec_decode"))
 
 
 def _median(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["metrics"]["tpot_ms"]["median"])[(len(runs) - 1) // 2]
 
 
-def _summary(results: dict, runs: dict, scenario: str) -> dict:
-    off, on = results["off"][scenario], results["ngram"][scenario]
+def _summary(runs: dict, config: str, scenario: str) -> dict:
+    on = _median(runs[config][scenario])
+    row = {"tpot_ms": on["metrics"]["tpot_ms"]["median"], "tok_s": on["metrics"]["output_throughput"]}
+    base = BASELINE[CONFIGS[config][0]]
+    if config == base or base not in runs:
+        return row
     spec = on["spec"]
     drafts = spec.get("spec_decode_num_drafts", 0)
     draft_tokens = spec.get("spec_decode_num_draft_tokens", 0)
     accepted = spec.get("spec_decode_num_accepted_tokens", 0)
     per_pos = [spec.get(f"spec_decode_num_accepted_tokens_per_pos:{k}", 0) / drafts if drafts else 0.0
-               for k in range(4)]
-    same = [a == b for a, b in zip(runs["off"][scenario][0]["texts"], runs["ngram"][scenario][0]["texts"])]
+               for k in range(MAX_POSITIONS)]
+    same = [a == b for a, b in zip(runs[base][scenario][0]["texts"], runs[config][scenario][0]["texts"])]
     # each repeat ran both back to back: the ratio within a repeat is what drifting load disturbs least
     paired = sorted(a["metrics"]["tpot_ms"]["median"] / b["metrics"]["tpot_ms"]["median"]
-                    for a, b in zip(runs["off"][scenario], runs["ngram"][scenario]))
-    return {
-        "tpot_speedup_paired": paired[(len(paired) - 1) // 2], "tpot_speedup_paired_all": paired,
-        "tpot_off_ms": off["metrics"]["tpot_ms"]["median"], "tpot_ngram_ms": on["metrics"]["tpot_ms"]["median"],
-        "tpot_speedup": off["metrics"]["tpot_ms"]["median"] / on["metrics"]["tpot_ms"]["median"],
-        "tok_s_off": off["metrics"]["output_throughput"], "tok_s_ngram": on["metrics"]["output_throughput"],
-        "throughput_ratio": on["metrics"]["output_throughput"] / off["metrics"]["output_throughput"],
+                    for a, b in zip(runs[base][scenario], runs[config][scenario]))
+    row.update({
+        "baseline": base, "tpot_speedup_paired": paired[(len(paired) - 1) // 2], "tpot_speedup_paired_all": paired,
         "draft_tokens": draft_tokens, "accepted_tokens": accepted,
         "acceptance_rate": accepted / draft_tokens if draft_tokens else 0.0,
         "mean_accepted_per_draft": accepted / drafts if drafts else 0.0,
         "acceptance_per_pos": per_pos,
         "same_text": f"{sum(same)}/{len(same)}",
-    }
+    })
+    return row
+
+
+_COLORS = {"off": "#999", "ngram": "#2a7", "draft": "#27c", "llama.cpp": "#caa", "llama.cpp-draft": "#c55",
+           "llama.cpp-ngram": "#e93"}
 
 
 def plot(summary: dict, name: str) -> None:
@@ -246,18 +301,23 @@ def plot(summary: dict, name: str) -> None:
     import matplotlib.pyplot as plt
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = list(summary)
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [summary[s]["tpot_off_ms"] for s in names], 0.4, label="off", color="#999")
-    ax.bar([i + 0.2 for i in x], [summary[s]["tpot_ngram_ms"] for s in names], 0.4, label="ngram", color="#2a7")
-    for i, s in enumerate(names):
-        ax.text(i + 0.2, summary[s]["tpot_ngram_ms"], f"{summary[s]['tpot_speedup_paired']:.2f}x", ha="center",
-                va="bottom", fontsize=8)
-    ax.set_xticks(list(x), names, fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    scenarios = list(summary)
+    configs = list(next(iter(summary.values())))
+    width = 0.8 / len(configs)
+    for k, c in enumerate(configs):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(scenarios))]
+        ys = [summary[s][c]["tpot_ms"] for s in scenarios]
+        ax.bar(xs, ys, width, label=c, color=_COLORS.get(c))
+        for x, s in zip(xs, scenarios):
+            r = summary[s][c]
+            if "tpot_speedup_paired" in r:
+                ax.text(x, r["tpot_ms"], f"{r['tpot_speedup_paired']:.2f}x", ha="center", va="bottom", fontsize=6,
+                        rotation=90)
+    ax.set_xticks(range(len(scenarios)), scenarios, fontsize=8)
     ax.set_ylabel("median TPOT (ms)")
-    ax.set_title("Speculative decoding (prompt lookup), SmolLM2-135M", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title("Speculative decoding, SmolLM2-135M (speedup vs the same engine without)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=100)
     plt.close(fig)
@@ -265,43 +325,51 @@ def plot(summary: dict, name: str) -> None:
 
 def doc(data: dict, name: str) -> str:
     m = data["machine"]
-    quant = data["args"]["quantization"]
+    cmds = data["server_commands"]
+    llama = f" llama.cpp: {m['llama_cpp']}." if "llama_cpp" in m else (
+        " llama.cpp is not in this run: its server is not built on this machine "
+        "(benchmarks/peers/build_llama_cpp.sh).")
     lines = [
-        f"## Speculative decoding (prompt lookup){f', --quantization {quant}' if quant else ''}", "",
-        f"`python benchmarks/spec_decode.py{f' --quantization {quant}' if quant else ''}` — the same server with "
-        f"and without `--speculative-method ngram` (adaptive), streaming, greedy. {m['date']}, {m['cpu']} "
-        f"({m['isa']}), {m['cores']} cores shared with other work (load average before "
-        f"{m['loadavg_before']}, after {m['loadavg_after']}), {data['args']['threads']} torch thread(s) per server, "
-        f"torch {m['torch']}, inferd {m['inferd']}.", "",
+        "## Speculative decoding", "",
+        f"`python benchmarks/spec_decode.py` — servers with and without speculative decoding, streaming, greedy. "
+        f"{m['date']}, {m['cpu']} ({m['isa']}), {m['cores']} cores shared with other work (load average before "
+        f"{m['loadavg_before']}, after {m['loadavg_after']}), {data['args']['threads']} thread(s) per server, "
+        f"torch {m['torch']}, inferd {m['inferd']}.{llama}", "",
+        "Configurations (all adaptive where the engine has it): " + "; ".join(
+            f"`{c}`: `{cmd}`" for c, cmd in cmds.items()) + ".", "",
         "Grounded: chat tasks over a text in the prompt (correct its spelling, rewrite it, copy its sentences "
         "about one subject, summarize it), up to 128 output tokens. Random: random-word completions, 64 output "
         "tokens (ignore_eos); the 135M model tends to repeat itself there, which prompt lookup also catches. "
-        "Sampled: the same at temperature 1.0, where drafts almost never match: speculation has to switch "
-        "itself off. Concurrency 1: 8 requests; 16: 32 requests. "
-        f"{data['args']['repeats']} repeats; both servers up, one working at a time, each scenario on one then "
-        "the other in alternating order. llama.cpp is not in this run: its server is not built on this "
-        "machine (benchmarks/peers/build_llama_cpp.sh).", "",
-        "| scenario | TPOT off (ms) | TPOT ngram (ms) | TPOT speedup, paired (each repeat) | output tok/s off "
-        "| ngram | drafted | accepted | acceptance | accepted per position 1-4 | same text |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        + ("Sampled: the same at temperature 1.0, where drafts almost never match: speculation has to switch "
+           "itself off. " if "sampled-c16" in data["summary"] else "")
+        + "Concurrency 1: 6 requests; 16: 16 requests. llama-server runs with 16 slots of 512 tokens and "
+        "`--no-repack` (its AMX kernels stop with an illegal instruction on this machine's OS). "
+        f"{data['args']['repeats']} repeats ({data['args']['llama_repeats']} of llama.cpp's); all servers up, one "
+        "working at a time, each scenario on every server in turn, in alternating order.", "",
+        "| scenario | configuration | TPOT (ms) | TPOT speedup vs the same engine without, paired (each repeat) "
+        "| output tok/s | drafted | accepted | acceptance | accepted per position 1-8 | same text |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s, r in data["summary"].items():
-        pos = " / ".join(f"{p:.2f}" for p in r["acceptance_per_pos"])
-        each = ", ".join(f"{x:.2f}" for x in r["tpot_speedup_paired_all"])
-        lines.append(f"| {s} | {r['tpot_off_ms']:.1f} | {r['tpot_ngram_ms']:.1f} | **{r['tpot_speedup_paired']:.2f}x** "
-                     f"({each}) | {r['tok_s_off']:.1f} | {r['tok_s_ngram']:.1f} | "
-                     f"{r['draft_tokens']:.0f} | {r['accepted_tokens']:.0f} | {r['acceptance_rate']:.2f} | {pos} | "
-                     f"{r['same_text']} |")
+    for s, by in data["summary"].items():
+        for c, r in by.items():
+            if "tpot_speedup_paired" not in r:
+                lines.append(f"| {s} | {c} | {r['tpot_ms']:.1f} | (baseline) | {r['tok_s']:.1f} | | | | | |")
+                continue
+            pos = " / ".join(f"{p:.2f}" for p in r["acceptance_per_pos"])
+            each = ", ".join(f"{x:.2f}" for x in r["tpot_speedup_paired_all"])
+            lines.append(f"| {s} | {c} | {r['tpot_ms']:.1f} | **{r['tpot_speedup_paired']:.2f}x** ({each}) | "
+                         f"{r['tok_s']:.1f} | {r['draft_tokens']:.0f} | {r['accepted_tokens']:.0f} | "
+                         f"{r['acceptance_rate']:.2f} | {pos} | {r['same_text']} |")
     lines += ["", "TPOT of every run (ms): " + "; ".join(
         f"{c} {s}: {', '.join(f'{v:.1f}' for v in vs)}" for c, by in data["tpot_all_runs"].items()
         for s, vs in by.items()), "",
-        "TPOT off / ngram: medians over the repeats of each; the speedup is the median of the per-repeat ratios "
-        "(both configurations back to back), which drifting load from other work disturbs least. "
-        "Acceptance per position k: drafts accepted at position k / request-steps that verified drafts "
-        "(`spec_decode_num_accepted_tokens_per_pos / spec_decode_num_drafts`); drafted, accepted and acceptance "
-        "are those of the median-TPOT run. Same text: answers identical to the run without speculation (first "
-        "run of each; greedy answers part only at bf16 rounding near ties, docs/speculative_decoding.md; "
-        "sampled ones are unseeded, so they differ by design).", "",
+        "TPOT: the median over the repeats of each configuration; the speedup is the median of the per-repeat "
+        "ratios to the same engine without speculation (run back to back), which drifting load from other work "
+        "disturbs least. Acceptance per position k: drafts accepted at position k / request-steps that verified "
+        "drafts (`spec_decode_num_accepted_tokens_per_pos / spec_decode_num_drafts`); drafted, accepted and "
+        "acceptance are those of the median-TPOT run. Same text: answers identical to the run without "
+        "speculation (first run of each; greedy answers part only at bf16 rounding near ties, "
+        "docs/speculative_decoding.md; sampled ones are unseeded, so they differ by design).", "",
         f"![speculative decoding](../benchmarks/results/{name}.png)"]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_noisy_copy, build_tiny_model
 
 pytest_plugins = ["tests.store_fixtures"]
 
@@ -17,6 +17,12 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_draft(tiny_llama, tmp_path_factory):
+    """A draft model for the tiny Llama: its weights with noise, so that about half the drafts are kept."""
+    return build_noisy_copy(tmp_path_factory.mktemp("tiny-llama-draft"), tiny_llama, noise=0.005)
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +42,9 @@ def tiny_llama_slow(tmp_path_factory):
     (drains, disconnects, overload) by seconds. Serve it with SLOW_KV (tests/api/conftest.py)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-slow"), "llama", max_position_embeddings=4096,
                             hidden_size=256, intermediate_size=1024, num_hidden_layers=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    from tests.tiny_vlm import build_tiny_vlm
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))

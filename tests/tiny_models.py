@@ -85,3 +85,20 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, chat_templa
         "bos_token": "<|im_start|>", "eos_token": "<|endoftext|>", "add_bos_token": False,
         "chat_template": chat_template}))
     return path
+
+
+def build_noisy_copy(path: Path, source: Path, noise: float, seed: int = 0) -> Path:
+    """`source` with Gaussian noise of std `noise` added to every matrix: a draft model that agrees with
+    its target often but not always, with the target's tokenizer."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, path, dirs_exist_ok=True)
+    tensors = load_file(str(source / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():
+        if t.dim() == 2:
+            tensors[name] = t + noise * torch.randn(t.shape, generator=g, dtype=t.dtype)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

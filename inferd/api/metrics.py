@@ -76,6 +76,9 @@ class EngineMetrics:
         self.spec_accepted_per_pos = Counter("inferd:spec_decode_num_accepted_tokens_per_pos",
                                              "Speculative decoding: draft tokens accepted at each draft position.",
                                              ["model_name", "position"], registry=r)
+        self.images_encoded = Counter("inferd:images_encoded", "Images run through a vision encoder.", m, registry=r)
+        self.image_cache_hits = Counter("inferd:image_encoder_cache_hits",
+                                        "Images whose encoder output was cached (by content hash).", m, registry=r)
         self.embed_requests = Counter("inferd:embedding_requests", "Embedding requests served.",
                                       m, registry=r)
         self.embed_batches = Counter("inferd:embedding_batches",
@@ -128,7 +131,9 @@ class EngineMetrics:
                                              ("prefix_cache_hits", self.prefix_hits),
                                              ("spec_decode_num_drafts", self.spec_drafts),
                                              ("spec_decode_num_draft_tokens", self.spec_draft_tokens),
-                                             ("spec_decode_num_accepted_tokens", self.spec_accepted_tokens)))
+                                             ("spec_decode_num_accepted_tokens", self.spec_accepted_tokens),
+                                             ("images_encoded", self.images_encoded),
+                                             ("image_encoder_cache_hits", self.image_cache_hits)))
             for pos, total in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
                 self._add(self.spec_accepted_per_pos.labels(model, str(pos)),
                           (source, f"spec_decode_num_accepted_tokens_per_pos:{pos}"), total)

@@ -28,6 +28,7 @@ from inferd.batch.runner import BatchRunner
 from inferd.engine.tokenizer import Tokenizer
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
+from inferd.gateway.versions import VersionManager
 from inferd.providers.base import ModelInfo
 from inferd.tenancy.intake import Admission, admit
 from inferd.tenancy.keys import Principal
@@ -51,6 +52,8 @@ class ServerState:
     response_cache: ResponseCache
     batch_runner: BatchRunner
     body_limits: BodyLimits = field(default_factory=BodyLimits)
+    versions: VersionManager | None = None  # model versions (None: an app built without a store to keep them)
+    config_path: str | None = None          # the gateway config a reload reads again
     created: int = field(default_factory=lambda: int(time.time()))
 
     def tokenizer(self, model: str | None) -> tuple[Tokenizer, ModelInfo]:

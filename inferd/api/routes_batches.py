@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from inferd.api.protocol import json_response, read_model, state
 from inferd.api.routes_files import owner
 from inferd.batch import jobs as batches
-from inferd.batch.files import BATCH_URLS
+from inferd.batch.files import batch_endpoint, batch_urls
 from inferd.wire.errors import InferdError, http_error
 
 router = APIRouter()
@@ -31,8 +31,8 @@ def _error(e: batches.BatchError) -> InferdError:
 @router.post("/v1/batches")
 async def create(request: Request):
     body = await read_model(request, CreateBatch)
-    if body.endpoint not in BATCH_URLS:
-        raise http_error(400, f"endpoint must be one of {', '.join(BATCH_URLS)}", param="endpoint")
+    if batch_endpoint(body.endpoint) is None:
+        raise http_error(400, f"endpoint must be one of {batch_urls()}", param="endpoint")
     team, key_id, admin = owner(request)
     st = state(request)
     now = st.metering.clock()

@@ -39,7 +39,7 @@ def _engine(st: ServerState, h: Handle) -> dict | None:
 
 def _card(st: ServerState, group: ModelGroup, h: Handle) -> dict:
     price = st.metering.prices.price(h.name)
-    return {"id": h.name, "object": "deployment", "model": group.name,
+    return {"id": h.name, "object": "deployment", "model": group.name, "version": h.version,
             "kind": "local" if h.deployment.info is not None else "remote",
             "endpoints": sorted(h.deployment.endpoints), "healthy": h.deployment.healthy,
             "in_flight": h.stats.in_flight,

@@ -14,6 +14,7 @@ does not fit the model gets a 400 naming the input.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from starlette.background import BackgroundTask
@@ -25,8 +26,9 @@ from inferd.api.metered_calls import metered
 from inferd.api.protocol import ServerState, json_response, principal, state
 from inferd.classic.metrics import InferMetrics
 from inferd.classic.tensors import TensorError, decode_request, encode_result
-from inferd.gateway.router import Route
+from inferd.gateway.router import Handle
 from inferd.providers.onnx import OnnxDeployment
+from inferd.tenancy.intake import admit
 from inferd.wire.errors import client_error, http_error
 from inferd.wire.request import InferenceRequest
 
@@ -34,12 +36,18 @@ router = APIRouter()
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def attach(app, st: ServerState) -> None:
-    """Metrics for the tensor models of a started gateway, on the app's registry."""
+def attach(app, st: ServerState) -> Callable[[Handle], None]:
+    """Metrics for the tensor models of a started gateway, on the app's registry; returns what watches a
+    deployment loaded later (a new model version)."""
     metrics = app.state.infer_metrics = InferMetrics(st.registry)
-    for h in st.gateway.handles():
+
+    def watch(h: Handle) -> None:
         if "infer" in h.deployment.endpoints:  # a tensor model (providers/onnx.py)
             h.deployment.on_batch = lambda record, name=h.deployment.model_name: metrics.batch(name, record)
+
+    for h in st.gateway.handles():
+        watch(h)
+    return watch
 
 
 def _error(exc: BaseException) -> Response:
@@ -81,12 +89,11 @@ async def infer(request: Request):
         model = _deployments(st, name, version)[0].model_name
         raw = await read_limited(request.stream(), st.body_limits.max_bytes)
         req = decode_request(raw, _header_length(request))
-        first = req.inputs[0].shape
         typed = InferenceRequest("infer" if version is None else f"infer@{version}", req, {"model": name},
                                  request.state.request_id, principal(request), model=name)
-        meter = await st.metering.begin_predictions(typed.caller, model, name, typed.request_id,
-                                                    predictions=first[0] if first else 1)
-        route = request.state.route = Route(name, "infer")
+        admission = await admit(st.gateway, st.metering, typed)
+        meter, route = admission.meter, admission.route
+        request.state.route = route
         work = st.gateway.request(typed, route)
         result = await metered(meter, route, work)
         meter.usage({"predictions": result.rows})
@@ -110,6 +117,12 @@ router.add_route("/v2/models/{name}/infer", infer, methods=["POST"])
 router.add_route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"])
 
 
+async def infer_asgi(scope, receive, send) -> None:
+    """`infer` as a plain ASGI app (it answers every error itself)."""
+    response = await infer(Request(scope, receive, send))
+    await response(scope, receive, send)
+
+
 @router.get("/v2")
 async def server_metadata():
     return json_response({"name": "inferd", "version": __version__, "extensions": ["binary_tensor_data"]})
@@ -122,7 +135,7 @@ async def live():
 
 @router.get("/v2/health/ready")
 async def ready(request: Request):
-    ok = all(h.deployment.healthy for h in state(request).gateway.handles())
+    ok = all(h.deployment.healthy for h in state(request).gateway.serving_handles())
     return Response(status_code=200 if ok else 503)
 
 

@@ -1,7 +1,8 @@
 """GET /v1/usage: showback from the ledger, grouped as asked.
 
 `?start=&end=` (Unix seconds or ISO dates/times, end exclusive), `group_by=`
-any of team, model, key, day, deployment, served_model, endpoint, `tz=` (an IANA
+any of team, model, key, day, deployment, served_model, endpoint, version (the
+model version that answered), `tz=` (an IANA
 time zone: the one `day` groups by, UTC by default), and for admins `team=` /
 `key=` filters. An admin key (or an open server) sees every team; any
 other key sees its own team only, and asking for another team is refused.

@@ -30,9 +30,11 @@ import gc
 import logging
 import os
 import re
+import signal
 import socket
+import random
+import secrets
 import time
-import uuid
 from pathlib import Path
 
 import uvicorn
@@ -43,18 +45,21 @@ from starlette.responses import Response
 
 from inferd import __version__
 from inferd.api import (routes_admin, routes_batches, routes_deployments, routes_embeddings, routes_files,
-                        routes_generate, routes_infer, routes_replicas, routes_tokenize, routes_usage, routes_web)
+                        routes_generate, routes_infer, routes_models, routes_replicas, routes_tokenize, routes_usage,
+                        routes_web)
 from inferd.api.auth import Authenticator
 from inferd.api.body_limits import BodyLimits
 from inferd.api.errors import error_response, install_error_handlers
 from inferd.api.metrics import EngineMetrics, render
-from inferd.api.protocol import ServerState, json_response, state
+from inferd.api.protocol import ServerState, json_response, spawn, state
+from inferd.batch.jobs import pinned_versions
 from inferd.batch.runner import BatchRunner
+from inferd.classic.tensors import infer_path_params
 from inferd.engine.config import EngineConfig
-from inferd.gateway.build import start_gateway
 from inferd.gateway.config import GatewayConfig, load_config, single_model_config
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.router import Gateway
+from inferd.gateway.versions import VersionManager
 from inferd.models.default_embedding_model import DEFAULT_EMBEDDING_MODEL, DEFAULT_EMBEDDING_MODEL_NAME
 from inferd.models.default_model import default_model_path
 from inferd.store import Store, open_store
@@ -66,6 +71,9 @@ from inferd.wire.errors import InferdError
 log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+# request ids need to be unique, not secret: 128 bits from a generator seeded once, not a uuid4
+# (a system call and a UUID object per request)
+_REQUEST_ID_BITS = random.Random(secrets.randbits(128))
 
 
 class RequestContextMiddleware:
@@ -81,7 +89,7 @@ class RequestContextMiddleware:
         headers = Headers(scope=scope)
         rid = headers.get("x-request-id", "")
         if not _REQUEST_ID.match(rid):
-            rid = uuid.uuid4().hex
+            rid = f"{_REQUEST_ID_BITS.getrandbits(128):032x}"
         arrival = time.perf_counter()
         request_state = scope.setdefault("state", {})
         request_state["request_id"] = rid
@@ -108,6 +116,27 @@ class RequestContextMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+class HotPath:
+    """The infer calls of tensor models straight to their endpoint, everything else through the app.
+
+    A tensor model's call is a few hundred microseconds of event-loop time, and the app's
+    middleware layers (Starlette's error and exception middleware, FastAPI's own) and its
+    router's walk over every route were a third of it. The request context (request id, the
+    key check) still runs first; the endpoint answers every error itself."""
+
+    def __init__(self, app: FastAPI, authenticator: Authenticator):
+        self.app = app
+        self.infer = RequestContextMiddleware(routes_infer.infer_asgi, authenticator)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            params = infer_path_params(scope["path"])
+            if params is not None:
+                scope["app"], scope["path_params"] = self.app, params
+                return await self.infer(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def model_name_from_source(source: str) -> str:
     name = Path(source).name or "model"
     return name[:-5] if name.endswith(".gguf") else name
@@ -115,25 +144,32 @@ def model_name_from_source(source: str) -> str:
 
 def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics: GatewayMetrics,
               metering: Metering, authenticator: Authenticator, batch_runner: BatchRunner,
-              body_limits: BodyLimits = BodyLimits()) -> FastAPI:
+              body_limits: BodyLimits = BodyLimits(), versions: VersionManager | None = None,
+              config_path: str | None = None) -> FastAPI:
     """The API app around a started gateway."""
     app = FastAPI(title="inferd", version=__version__, docs_url=None, redoc_url=None)
     engine_metrics = EngineMetrics(registry)
     st = ServerState(gateway, engine_metrics, gateway_metrics, registry, metering, authenticator,
-                     ResponseCache(metering.store, metering.clock), batch_runner, body_limits)
-    for h in gateway.handles():
+                     ResponseCache(metering.store, metering.clock), batch_runner, body_limits, versions=versions,
+                     config_path=config_path)
+
+    def observe(h) -> None:
         if h.deployment.info is not None:
             h.deployment.observe_requests(lambda m, name=h.deployment.info.id: engine_metrics.observe(name, m))
-    for pool in gateway.pools.values():  # its replicas, those up now and those it starts later
-        pool.observe_requests(lambda m, name=pool.group.name: engine_metrics.observe(name, m))
+
+    for h in gateway.handles():  # a Ray deployment's replicas are handles too, watched as they join
+        observe(h)
     app.state.inferd = st
     install_error_handlers(app)
     app.include_router(routes_infer.router)  # first: routes match in order, and infer calls are the most frequent
-    routes_infer.attach(app, st)
+    watch_tensors = routes_infer.attach(app, st)
+    if versions is not None:  # deployments of versions loaded later are watched the same way
+        versions.on_loaded = lambda h: (observe(h), watch_tensors(h))
     app.include_router(routes_generate.router)
     app.include_router(routes_embeddings.router)
     app.include_router(routes_tokenize.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_models.router)
     app.include_router(routes_replicas.router)
     app.include_router(routes_usage.router)
     app.include_router(routes_files.router)
@@ -148,7 +184,7 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         gateway = state(request).gateway
         served = {g.name for g in gateway.groups if any(h.deployment.healthy for h in g.handles)}
         down = [f"{h.name}: {h.deployment.unavailable().message}"
-                for g in gateway.groups for h in g.handles
+                for g in gateway.groups for h in g.serving()
                 if not h.deployment.healthy and not (h.deployment.recovering and g.name in served)]
         if not down:
             return json_response({"status": "ok"})
@@ -177,10 +213,11 @@ def build_app(gateway: Gateway, *, registry: CollectorRegistry, gateway_metrics:
         card = {"id": group.name, "object": "model", "created": st.created, "owned_by": "inferd"}
         if group.aliases:
             card["aliases"] = group.aliases
-        info = next((h.deployment.info for h in group.handles
+        info = next((h.deployment.info for h in group.serving()
                      if h.deployment.info is not None and h.deployment.info.source), None)
-        if info is not None:  # a model this server runs itself: where it came from, and its context
-            card.update(root=info.source, max_model_len=info.max_model_len)
+        if info is not None:  # a model this server runs itself: its file, and its context
+            # the file's name, not its path: a caller has no business knowing the server's disk layout
+            card.update(root=Path(info.source).name, max_model_len=info.max_model_len)
         return card
 
     @app.get("/v1/models")
@@ -277,23 +314,32 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
     store: Store | None = None
     try:
         store = open_store(args.store)
-        gateway = await start_gateway(config, engine_config, gateway_metrics,
-                                      max_waiting_requests=args.max_waiting_requests)
+        versions = await VersionManager.start(config, engine_config, store, gateway_metrics,
+                                              max_waiting_requests=args.max_waiting_requests, pinned=pinned_versions,
+                                              poll_s=args.versions_poll_s)
     except BaseException:
         sock.close()
         if store is not None:
             store.close()
         raise
+    gateway = versions.gateway
     metering: Metering | None = None
     try:
-        metering = Metering(store, PriceBook.from_config(config), max_output_tokens(gateway))
+        metering = Metering(store, PriceBook.from_config(versions.effective_config()), max_output_tokens(gateway))
+
+        def versions_changed() -> None:  # new or unloaded versions: their prices and context lengths
+            metering.prices = PriceBook.from_config(versions.effective_config())
+            metering.max_output = max_output_tokens(gateway)
+
+        versions.on_change = versions_changed
         authenticator = Authenticator(store, admin_key=admin_key(args),
                                       allow_open_admin=args.allow_open_admin)
         batch_runner = BatchRunner(store, gateway, metering, concurrency=args.batch_concurrency,
                                    lease_s=args.batch_lease_s)
         app = build_app(gateway, registry=registry, gateway_metrics=gateway_metrics, metering=metering,
                         authenticator=authenticator, batch_runner=batch_runner,
-                        body_limits=BodyLimits(max_bytes=args.max_request_bytes))
+                        body_limits=BodyLimits(max_bytes=args.max_request_bytes), versions=versions,
+                        config_path=args.config)
         log.info("store: %s", store.redacted_url())
         for g in gateway.groups:
             log.info("model %s: %s", g.name, ", ".join(h.name for h in g.handles))
@@ -305,14 +351,20 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
             def start_drain():
                 # batch lines first: in flight they get the same time; unfinished ones stay to their leases
                 drains.append(loop.create_task(batch_runner.stop(shutdown_timeout)))
-                drains.append(loop.create_task(gateway.drain(shutdown_timeout)))
+                for pool in gateway.pools.values():  # no replica starts while the server goes away
+                    pool.stop_scaling()
+                drains.extend(loop.create_task(h.deployment.drain(shutdown_timeout)) for h in versions.handles())
             loop.call_soon_threadsafe(start_drain)
 
-        uv_config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off",
+        if args.config:  # SIGHUP reloads the config, as POST /admin/config/reload does
+            loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload_on_signal(versions, args.config)))
+
+        uv_config = uvicorn.Config(HotPath(app, authenticator), host=args.host, port=args.port, lifespan="off",
                                    log_level=args.log_level.lower(),
                                    timeout_graceful_shutdown=shutdown_timeout + 5)
         server = _Server(uv_config, on_exit_signal)
         batch_runner.start()
+        versions.run()
         # everything loaded so far (torch, the models' modules, the app) lives as long as the
         # process: moved out of the collector's view, a full collection no longer walks it (under
         # load one took ~70 ms, the P99 of every request then)
@@ -324,11 +376,18 @@ async def _serve(args: argparse.Namespace, config: GatewayConfig, engine_config:
         for task in drains:
             await task
     finally:
-        await gateway.aclose()
+        await versions.aclose()
         if metering is not None:
             await metering.flush()
         store.close()
     return 0 if server.started else 1
+
+
+async def reload_on_signal(versions: VersionManager, path: str) -> None:
+    try:
+        await versions.reload_file(path)
+    except ValueError as e:  # an invalid file changes nothing; the server goes on as it was
+        log.error("config not reloaded: %s", e)
 
 
 def max_output_tokens(gateway: Gateway) -> dict[str, int]:

@@ -12,12 +12,33 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from inferd.classic.tensors import infer_path_params
 from inferd.store.base import Tx
 from inferd.wire.json_shape import JSONShapeError, loads_checked
 
 PURPOSES = ("batch", "batch_output", "fine-tune", "assistants", "vision", "user_data", "evals")
 BATCH_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
+INFER_URL = "/v2/models/{name}[/versions/{version}]/infer"
 MAX_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
+
+
+def batch_endpoint(url: object) -> str | None:
+    """The endpoint a batch url names: chat, completions, embeddings, or a tensor model's infer call
+    (`infer`, or `infer@<version>` when the path names a version), so rows can be scored in bulk;
+    None for any other url."""
+    if not isinstance(url, str):
+        return None
+    if url in BATCH_URLS:
+        return BATCH_URLS[url]
+    params = infer_path_params(url)
+    if params is None:
+        return None
+    return "infer" if "version" not in params else f"infer@{params['version']}"
+
+
+def batch_urls() -> str:
+    """The urls a batch may name, for error messages."""
+    return ", ".join([*BATCH_URLS, INFER_URL])
 MAX_LINES = 50_000
 
 
@@ -69,8 +90,8 @@ def parse_batch_input(content: str) -> list[BatchLine]:
             raise ValueError(f"{where}: custom_id {custom_id!r} is already used on line {seen[custom_id]}")
         if item.get("method") != "POST":
             raise ValueError(f"{where}: method must be \"POST\"")
-        if item.get("url") not in BATCH_URLS:
-            raise ValueError(f"{where}: url must be one of {', '.join(BATCH_URLS)}, not {item.get('url')!r}")
+        if batch_endpoint(item.get("url")) is None:
+            raise ValueError(f"{where}: url must be one of {batch_urls()}, not {item.get('url')!r}")
         if url is not None and item["url"] != url:
             raise ValueError(f"{where}: every line must have the same url ({url}), not {item['url']}")
         url = item["url"]

@@ -140,3 +140,23 @@ def cancel_batch(tx: Tx, batch_id: str, team: str | None, admin: bool, now: floa
     if batch.status in ("cancelling", "cancelled"):
         return batch
     raise BatchError(409, f"the batch is {batch.status} and cannot be cancelled", "batch_id")
+
+
+def pinned_versions(tx: Tx) -> set[tuple[str, str]]:
+    """The (model group, version) pairs open batches are pinned to: kept loaded until they end."""
+    out = set()
+    for (pins,) in tx.fetchall("SELECT pinned_versions FROM batches WHERE status IN ('in_progress', 'cancelling') "
+                               "AND pinned_versions IS NOT NULL"):
+        out.update(json.loads(pins).items())
+    return out
+
+
+def pin_version(tx: Tx, batch_id: str, group: str, label: str) -> str:
+    """Pin the batch's lines for `group` to `label`, unless a line pinned them first; returns the pin."""
+    tx.lock(f"inferd-batch-pins:{batch_id}")
+    raw = tx.scalar("SELECT pinned_versions FROM batches WHERE id = ?", (batch_id,))
+    pins = json.loads(raw) if raw else {}
+    if group not in pins:
+        pins[group] = label
+        tx.execute("UPDATE batches SET pinned_versions = ? WHERE id = ?", (json.dumps(pins), batch_id))
+    return pins[group]

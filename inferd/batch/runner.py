@@ -14,6 +14,11 @@ So a server killed mid-batch loses only uncommitted work: after its leases
 expire, any runner (the restarted server, or another replica) claims those lines
 again, and no line is answered or billed twice.
 
+A batch pins the model version each of its groups gave its first line (the
+version an interactive request of the batch's key would get); its other lines
+run on that version while it is loaded (an open batch keeps it loaded), and each
+output line names the version that answered (`response.model_version`).
+
 Finalizing writes the output file (answered lines, in input order) and the error
 file (lines that failed, expired or were cancelled) and sets the final status:
 completed, expired (the window passed first) or cancelled.
@@ -25,20 +30,25 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inferd.batch.files import BATCH_URLS, create_file
-from inferd.gateway.router import Gateway
+import msgspec
+
+from inferd.batch.files import batch_endpoint, create_file
+from inferd.batch.jobs import pin_version
+from inferd.classic.tensors import TensorError, decode_request, encode_result, infer_path_params
+from inferd.gateway.router import Gateway, ModelGroup
 from inferd.store.base import Store, Tx
 from inferd.tenancy import keys, ledger, quota
 from inferd.tenancy.intake import admit
 from inferd.tenancy.keys import Principal
 from inferd.tenancy.metering import Metering
-from inferd.wire.errors import client_error
-from inferd.wire.request import parse_request
+from inferd.wire.errors import client_error, http_error
+from inferd.wire.request import InferenceRequest, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,30 @@ def _complete(tx: Tx, c: Claimed, owner: str, ok: bool, status: int, result: dic
 def _renew(tx: Tx, owner: str, lines: list[tuple[str, int]], until: float) -> None:
     tx.executemany("UPDATE batch_lines SET lease_until = ? WHERE batch_id = ? AND line = ? AND lease_owner = ? "
                    "AND state = 'running'", [(until, b, n, owner) for b, n in lines])
+
+
+def _line_request(endpoint: str, c: Claimed, request_id: str, who: Principal | None,
+                  priority: int) -> InferenceRequest:
+    """A line's typed request: an OpenAI body, or the JSON tensors of a tensor model's infer call."""
+    if not endpoint.startswith("infer"):
+        typed = parse_request(endpoint, c.body, request_id=request_id, caller=who, batch_id=c.batch_id)
+        return typed if "priority" in c.body else typed.with_priority(priority)
+    try:
+        tensors = decode_request(msgspec.json.encode(c.body))
+    except TensorError as e:
+        raise http_error(400, str(e)) from None
+    if tensors.wants_binary:
+        raise http_error(400, "binary output tensors cannot be written to a JSONL output file; "
+                              "leave out binary_data")
+    return InferenceRequest(endpoint, tensors, c.body, request_id, who, c.batch_id,
+                            model=infer_path_params(c.endpoint)["name"])
+
+
+def _line_model(c: Claimed) -> str | None:
+    """The model a line names, for its ledger row when it failed before it was admitted."""
+    params = infer_path_params(c.endpoint)
+    model = params["name"] if params is not None else c.body.get("model")
+    return model if isinstance(model, str) else None
 
 
 def _line_error(custom_id: str, code: str, message: str) -> dict:
@@ -163,6 +197,8 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._renewed = 0.0
+        self._pins: dict[tuple[str, str], str] = {}  # (batch, group) -> the version its lines are pinned to
+        self._rng = random.Random()
 
     def wake(self) -> None:
         """Look for work now (a batch was created or cancelled)."""
@@ -216,6 +252,19 @@ class BatchRunner:
             self._running[(c.batch_id, c.line)] = task
             task.add_done_callback(lambda _, key=(c.batch_id, c.line): self._line_done(key))
 
+    async def _pin(self, c: Claimed, group: ModelGroup) -> str | None:
+        """The version of `group` the batch's lines run on: the one its first line was given (as an
+        interactive request of its key would be), recorded with the batch so every runner agrees."""
+        if group.assignment.stable is None:
+            return None
+        key = (c.batch_id, group.name)
+        if key not in self._pins:
+            if len(self._pins) > 10_000:
+                self._pins.clear()
+            chosen = group.assignment.pick(group.name, c.key_id, self._rng)
+            self._pins[key] = await self.store.run(lambda tx: pin_version(tx, c.batch_id, group.name, chosen))
+        return self._pins[key]
+
     def _line_done(self, key: tuple[str, int]) -> None:
         self._running.pop(key, None)
         self._wake.set()  # a free slot: claim the next line now, not at the next poll
@@ -232,7 +281,7 @@ class BatchRunner:
                                    team_limits=who.team_limits.budget_only())
 
     async def _run_line(self, c: Claimed) -> None:
-        endpoint = BATCH_URLS[c.endpoint]
+        endpoint = batch_endpoint(c.endpoint)
         request_id = "batch_req_" + secrets.token_hex(12)
         try:
             who = await self._principal(c)
@@ -241,17 +290,22 @@ class BatchRunner:
             return
         route, admission, refused = None, None, False
         try:
-            typed = parse_request(endpoint, c.body, request_id=request_id, caller=who, batch_id=c.batch_id)
-            if "priority" not in c.body:
-                typed = typed.with_priority(self.priority)
+            typed = _line_request(endpoint, c, request_id, who, self.priority)
+            pin = await self._pin(c, self.gateway.resolve(typed.model, typed.endpoint))
+            if pin is not None:
+                typed = dataclasses.replace(typed, version=pin)
             admission = await admit(self.gateway, self.metering, typed)
             route = admission.route
             if who is None:  # an open server's batch: the ledger row has no key
                 admission.meter.row.team = c.team
             answer = await self.gateway.request(typed, route)
-            if "id" in answer:  # a remote provider's answer carries the upstream's own
-                answer["id"] = typed.response_id
-            admission.meter.usage(answer.get("usage"))
+            if endpoint.startswith("infer"):  # scored rows: the protocol's JSON answer
+                admission.meter.usage({"predictions": answer.rows})
+                answer = msgspec.json.decode(encode_result(answer)[0])
+            else:
+                if "id" in answer:  # a remote provider's answer carries the upstream's own
+                    answer["id"] = typed.response_id
+                admission.meter.usage(answer.get("usage"))
             ok, status, payload = True, 200, answer
         except Exception as e:  # noqa: BLE001 - a failed line is a result, written to the error file
             error = client_error(e)  # a bug fails the line, not the runner
@@ -259,10 +313,9 @@ class BatchRunner:
             refused = isinstance(e, quota.QuotaExceeded) and admission is None  # its row is written already
         meter = admission.meter if admission is not None else None
         ticket = meter.ticket if meter is not None else None
-        model = c.body.get("model")
         row = meter.close(status, route) if meter is not None else None if refused else ledger.LedgerRow(
             ts=self.clock(), endpoint=endpoint, status=status, request_id=request_id, key_id=c.key_id, team=c.team,
-            model=model if isinstance(model, str) else None, batch_id=c.batch_id)
+            model=_line_model(c), batch_id=c.batch_id)
         now = self.clock()
         if not ok and self._stopping:
             # failed because this server is going away: leave the line to its lease, to run again, and give
@@ -272,6 +325,8 @@ class BatchRunner:
             return
         result = {"id": request_id, "custom_id": c.custom_id,
                   "response": {"status_code": status, "request_id": request_id, "body": payload}, "error": None}
+        if route is not None and route.version is not None:
+            result["response"]["model_version"] = route.version
         try:
             kept = await self.store.run(lambda tx: _complete(tx, c, self.owner, ok, status, result, row, ticket, now))
         except Exception:  # noqa: BLE001 - the lease will expire and the line run again

@@ -49,6 +49,19 @@ class InferRequest:
     outputs: tuple[RequestedOutput, ...] | None  # None: every output of the model
     binary_output: bool = False                  # parameters.binary_data_output
 
+    @property
+    def predictions(self) -> int:
+        """The rows it asks the model to score: the first input's batch dimension (1 without one)."""
+        shape = self.inputs[0].shape
+        return shape[0] if shape else 1
+
+    @property
+    def wants_binary(self) -> bool:
+        """Whether any output is to be sent as binary data rather than JSON."""
+        if self.outputs is None:
+            return self.binary_output
+        return any(o.binary for o in self.outputs)
+
 
 @dataclass(frozen=True)
 class InferResult:
@@ -104,6 +117,19 @@ def _array(spec: dict, where: str, binary: memoryview, offset: int) -> tuple[Ten
     if array.size != count:
         raise TensorError(f"{where}: {array.size} values in data for shape {list(shape)}, expected {count}")
     return Tensor(name, datatype, array.reshape(shape)), offset
+
+
+def infer_path_params(path: str) -> dict[str, str] | None:
+    """The model (and version) an infer call's path names, `/v2/models/{name}[/versions/{version}]/infer`;
+    None for any other path. The server's hot path (api/server.py) and batch lines read paths with it."""
+    if not path.startswith("/v2/models/") or not path.endswith("/infer"):
+        return None
+    parts = path[11:-6].split("/")
+    if len(parts) == 1 and parts[0]:
+        return {"name": parts[0]}
+    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+        return {"name": parts[0], "version": parts[2]}
+    return None
 
 
 def decode_request(raw: bytes, header_length: int | None = None) -> InferRequest:

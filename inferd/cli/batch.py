@@ -11,35 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import httpx
+from inferd.cli.http_api import Api, add_server_args
 
 FINAL = ("completed", "failed", "expired", "cancelled")
-
-
-class _Api:
-    def __init__(self, args: argparse.Namespace):
-        base = args.base_url or os.environ.get("INFERD_BASE_URL") or "http://127.0.0.1:8000"
-        key = args.api_key or os.environ.get("INFERD_API_KEY")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=base.rstrip("/"), headers=headers, timeout=120)
-
-    def call(self, method: str, path: str, **kw) -> httpx.Response:
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise ValueError(f"cannot reach {self.http.base_url}: {e}") from None
-        if r.status_code >= 400:
-            try:
-                message = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = r.text[:200]
-            raise ValueError(f"{method} {path}: {r.status_code}: {message}")
-        return r
 
 
 def _summary(b: dict) -> str:
@@ -47,7 +25,7 @@ def _summary(b: dict) -> str:
     return f"{b['id']}  {b['status']}  {n['completed']}/{n['total']} done, {n['failed']} failed"
 
 
-def _wait(api: _Api, batch: dict) -> dict:
+def _wait(api: Api, batch: dict) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=batch["request_counts"]["total"], unit="req", desc=batch["id"], file=sys.stderr)
@@ -65,7 +43,7 @@ def _wait(api: _Api, batch: dict) -> dict:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    api = _Api(args)
+    api = Api(args)
     with path.open("rb") as fh:
         f = api.call("POST", "/v1/files", files={"file": (path.name, fh, "application/jsonl")},
                      data={"purpose": "batch"}).json()
@@ -89,13 +67,13 @@ def _endpoint_of(path: Path) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    batch = _Api(args).call("GET", f"/v1/batches/{args.batch_id}").json()
+    batch = Api(args).call("GET", f"/v1/batches/{args.batch_id}").json()
     print(json.dumps(batch, indent=2) if args.json else _summary(batch))
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    api = _Api(args)
+    api = Api(args)
     batch = api.call("GET", f"/v1/batches/{args.batch_id}").json()
     if batch["status"] not in FINAL:
         raise ValueError(f"the batch is {batch['status']}; results come when it has ended")
@@ -127,6 +105,5 @@ def add_batch_parser(sub) -> None:
     results.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
     results.add_argument("--errors", action="store_true", help="the error file instead")
     for q, fn in ((submit, cmd_submit), (status, cmd_status), (results, cmd_results)):
-        q.add_argument("--base-url", default=None)
-        q.add_argument("--api-key", default=None)
+        add_server_args(q)
         q.set_defaults(func=fn)

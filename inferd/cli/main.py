@@ -1,4 +1,4 @@
-"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch | examples`.
+"""Command line: `inferd serve | generate | bench | keys | teams | usage | batch | examples | models`.
 
 Engine options are shared by every command that loads a model, so `serve` and
 `generate` accept the same flags with the same meaning.
@@ -29,6 +29,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="int8 (<= 3 rows) or 4-bit (<= 16 rows, Q4_1-style groups of 32) weight "
                         "copies for small batches (lossy: see docs/benchmarks.md)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
+                   help="auto: the model's dtype; int8: int8 levels with a scale per token and head, about "
+                        "twice the tokens in the same --kv-cache-bytes (docs/benchmarks.md has its accuracy); "
+                        "fp8: the same with float8 e4m3 values, for GPUs (the CPU kernels read int8)")
     g.add_argument("--reasoning-parser", default=None, choices=["think", "deepseek_r1", "qwen3", "none"],
                    help="split <think>...</think> into reasoning_content (default: when the chat template "
                         "thinks)")
@@ -38,14 +42,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a structured-output or tool grammar that takes longer to compile is refused (400)")
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM names it: {"method": "ngram", "num_speculative_tokens": 4, '
-                        '"prompt_lookup_max": 4, "prompt_lookup_min": 1, "adaptive": true} (see '
-                        'docs/speculative_decoding.md)')
-    g.add_argument("--speculative-method", default=None, choices=["ngram"],
-                   help="shorthand: turn speculative decoding on with this proposer (prompt lookup)")
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 1, "adaptive": true}, or {"method": '
+                        '"draft_model", "model": PATH, "quantization": "int4"} (see docs/speculative_decoding.md)')
+    g.add_argument("--speculative-method", default=None, choices=["ngram", "draft_model"],
+                   help="shorthand: turn speculative decoding on with this proposer (prompt lookup, or a draft "
+                        "model: without --speculative-model, the target's own weights)")
+    g.add_argument("--speculative-model", default=None, metavar="PATH",
+                   help="shorthand: a draft model with the target's tokenizer (a model directory or .gguf file)")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="the most draft tokens a request verifies in a step (default 4)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prompt prefixes (default: on)")
+    v = p.add_argument_group("images (vision-language models, docs/vision.md)")
+    v.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                   help="hosts whose http(s) image URLs the server fetches (default: none, data: URLs only)")
+    v.add_argument("--max-image-bytes", default="20MB", help="the largest image file taken")
+    v.add_argument("--max-image-pixels", type=int, default=32_000_000, help="the most pixels an image may have")
+    v.add_argument("--media-fetch-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="the longest fetching one image URL may take")
+    v.add_argument("--vision-cache-bytes", default="256MiB",
+                   help="memory for decoded images (API process) and for encoder outputs (engine core), each")
 
 
 def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
@@ -55,23 +71,27 @@ def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-        reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
-        grammar_timeout_s=args.grammar_timeout, speculative_config=speculative_config(args))
+        kv_cache_dtype=args.kv_cache_dtype, reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
+        grammar_timeout_s=args.grammar_timeout, speculative_config=speculative_config(args),
+        allowed_media_domains=args.allowed_media_domains, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, media_fetch_timeout_s=args.media_fetch_timeout,
+        vision_cache_bytes=args.vision_cache_bytes)
 
 
 def speculative_config(args: argparse.Namespace) -> dict | None:
-    """--speculative-config, with --speculative-method and --num-speculative-tokens filled in (they win)."""
-    if args.speculative_config is None and args.speculative_method is None:
+    """--speculative-config, with --speculative-method, --speculative-model and --num-speculative-tokens filled
+    in (they win over the same keys); EngineConfig checks the result."""
+    shorthands = {"method": args.speculative_method, "model": args.speculative_model,
+                  "num_speculative_tokens": args.num_speculative_tokens}
+    if args.speculative_config is None and args.speculative_method is None and args.speculative_model is None:
         if args.num_speculative_tokens is not None:
-            raise ValueError("--num-speculative-tokens needs --speculative-method or --speculative-config")
+            raise ValueError("--num-speculative-tokens needs --speculative-method, --speculative-model or "
+                             "--speculative-config")
         return None
     from inferd.engine.spec_decode.config import SpeculativeConfig
 
-    config = SpeculativeConfig.parse(args.speculative_config or "{}").to_dict()
-    if args.speculative_method is not None:
-        config["method"] = args.speculative_method
-    if args.num_speculative_tokens is not None:
-        config["num_speculative_tokens"] = args.num_speculative_tokens
+    config = SpeculativeConfig.options(args.speculative_config or "{}")
+    config.update({k: v for k, v in shorthands.items() if v is not None})
     return config
 
 
@@ -152,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a batch line claimed by a server that died is run again after this long")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish on SIGTERM")
+    serve.add_argument("--versions-poll-s", type=float, default=1.0, metavar="SECONDS",
+                       help="how often the server reads the model versions from the store (changes made through "
+                            "another replica, automatic rollback, unloading drained versions)")
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -159,12 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     from inferd.cli.bench import add_bench_parser
     from inferd.cli.examples import add_examples_parser
     from inferd.cli.keys import add_keys_parsers
+    from inferd.cli.models import add_models_parser
     from inferd.cli.usage import add_usage_parser
     add_bench_parser(sub)  # inferd bench throughput | serve
     add_keys_parsers(sub)  # inferd keys ... | teams ...
     add_usage_parser(sub)  # inferd usage
     add_batch_parser(sub)  # inferd batch submit | status | results
     add_examples_parser(sub)  # inferd examples fraud | recommender
+    add_models_parser(sub)  # inferd models list | deploy | promote | rollback | history
     return parser
 
 

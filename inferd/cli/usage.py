@@ -25,7 +25,7 @@ def add_usage_parser(subparsers) -> None:
     p.add_argument("--start", default=None, metavar="T", help="first instant included")
     p.add_argument("--end", default=None, metavar="T", help="first instant excluded")
     p.add_argument("--group-by", default=None, metavar="KEYS",
-                   help="comma-separated, any of team, model, key, day, deployment, served_model, endpoint "
+                   help="comma-separated, any of team, model, key, day, deployment, served_model, endpoint, version "
                         "(default: one total row)")
     p.add_argument("--team", default=None, help="only this team's requests")
     p.add_argument("--key", dest="key_id", default=None, metavar="KEY_ID", help="only this key's requests")

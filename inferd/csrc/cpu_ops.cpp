@@ -64,6 +64,11 @@ template <> struct Num<at::Half> {
   static inline float round(float x) { return float(at::Half(x)); }
 };
 
+// int8 KV cache entries: read only (the write quantizes, see write_kv)
+template <> struct Num<int8_t> {
+  static inline float load(const int8_t* p) { return float(*p); }
+};
+
 // Calls f(T{}) for the dtypes the engine runs in (float32, bfloat16, float16).
 template <typename F>
 void dispatch(at::ScalarType type, const char* op, F&& f) {
@@ -173,26 +178,64 @@ void rope(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin
 // ---- paged KV cache: write new tokens, attend decode queries in place -----------------
 // cache layout per layer: k_cache, v_cache [blocks, block_size, kv_heads, head_dim]
 
+// int8 caches hold each token's head as int8 levels and one fp32 scale (per token, per
+// head: absmax / 127), so a block holds K/V in a bit over a quarter of fp32's bytes and
+// half of bf16's; the torch path (layers/kv_quant.py) quantizes with the same arithmetic.
+template <typename T>
+void quantize_rows(int8_t* q, float* scales, const T* x, int64_t heads, int64_t dim) {
+  for (int64_t h = 0; h < heads; ++h, x += dim, q += dim) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < dim; ++d) amax = std::max(amax, std::fabs(Num<T>::load(x + d)));
+    scales[h] = amax / 127.f;
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t d = 0; d < dim; ++d)
+      q[d] = int8_t(std::max(-127.f, std::min(127.f, std::nearbyint(Num<T>::load(x + d) * inv))));
+  }
+}
+
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
-              torch::Tensor slots) {
+              torch::Tensor slots, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales) {
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "write_kv: caches must be contiguous");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "write_kv: slots must be int64");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized == (k_scales.has_value() && v_scales.has_value()),
+              "write_kv: an int8 cache needs its scales, and only an int8 cache has them");
+  TORCH_CHECK(quantized ? v_cache.scalar_type() == at::kChar && k.scalar_type() == v.scalar_type()
+                        : k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
               "write_kv: dtype mismatch");
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
               "write_kv: each token's heads must be contiguous");
-  const int64_t tokens = k.size(0);
-  const int64_t row = k.size(1) * k.size(2);  // elements per token
+  const int64_t tokens = k.size(0), heads = k.size(1), dim = k.size(2);
+  const int64_t row = heads * dim;  // elements per token
   const int64_t n_slots = k_cache.numel() / row;
   TORCH_CHECK(k_cache.numel() == n_slots * row, "write_kv: cache shape does not match k");
   const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < n_slots, "write_kv: slot out of range");
+  if (quantized) {
+    for (auto* s : {&*k_scales, &*v_scales})
+      TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->numel() == n_slots * heads,
+                  "write_kv: scales must be fp32 [blocks, block_size, kv_heads]");
+    auto* kq = k_cache.data_ptr<int8_t>();
+    auto* vq = v_cache.data_ptr<int8_t>();
+    float* ks = k_scales->data_ptr<float>();
+    float* vs = v_scales->data_ptr<float>();
+    dispatch(k.scalar_type(), "write_kv", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const scalar_t* kp = k.data_ptr<scalar_t>();
+      const scalar_t* vp = v.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < tokens; ++t) {
+        quantize_rows(kq + slot[t] * row, ks + slot[t] * heads, kp + t * k.stride(0), heads, dim);
+        quantize_rows(vq + slot[t] * row, vs + slot[t] * heads, vp + t * v.stride(0), heads, dim);
+      }
+    });
+    return;
+  }
   const int64_t bytes = row * k.element_size();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
   const auto* ks = static_cast<const char*>(k.data_ptr());
   const auto* vs = static_cast<const char*>(v.data_ptr());
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(slot[t] >= 0 && slot[t] < n_slots, "write_kv: slot out of range");
     std::memcpy(kc + slot[t] * bytes, ks + t * k.stride(0) * k.element_size(), bytes);
     std::memcpy(vc + slot[t] * bytes, vs + t * v.stride(0) * v.element_size(), bytes);
   }
@@ -276,6 +319,9 @@ template <> inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
 template <> inline __m512 load16<at::Half>(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+template <> inline __m512 load16<int8_t>(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 // store 16 floats in the dtype, rounding to nearest even; round16 = store and reload
 template <typename T> inline void store16(T* p, __m512 x);
 template <> inline void store16<float>(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
@@ -297,48 +343,49 @@ constexpr int64_t kMaxChunks = 16, kMaxGroup = 16;  // head_dim <= 256, 16 query
 // (head_dim / 16) are compile-time for the common shapes, so the query and accumulator
 // vectors stay in registers (with runtime sizes they live on the stack and every FMA
 // loads and stores: ~2x slower); G = C = 0 takes the sizes at run time.
-template <typename T, int G, int C, typename Rows>
+template <typename T, int G, int C, typename KRows, typename VRows>
 void attend_vector_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, float* scores, int64_t len,
-                         float* acc, const Rows& for_each_row, const T* kc, const T* vc) {
+                         float* acc, const KRows& k_rows, const VRows& v_rows) {
+  // T is the cache's element type; k_rows/v_rows give each row with its scale (1 unless int8)
   const int64_t group = G ? G : group_rt, chunks = C ? C : chunks_rt;
   __m512 qv[G ? G * C : kMaxGroup * kMaxChunks];
   for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm512_loadu_ps(qf + i * 16);
-  for_each_row(kc, [&](int64_t t, const T* kp) {
+  k_rows([&](int64_t t, const T* kp, float row_scale) {
     __m512 kf[C ? C : kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) kf[c] = load16<T>(kp + c * 16);
     for (int64_t g = 0; g < group; ++g) {
       __m512 s = _mm512_mul_ps(qv[g * chunks], kf[0]);
       for (int64_t c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(qv[g * chunks + c], kf[c], s);
-      scores[g * len + t] = _mm512_reduce_add_ps(s);
+      scores[g * len + t] = _mm512_reduce_add_ps(s) * row_scale;
     }
   });
   softmax_rows(scores, group, len);
   __m512 av[G ? G * C : kMaxGroup * kMaxChunks];
   for (int64_t i = 0; i < group * chunks; ++i) av[i] = _mm512_setzero_ps();
-  for_each_row(vc, [&](int64_t t, const T* vp) {
+  v_rows([&](int64_t t, const T* vp, float row_scale) {
     __m512 vf[C ? C : kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) vf[c] = load16<T>(vp + c * 16);
     for (int64_t g = 0; g < group; ++g) {
-      const __m512 p = _mm512_set1_ps(scores[g * len + t]);
+      const __m512 p = _mm512_set1_ps(scores[g * len + t] * row_scale);
       for (int64_t c = 0; c < chunks; ++c) av[g * chunks + c] = _mm512_fmadd_ps(p, vf[c], av[g * chunks + c]);
     }
   });
   for (int64_t i = 0; i < group * chunks; ++i) _mm512_storeu_ps(acc + i * 16, av[i]);
 }
 
-template <typename T, typename Rows>
+template <typename T, typename KRows, typename VRows>
 void attend_vector(int64_t group, int64_t chunks, const float* qf, float* scores, int64_t len, float* acc,
-                   const Rows& rows, const T* kc, const T* vc) {
+                   const KRows& k_rows, const VRows& v_rows) {
 #define INFERD_ATTEND(g, c)                                                                   \
   if (group == g && chunks == c)                                                            \
-    return attend_vector_fixed<T, g, c>(group, chunks, qf, scores, len, acc, rows, kc, vc);
+    return attend_vector_fixed<T, g, c>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
   // head_dim 64 and 128 with 1 to 8 query heads per KV head cover the Llama family
   INFERD_ATTEND(1, 4) INFERD_ATTEND(2, 4) INFERD_ATTEND(3, 4) INFERD_ATTEND(4, 4)
   INFERD_ATTEND(5, 4) INFERD_ATTEND(6, 4) INFERD_ATTEND(7, 4) INFERD_ATTEND(8, 4)
   INFERD_ATTEND(1, 8) INFERD_ATTEND(2, 8) INFERD_ATTEND(3, 8) INFERD_ATTEND(4, 8)
   INFERD_ATTEND(5, 8) INFERD_ATTEND(6, 8) INFERD_ATTEND(7, 8) INFERD_ATTEND(8, 8)
 #undef INFERD_ATTEND
-  attend_vector_fixed<T, 0, 0>(group, chunks, qf, scores, len, acc, rows, kc, vc);
+  attend_vector_fixed<T, 0, 0>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
 }
 #endif
 
@@ -388,10 +435,12 @@ void silu_and_mul(torch::Tensor out, torch::Tensor gate_up) {
 
 // One query token per request. Query heads sharing a KV head are handled together,
 // so each cached key and value row is read once per (request, KV head).
-template <typename T>
+template <typename T, typename C>
 void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
                            const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                           const torch::Tensor& seq_lens, const torch::Tensor& q_rows, double scale) {
+                           const torch::Tensor& seq_lens, const torch::Tensor& q_rows, double scale,
+                           const float* k_scales, const float* v_scales) {
+  // T: the queries' and output's dtype; C: the cache's (T, or int8 with per-row scales)
   const int64_t batch = block_tables.size(0);
   const int64_t n_heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), n_kv = k_cache.size(2);
@@ -400,8 +449,8 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
   const int64_t table_stride = block_tables.stride(0);
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* rows = q_rows.data_ptr<int64_t>();
-  const T* kc = k_cache.data_ptr<T>();
-  const T* vc = v_cache.data_ptr<T>();
+  const C* kc = k_cache.data_ptr<C>();
+  const C* vc = v_cache.data_ptr<C>();
   const T* qbase = q.data_ptr<T>();
   T* obase = out.data_ptr<T>();
   const int64_t q_row_stride = q.stride(0), q_head_stride = q.stride(1), out_stride = out.stride(0);
@@ -423,38 +472,42 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
         for (int64_t d = 0; d < dim; ++d)
           qf[g * dim + d] = Num<T>::load(qp + (h * group + g) * q_head_stride + d) * float(scale);
       scores.resize(group * len);
-      // calls f(t, row) for each context token, walking the block table (no division per token)
-      auto for_each_row = [&](const T* cache, auto&& f) {
+      // calls f(t, row, row_scale) for each context token, walking the block table (no division
+      // per token); row_scale is the int8 row's scale, 1 for a float cache (an exact no-op)
+      auto for_each_row = [&](const C* cache, const float* row_scales, auto&& f) {
         for (int64_t start = 0, i = 0; start < len; start += block_size, ++i) {
-          const T* row = cache + table[i] * block_stride + h * dim;
+          const C* row = cache + table[i] * block_stride + h * dim;
+          const float* rs = row_scales ? row_scales + table[i] * block_size * n_kv + h : nullptr;
           const int64_t n = std::min(block_size, len - start);
-          for (int64_t j = 0; j < n; ++j, row += token_stride) f(start + j, row);
+          for (int64_t j = 0; j < n; ++j, row += token_stride) f(start + j, row, rs ? rs[j * n_kv] : 1.f);
         }
       };
+      auto k_rows = [&](auto&& f) { for_each_row(kc, k_scales, f); };
+      auto v_rows = [&](auto&& f) { for_each_row(vc, v_scales, f); };
       T* op = obase + rows[b] * out_stride + h * group * dim;
 #ifdef __AVX512F__
       if (vector) {
-        attend_vector<T>(group, dim / 16, qf.data(), scores.data(), len, acc.data(), for_each_row, kc, vc);
+        attend_vector<C>(group, dim / 16, qf.data(), scores.data(), len, acc.data(), k_rows, v_rows);
         for (int64_t i = 0; i < group * dim; ++i) Num<T>::store(op + i, acc[i]);
         continue;
       }
 #endif
-      for_each_row(kc, [&](int64_t t, const T* kp) {
-        for (int64_t d = 0; d < dim; ++d) kv[d] = Num<T>::load(kp + d);
+      k_rows([&](int64_t t, const C* kp, float row_scale) {
+        for (int64_t d = 0; d < dim; ++d) kv[d] = Num<C>::load(kp + d);
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = qf.data() + g * dim;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
           for (int64_t d = 0; d < dim; ++d) s += qg[d] * kv[d];
-          scores[g * len + t] = s;
+          scores[g * len + t] = s * row_scale;
         }
       });
       softmax_rows(scores.data(), group, len);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for_each_row(vc, [&](int64_t t, const T* vp) {
-        for (int64_t d = 0; d < dim; ++d) kv[d] = Num<T>::load(vp + d);
+      v_rows([&](int64_t t, const C* vp, float row_scale) {
+        for (int64_t d = 0; d < dim; ++d) kv[d] = Num<C>::load(vp + d);
         for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + t];
+          const float p = scores[g * len + t] * row_scale;
           float* ag = acc.data() + g * dim;
 #pragma omp simd
           for (int64_t d = 0; d < dim; ++d) ag[d] += p * kv[d];
@@ -467,7 +520,7 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
 
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                       torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows,
-                      double scale) {
+                      double scale, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales) {
   check_cpu(q, "q");
   check_cpu(out, "out");
   TORCH_CHECK(q.dim() == 3 && out.dim() == 2 && out.size(1) == q.size(1) * q.size(2),
@@ -476,8 +529,17 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
                   && k_cache.sizes() == v_cache.sizes() && k_cache.size(3) == q.size(2)
                   && q.size(1) % k_cache.size(2) == 0,
               "decode_attention: caches must be contiguous [blocks, block_size, kv_heads, head_dim]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type()
+                  && (quantized || q.scalar_type() == k_cache.scalar_type()),
               "decode_attention: dtype mismatch");
+  TORCH_CHECK(quantized == (k_scales.has_value() && v_scales.has_value()),
+              "decode_attention: an int8 cache needs its scales, and only an int8 cache has them");
+  if (quantized)
+    for (auto* s : {&*k_scales, &*v_scales})
+      TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous()
+                      && s->numel() == k_cache.numel() / k_cache.size(3),
+                  "decode_attention: scales must be fp32 [blocks, block_size, kv_heads]");
   for (auto* t : {&block_tables, &seq_lens, &q_rows})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->stride(-1) == 1, "decode_attention: indices must be int64");
   TORCH_CHECK(seq_lens.numel() == block_tables.size(0) && q_rows.numel() == block_tables.size(0),
@@ -493,9 +555,15 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache,
     for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
       TORCH_CHECK(table[i] >= 0 && table[i] < k_cache.size(0), "decode_attention: block id out of range");
   }
+  const float* ks = quantized ? k_scales->data_ptr<float>() : nullptr;
+  const float* vs = quantized ? v_scales->data_ptr<float>() : nullptr;
   dispatch(q.scalar_type(), "decode_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
-    decode_attention_impl<scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale);
+    if (quantized)
+      decode_attention_impl<scalar_t, int8_t>(out, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale, ks, vs);
+    else
+      decode_attention_impl<scalar_t, scalar_t>(out, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale,
+                                                ks, vs);
   });
 }
 
@@ -506,7 +574,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after adding x into residual (in place)");
   m.def("silu_and_mul", &silu_and_mul, "SiLU(gate) * up");
   m.def("rope", &rope, "rotate-half rotary embedding, in place on q and k");
-  m.def("write_kv", &write_kv, "write new tokens' K/V into their cache slots");
-  m.def("decode_attention", &decode_attention, "one-token queries against the paged cache");
+  m.def("write_kv", &write_kv, "write new tokens' K/V into their cache slots (int8 caches: quantized)",
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("slots"),
+        py::arg("k_scales") = py::none(), py::arg("v_scales") = py::none());
+  m.def("decode_attention", &decode_attention, "one-token queries against the paged cache",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("q_rows"), py::arg("scale"), py::arg("k_scales") = py::none(),
+        py::arg("v_scales") = py::none());
   m.def("decode_layers", &decode_layers, "every decoder layer of a decode-only step (decode_layers.cpp)");
 }

@@ -12,9 +12,10 @@ void rms_norm(torch::Tensor out, torch::Tensor x, c10::optional<torch::Tensor> r
 void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
 void rope(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
 void write_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
-              torch::Tensor slots);
+              torch::Tensor slots, c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                      torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows, double scale);
+                      torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows, double scale,
+                      c10::optional<torch::Tensor> k_scales, c10::optional<torch::Tensor> v_scales);
 
 torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vector<torch::Tensor>>& layers,
                             torch::Tensor final_norm, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,

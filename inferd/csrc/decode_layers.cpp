@@ -43,7 +43,12 @@ void add_norm(torch::Tensor& out, const torch::Tensor& x, torch::Tensor& residua
 }
 
 constexpr int64_t kPerProj = 6;
-constexpr int64_t kPerLayer = 2 + 4 * kPerProj + 2;  // 2 norms, 4 projections, K and V caches
+// 2 norms, 4 projections, K and V caches, their scales (empty unless the cache is int8)
+constexpr int64_t kPerLayer = 2 + 4 * kPerProj + 4;
+
+c10::optional<torch::Tensor> present(const torch::Tensor& t) {
+  return t.numel() ? c10::optional<torch::Tensor>(t) : c10::nullopt;
+}
 
 }  // namespace
 
@@ -69,10 +74,11 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
     torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, n_kv, dim});
     torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, n_kv, dim});
     rope(q, k, cos, sin);
-    const torch::Tensor &k_cache = layer[kPerLayer - 2], &v_cache = layer[kPerLayer - 1];
-    write_kv(k_cache, v_cache, k, v, slots);
+    const torch::Tensor &k_cache = layer[kPerLayer - 4], &v_cache = layer[kPerLayer - 3];
+    const auto k_scales = present(layer[kPerLayer - 2]), v_scales = present(layer[kPerLayer - 1]);
+    write_kv(k_cache, v_cache, k, v, slots, k_scales, v_scales);
     torch::Tensor attn = torch::empty({tokens, q_size}, residual.options());
-    decode_attention(attn, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale);
+    decode_attention(attn, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale, k_scales, v_scales);
     torch::Tensor o = project(attn, proj(1), int8_max_rows, int4_max_rows);
     rms_norm(normed, o, residual, layer[1], eps);
     torch::Tensor gate_up = project(normed, proj(2), int8_max_rows, int4_max_rows);

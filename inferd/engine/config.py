@@ -15,6 +15,7 @@ import torch
 
 from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.layers.cpu_isa import has_native_bf16
+from inferd.layers.kv_storage import KV_CACHE_DTYPES
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
@@ -22,13 +23,13 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
           "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
 
 
-def parse_size(value: int | str) -> int:
+def parse_size(value: int | str, name: str = "kv_cache_bytes") -> int:
     """'512MiB', '2GB', 1073741824 -> bytes."""
     if isinstance(value, int):
         return value
     m = _SIZE.match(value)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"kv_cache_bytes: cannot read {value!r} as a size (e.g. 512MiB, 2GiB)")
+        raise ValueError(f"{name}: cannot read {value!r} as a size (e.g. 512MiB, 2GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -80,22 +81,39 @@ class EngineConfig(DeviceOptions):
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     quantization: str | None = None     # None | "int8" | "int4": weight copies for small batches
+    kv_cache_dtype: str = "auto"        # auto (the model's dtype) | int8 | fp8 (per-row scales: layers/kv_storage)
     reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
     chat_template: str | None = None     # a Jinja chat template (or a file of one) instead of the model's
     grammar_timeout_s: float = 10.0      # the longest a request's grammar may take to compile at the edge
     # speculative decoding (engine/spec_decode/): a SpeculativeConfig, or its fields as a dict or JSON text
     # ({"method": "ngram", "num_speculative_tokens": 4}); None: off
     speculative_config: SpeculativeConfig | dict | str | None = None
+    # vision-language models (docs/vision.md): decoded images (API side) and encoder outputs (core) are each
+    # kept up to this many bytes; images are fetched from http(s) URLs only on these hosts (none: data: URLs
+    # only), within the limits below
+    vision_cache_bytes: int | str = "256MiB"
+    allowed_media_domains: list[str] | None = None
+    max_image_bytes: int | str = "20MB"
+    max_image_pixels: int = 32_000_000
+    media_fetch_timeout_s: float = 10.0
     progress: bool = True
 
     def __post_init__(self):
         self.kv_cache_bytes = parse_size(self.kv_cache_bytes)
+        self.vision_cache_bytes = parse_size(self.vision_cache_bytes, "vision_cache_bytes")
+        self.max_image_bytes = parse_size(self.max_image_bytes, "max_image_bytes")
+        self.allowed_media_domains = [d.strip().lower() for d in self.allowed_media_domains or () if d.strip()]
+        for name in ("max_image_pixels", "media_fetch_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         self._check_device_options()
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization: {self.quantization!r} is not one of none, int8, int4")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")

@@ -16,7 +16,7 @@ import msgspec
 
 from inferd.engine.embedding.spec import EmbedSpec
 from inferd.engine.sampling_params import SamplingParams
-from inferd.models.checkpoint import TokenizerSpec
+from inferd.models.checkpoint import TokenizerSpec, VisionSpec
 
 # -- values inside messages ---------------------------------------------------------------
 
@@ -47,6 +47,18 @@ class EngineCoreOutput:
         return self.finish_reason is not None
 
 
+@dataclass
+class ImageData:
+    """One image of a prompt, preprocessed on the API side (engine/image_processor.py): its tiles as
+    float32 [tiles, 3, tile, tile] bytes, the `num_tokens` image tokens they stand for in the prompt,
+    and the sha256 of the image file, which names it to the encoder cache and the prefix cache."""
+
+    hash: str
+    num_tokens: int
+    shape: list[int]
+    pixels: bytes
+
+
 # -- messages every child protocol shares -------------------------------------------------
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
@@ -68,6 +80,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_token_ids: list[int]
     children: list[tuple[str, SamplingParams]]       # core request ids: one per sample
     priority: int = 0                                # lower is scheduled sooner
+    images: list[ImageData] = []                     # in the order their tokens come in the prompt
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -88,6 +101,7 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     block_size: int
     max_num_seqs: int
     pid: int
+    vision: VisionSpec | None = None  # a vision-language model's image processing
 
 
 class Stats(msgspec.Struct, tag="stats", array_like=True):
@@ -104,6 +118,9 @@ class Stats(msgspec.Struct, tag="stats", array_like=True):
     spec_decode_num_draft_tokens: int = 0
     spec_decode_num_accepted_tokens: int = 0
     spec_decode_num_accepted_tokens_per_pos: list[int] = []  # [k]: drafts accepted at position k
+    # vision-language models, since start (engine/core/vision.py)
+    images_encoded: int = 0            # images run through the vision encoder
+    image_encoder_cache_hits: int = 0  # images whose encoder output was cached
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):

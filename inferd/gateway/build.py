@@ -1,11 +1,12 @@
-"""From a validated `GatewayConfig` to a running `Gateway`: deployments made and started.
+"""From specs to running parts of a `Gateway`: deployments made and started, handles, groups.
 
-Local engines start concurrently (each loads its model in its own process); if
-any fails to start, the ones already started are stopped and the error says which
-deployment failed, so a config starts whole or not at all. Remote deployments
-need their API key's environment variable set when the config names one. A
-`provider: ray` deployment becomes a `ReplicaPool` (gateway/replicas.py) whose
-replicas join its group as they come up; this process joins the Ray cluster first.
+A model version's deployments start concurrently (local engines each load their
+model in their own process); if any fails to start, the ones already started are
+stopped and the error says which deployment failed, so a version starts whole or
+not at all. Remote deployments need their API key's environment variable set when
+the spec names one. gateway/versions.py decides which versions to start.
+A `provider: ray` deployment of a version becomes a `ReplicaPool` (gateway/replicas.py)
+whose replicas join its group as they come up; this process joins the Ray cluster first.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from inferd.engine.config import EngineConfig
 from inferd.gateway.backoff import RetryPolicy
 from inferd.gateway.circuit_breaker import CircuitBreaker
 from inferd.gateway.autoscale import Autoscaler
-from inferd.gateway.config import (AnthropicSpec, GatewayConfig, LocalSpec, ModelGroupSpec, OnnxSpec, OpenAISpec,
-                                   PriceSpec, RaySpec, local_embed_config, local_engine_config, replica_name)
-from inferd.gateway.metrics import GatewayMetrics
+from inferd.gateway.canary import VersionHealth
+from inferd.gateway.config import (AnthropicSpec, LocalSpec, ModelGroupSpec, OnnxSpec, OpenAISpec, PriceSpec, RaySpec,
+                                   local_embed_config, local_engine_config, replica_name)
 from inferd.gateway.replicas import ReplicaPool
-from inferd.gateway.router import Gateway, Handle, ModelGroup
+from inferd.gateway.router import Handle, ModelGroup
 from inferd.gateway.stats import DeploymentStats, LoadPredictor
 from inferd.gateway.strategies import make_strategy
+from inferd.gateway.version_store import deployment_name
 from inferd.providers.base import Deployment, Timeouts
 
 log = logging.getLogger(__name__)
@@ -69,20 +71,53 @@ def _cost_per_mtok(price: PriceSpec | None) -> float | None:
     return (3 * inp + out) / 4
 
 
-def _handle(g: ModelGroupSpec, spec, dep: Deployment) -> Handle:
-    """A started deployment as a member of group `g`."""
+def version_deployments(group: str, label: str, specs: list, base: EngineConfig, max_waiting: int | None
+                        ) -> list[Deployment]:
+    """The deployments of one version of a group, named so that versions can run side by side."""
+    return [_make_deployment(spec.model_copy(update={"name": deployment_name(group, label, spec, j)}), group, base,
+                             f"{group}@{label}.deployments[{j}]", max_waiting) for j, spec in enumerate(specs)]
+
+
+async def start_all(deployments: list[Deployment]) -> None:
+    """Start them concurrently; if any fails, stop them all and raise its error."""
+    results = await asyncio.gather(*(d.start() for d in deployments), return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        await asyncio.gather(*(d.aclose() for d in deployments), return_exceptions=True)
+        raise failed
+
+
+def version_handle(g: ModelGroupSpec, label: str | None, spec, dep: Deployment,
+                   health: VersionHealth | None) -> Handle:
+    """A started deployment of version `label` of group `g` as a routing handle (sharing its version's health)."""
     capacity = getattr(dep, "capacity", None)
     predictor = LoadPredictor(capacity) if capacity else None
     breaker = CircuitBreaker(g.circuit_breaker.failure_threshold, g.circuit_breaker.cooldown_s)
     return Handle(dep, weight=spec.weight, cost_per_mtok=_cost_per_mtok(spec.price or g.price),
-                  stats=DeploymentStats(predictor=predictor), breaker=breaker)
+                  stats=DeploymentStats(predictor=predictor), breaker=breaker, version=label,
+                  health=health if label is not None else None)
 
 
-def _empty_group(g: ModelGroupSpec, rng: random.Random) -> ModelGroup:
-    return ModelGroup(name=g.name, handles=[], strategy=make_strategy(g.routing, rng), aliases=g.aliases,
-                      fallbacks=dict(g.fallbacks), degrade_to=g.degrade_to,
-                      slo_ttft_s=g.slo_ttft_ms / 1000 if g.slo_ttft_ms else None,
-                      retry=RetryPolicy(**g.retry.model_dump()))
+def version_handles(g: ModelGroupSpec, label: str | None, specs: list, deployments: list[Deployment],
+                    health: VersionHealth | None = None) -> list[Handle]:
+    """Routing handles of one version's deployments; they share the version's health."""
+    health = health or VersionHealth()
+    return [version_handle(g, label, spec, dep, health) for spec, dep in zip(specs, deployments)]
+
+
+def apply_settings(group: ModelGroup, g: ModelGroupSpec, rng: random.Random) -> None:
+    """Give a group the settings of its spec (routing, aliases, fallbacks, SLO, retries, canary policy)."""
+    group.strategy = make_strategy(g.routing, rng)
+    group.aliases, group.fallbacks, group.degrade_to = list(g.aliases), dict(g.fallbacks), g.degrade_to
+    group.slo_ttft_s = g.slo_ttft_ms / 1000 if g.slo_ttft_ms else None
+    group.retry = RetryPolicy(**g.retry.model_dump())
+    group.canary_policy = g.canary
+
+
+def make_group(g: ModelGroupSpec, handles: list[Handle], rng: random.Random) -> ModelGroup:
+    group = ModelGroup(name=g.name, handles=handles, strategy=make_strategy(g.routing, rng))
+    apply_settings(group, g, rng)
+    return group
 
 
 def _replica_maker(spec: RaySpec, group: str, base: EngineConfig, where: str,
@@ -103,38 +138,11 @@ def _replica_maker(spec: RaySpec, group: str, base: EngineConfig, where: str,
                                    start_timeout_s=spec.start_timeout_s)
 
 
-def _pool(spec: RaySpec, g: ModelGroupSpec, group: ModelGroup, make_replica) -> ReplicaPool:
+def version_pool(spec: RaySpec, group: ModelGroup, base: EngineConfig, where: str, max_waiting: int | None,
+                 make_handle: Callable[[Deployment], Handle]) -> ReplicaPool:
+    """The replica pool of one `provider: ray` deployment of a version (not started)."""
     a = spec.autoscale
     autoscaler = Autoscaler(spec.min_replicas, spec.max_replicas, a.target_queue, a.upscale_delay_s,
                             a.downscale_delay_s)
-    return ReplicaPool(spec.name, group, make_replica, lambda dep: _handle(g, spec, dep), replicas=spec.replicas,
-                       autoscaler=autoscaler, interval_s=a.interval_s)
-
-
-async def start_gateway(config: GatewayConfig, base: EngineConfig, metrics: GatewayMetrics | None = None, *,
-                        max_waiting_requests: int | None = None) -> Gateway:
-    """Make every deployment, start the local ones and the Ray replicas, and wire up the groups."""
-    rng = random.Random()
-    groups = [_empty_group(g, rng) for g in config.models]
-    made: list[list[tuple[object, Deployment]]] = []
-    pools: list[ReplicaPool] = []
-    for i, (g, group) in enumerate(zip(config.models, groups)):
-        mine = []
-        for j, d in enumerate(g.deployments):
-            where = f"models[{i}].deployments[{j}]"
-            if isinstance(d, RaySpec):
-                pools.append(_pool(d, g, group, _replica_maker(d, g.name, base, where, max_waiting_requests)))
-            else:
-                mine.append((d, _make_deployment(d, g.name, base, where, max_waiting_requests)))
-        made.append(mine)
-    everything = [d for ds in made for _, d in ds]
-    results = await asyncio.gather(*(d.start() for d in everything), *(p.start() for p in pools),
-                                   return_exceptions=True)
-    failed = next((r for r in results if isinstance(r, BaseException)), None)
-    if failed is not None:
-        await asyncio.gather(*(d.aclose() for d in everything), *(p.aclose() for p in pools),
-                             return_exceptions=True)
-        raise failed
-    for g, group, mine in zip(config.models, groups, made):
-        group.handles[:0] = [_handle(g, spec, d) for spec, d in mine]
-    return Gateway(groups, metrics=metrics, pools=pools)
+    return ReplicaPool(spec.name, group, _replica_maker(spec, group.name, base, where, max_waiting), make_handle,
+                       replicas=spec.replicas, autoscaler=autoscaler, interval_s=a.interval_s)

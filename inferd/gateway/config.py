@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from inferd.engine.config import EngineConfig
 from inferd.engine.embedding.spec import EmbedConfig
@@ -246,6 +246,18 @@ class BreakerSpec(_Spec):
     cooldown_s: float = Field(30.0, gt=0)
 
 
+class CanarySpec(_Spec):
+    """When a canary version is rolled back on its own (docs/models.md): once it has answered
+    `min_requests` requests, if its error rate exceeds the stable version's by more than
+    `max_error_rate_increase` (absolute: 0.05 is five points), or its P95 time to first token exceeds
+    the stable version's by more than `max_ttft_p95_increase` (relative: 0.5 is 50% slower)."""
+
+    auto_rollback: bool = True
+    min_requests: int = Field(20, ge=1)
+    max_error_rate_increase: float = Field(0.05, ge=0, le=1)
+    max_ttft_p95_increase: float | None = Field(0.5, ge=0)
+
+
 class ModelGroupSpec(_Spec):
     name: str = Field(min_length=1)
     aliases: list[str] = Field(default_factory=list)
@@ -257,6 +269,7 @@ class ModelGroupSpec(_Spec):
     retry: RetrySpec = Field(default_factory=RetrySpec)
     circuit_breaker: BreakerSpec = Field(default_factory=BreakerSpec)
     price: PriceSpec | None = None  # for its deployments that name no price of their own
+    canary: CanarySpec = Field(default_factory=CanarySpec)
 
 
 class GatewayConfig(_Spec):
@@ -313,17 +326,38 @@ def _error_path(loc: tuple) -> str:
     return out
 
 
+def _problems(e: ValidationError, source: str) -> ValueError:
+    lines = []
+    for err in e.errors()[:10]:
+        path = _error_path(err.get("loc", ()))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+    return ValueError(f"{source} is invalid:\n" + "\n".join(lines))
+
+
 def parse_config(data: object, source: str = "config") -> GatewayConfig:
     """Validate a loaded config; ValueError lists each problem with its key path."""
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors()[:10]:
-            path = _error_path(err.get("loc", ()))
-            msg = err.get("msg", "invalid").removeprefix("Value error, ")
-            lines.append(f"  {path}: {msg}" if path else f"  {msg}")
-        raise ValueError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+        raise _problems(e, source) from None
+
+
+_DEPLOYMENTS = TypeAdapter(list[DeploymentSpec])
+
+
+def parse_deployments(data: object, source: str = "spec") -> list[LocalSpec | OpenAISpec | AnthropicSpec | OnnxSpec]:
+    """A model version's spec: one deployment (a mapping as under `deployments:`) or a list of them."""
+    if isinstance(data, dict) and "deployments" in data and "provider" not in data:
+        data = data["deployments"]
+    items = data if isinstance(data, list) else [data]
+    try:
+        specs = _DEPLOYMENTS.validate_python(items)
+    except ValidationError as e:
+        raise _problems(e, source) from None
+    if not specs:
+        raise ValueError(f"{source} is invalid:\n  a version needs at least one deployment")
+    return specs
 
 
 def load_config(path: str | Path) -> GatewayConfig:

@@ -22,6 +22,12 @@ stream where one can (resume.py), and otherwise the failure ends the stream with
 an error event (the API layer writes it): it is never passed off as a finished
 answer.
 
+A group with versions (gateway/versions.py) first picks the version a request goes
+to (canary.py: sticky per API key, or the version the request is pinned to) and
+tries that version's deployments, then, for a request that is not pinned, the
+stable version's: a failing canary costs its clients nothing, and the failure
+counts against the canary's health.
+
 Every request carries a `Route`: the record of what was decided (deployment,
 attempts, fallback, degradation, time spent upstream), which becomes response
 headers, log lines, metrics and, later, the ledger row.
@@ -39,7 +45,9 @@ from typing import Any
 
 from inferd.gateway.admission import admit
 from inferd.gateway.backoff import RetryPolicy, retry_delay
+from inferd.gateway.canary import Assignment, VersionHealth
 from inferd.gateway.circuit_breaker import CircuitBreaker
+from inferd.gateway.config import CanarySpec
 from inferd.gateway.metrics import GatewayMetrics
 from inferd.gateway.resume import Mismatch, PrefixFilter, Progress, blocker, continuation
 from inferd.gateway.stats import DeploymentStats, Outcome
@@ -77,6 +85,7 @@ class Route:
     endpoint: str
     group: str | None = None              # the group that answered
     deployment: str | None = None         # the deployment that answered
+    version: str | None = None            # the model version it belongs to
     attempts: int = 0
     fallback_from: str | None = None      # the group first asked, when a fallback answered
     degraded_from: str | None = None      # the group whose SLO sent the request elsewhere
@@ -98,6 +107,8 @@ class Route:
             h["x-inferd-deployment"] = self.deployment
         if self.group:
             h["x-inferd-model-group"] = self.group
+        if self.version:
+            h["x-inferd-model-version"] = self.version
         if self.fallback_from:
             h["x-inferd-fallback-from"] = self.fallback_from
         if self.degraded_from:
@@ -114,6 +125,8 @@ class Handle:
     cost_per_mtok: float | None = None
     stats: DeploymentStats = field(default_factory=DeploymentStats)  # a LoadPredictor inside for local engines
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    version: str | None = None            # the model version it serves (None: a group without versions)
+    health: VersionHealth | None = None   # shared by the handles of one version
 
     @property
     def name(self) -> str:
@@ -130,9 +143,32 @@ class ModelGroup:
     degrade_to: str | None = None
     slo_ttft_s: float | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # which version gets a request; `handles` holds every loaded version's, draining ones included
+    assignment: Assignment = field(default_factory=Assignment)
+    canary_policy: CanarySpec = field(default_factory=CanarySpec)
 
     def serves(self, endpoint: str) -> list[Handle]:
         return [h for h in self.handles if endpoint in h.deployment.endpoints]
+
+    def serving(self) -> list[Handle]:
+        """The handles of the stable and canary versions (all of them in a group without versions)."""
+        if self.assignment.stable is None:
+            return list(self.handles)
+        return [h for h in self.handles if h.version in self.assignment.serving]
+
+    def by_version(self, candidates: list[Handle], request: InferenceRequest, rng: random.Random
+                   ) -> tuple[VersionHealth | None, list[Handle], list[Handle]]:
+        """The chosen version's health, its candidates, and the stable version's to spill over to."""
+        a = self.assignment
+        if a.stable is None:
+            return None, candidates, []
+        chosen = request.version if request.version in {h.version for h in candidates} else None
+        pinned = chosen is not None
+        if not pinned:
+            chosen = a.pick(self.name, request.caller.key_id if request.caller is not None else None, rng)
+        mine = [h for h in candidates if h.version == chosen]
+        spill = [] if pinned or chosen == a.stable else [h for h in candidates if h.version == a.stable]
+        return (mine[0].health if mine else None), mine, spill
 
 
 Call = Callable[[Handle, InferenceRequest, int], Awaitable[Any]]
@@ -143,14 +179,18 @@ class Gateway:
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, max_total_s: float = 600.0,
                  pools: list | None = None):
-        self.groups = groups
+        self.set_groups(groups)
         # the replica pools of `provider: ray` deployments (gateway/replicas.py), by deployment name:
-        # their replicas are handles of their groups like any other
+        # their replicas are handles of their groups like any other (gateway/versions.py keeps this current)
         self.pools = {p.name: p for p in pools or ()}
-        self._by_name = {n: g for g in groups for n in (g.name, *g.aliases)}
         self.metrics = metrics
         self.clock, self.rng, self.sleep = clock, rng or random.Random(), sleep
         self.max_total_s = max_total_s
+
+    def set_groups(self, groups: list[ModelGroup]) -> None:
+        """Serve these groups from now on (a config reload); requests already routed keep theirs."""
+        self.groups = groups
+        self._by_name = {n: g for g in groups for n in (g.name, *g.aliases)}
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -167,7 +207,12 @@ class Gateway:
         return group
 
     def handles(self) -> list[Handle]:
+        """Every deployment the gateway holds, draining versions' included."""
         return [h for g in self.groups for h in g.handles]
+
+    def serving_handles(self) -> list[Handle]:
+        """The deployments new requests may go to: what health and readiness are about."""
+        return [h for g in self.groups for h in g.serving()]
 
     def pool(self, name: str):
         """The replica pool of the Ray deployment called `name`."""
@@ -177,21 +222,6 @@ class Gateway:
             raise InferdError(ErrorKind.INVALID_REQUEST, f"no provider: ray deployment is named {name!r}; "
                                 f"this server has {known}", status=404, param="name", code="not_found")
         return pool
-
-    # -- shutdown -----------------------------------------------------------------------------
-
-    async def drain(self, timeout: float) -> None:
-        """Refuse new work everywhere and give what is in flight `timeout` s (replica pools stop scaling)."""
-        for p in self.pools.values():
-            p.stop_scaling()
-        await asyncio.gather(*(h.deployment.drain(timeout) for h in self.handles()))
-
-    async def aclose(self) -> None:
-        """Release every deployment: the pools' replicas (up, starting, retiring) and the others."""
-        pooled = {h.name for p in self.pools.values() for h in p.handles}
-        await asyncio.gather(*(p.aclose() for p in self.pools.values()),
-                             *(h.deployment.aclose() for h in self.handles() if h.name not in pooled),
-                             return_exceptions=True)
 
     # -- the two calls ------------------------------------------------------------------------
 
@@ -221,7 +251,10 @@ class Gateway:
         except BaseException:
             await chunks.aclose()
             raise
-        h.stats.observe_ttft(self.clock() - started, in_flight_before)
+        ttft = self.clock() - started
+        h.stats.observe_ttft(ttft, in_flight_before)
+        if h.health is not None:
+            h.health.ttfts.append(ttft)
         return first, chunks
 
     async def resume(self, request: InferenceRequest, route: Route, progress: Progress, error: InferdError,
@@ -234,7 +267,7 @@ class Gateway:
             return h, first, chunks, PrefixFilter(cont.expected, cont.strict)
 
         deadline = self.clock() + self.max_total_s
-        group: ModelGroup | None = self._by_name[route.group]  # set once the stream's first chunk came
+        group: ModelGroup | None = self._by_name.get(route.group)  # None: the group went in a config reload
         tried: set[str] = set()
         while group is not None:
             tried.add(group.name)
@@ -282,8 +315,8 @@ class Gateway:
         if chain is None:  # `default` is the chain of every class that has none of its own
             chain = group.fallbacks.get("default", [])
         for name in chain:
-            target = self._by_name[name]
-            if target.name not in tried:
+            target = self._by_name.get(name)  # None: a group that failed to load in a config reload
+            if target is not None and target.name not in tried:
                 return target
         return None
 
@@ -294,8 +327,22 @@ class Gateway:
             raise InferdError(ErrorKind.INVALID_REQUEST, f"the model {group.name!r} does not serve "
                                 f"this endpoint", status=400, param="model")
         key = routing_key_for(request) if group.strategy.uses_routing_key else None
+        health, mine, spill = group.by_version(candidates, request, self.rng)
+        order = group.strategy.order(mine, key) + group.strategy.order(spill, key)
+        try:
+            result, h = await self._try_handles(group, order, request, route, call, deadline)
+        except InferdError as e:
+            if health is not None and e.kind not in _CLIENT_FAULTS and e.kind is not ErrorKind.CONTEXT_LENGTH:
+                health.outcome(False)  # the request's own fault says nothing about the version
+            raise
+        if health is not None:
+            health.outcome(h.health is health)
+        return result
+
+    async def _try_handles(self, group: ModelGroup, order: list[Handle], request: InferenceRequest, route: Route,
+                           call: Call, deadline: float):
         last: InferdError | None = None
-        for h in group.strategy.order(candidates, key):
+        for h in order:
             if not h.deployment.healthy:
                 last = last or h.deployment.unavailable()
                 continue
@@ -305,7 +352,7 @@ class Gateway:
                                                  status=503, retry_after=h.breaker.retry_in())
                     break
                 try:
-                    return await self._attempt(h, request, route, call)
+                    return await self._attempt(h, request, route, call), h
                 except InferdError as e:
                     last = e
                     if e.kind in _CLIENT_FAULTS or e.kind is ErrorKind.CONTEXT_LENGTH:
@@ -340,7 +387,7 @@ class Gateway:
         finally:
             route.upstream_s += self.clock() - started
         h.breaker.record_success()
-        route.deployment = h.name
+        route.deployment, route.version = h.name, h.version
         if isinstance(result, dict):  # a stream keeps its slot until it is closed
             h.stats.finished(Outcome.SUCCESS)
             self._observe(h, "200", self.clock() - started)

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from inferd.layers import kv_storage
 from inferd.layers.cpu_kernels import ops_for
+from inferd.layers.kv_storage import QuantizedKV
 
 
 @dataclass
@@ -90,11 +92,17 @@ class TorchAttentionBackend(AttentionBackend):
                       index[valid].to(device), mask[:, None].to(device), ctx, max_q == 1)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
-        """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, blocks, block_size, KVH, D]."""
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        ops = ops_for(q)
+        """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, blocks, block_size, KVH, D], or its int8
+        form with scales (layers/kv_storage.py)."""
+        quantized = isinstance(kv_cache, QuantizedKV)
+        data = kv_cache.data if quantized else kv_cache
+        k_cache, v_cache = data[0], data[1]
+        scales = (kv_cache.scales[0], kv_cache.scales[1]) if quantized else (None, None)
+        ops = ops_for(q) if not quantized or kv_cache.in_kernel_form else None
         if ops is not None:
-            ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, *scales)
+        elif quantized:
+            kv_storage.write(kv_cache, k, v, meta.slot_mapping)
         else:
             n_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
             k_cache.view(-1, n_kv, dim).index_copy_(0, meta.slot_mapping, k)
@@ -106,21 +114,26 @@ class TorchAttentionBackend(AttentionBackend):
         for g in groups:
             if g.decode and ops is not None:
                 # reads the blocks in place and writes each request's row of out
-                ops.decode_attention(out, q, k_cache, v_cache, g.tables, g.seq_lens, g.out_index, scale)
+                ops.decode_attention(out, q, k_cache, v_cache, g.tables, g.seq_lens, g.out_index, scale, *scales)
                 continue
-            o = self._attend_gathered(q, k_cache, v_cache, g, scale)
+            o = self._attend_gathered(q, kv_cache, g, scale)
             if out is None:
                 return o  # one group holds every token, already in flat order
             out[g.out_index] = o
         return out
 
     @staticmethod
-    def _attend_gathered(q, k_cache, v_cache, g: _Group, scale: float) -> torch.Tensor:
-        """The group's attention over a padded copy of its blocks; rows in group order."""
-        n_kv, dim = k_cache.shape[-2], k_cache.shape[-1]
+    def _attend_gathered(q, kv_cache, g: _Group, scale: float) -> torch.Tensor:
+        """The group's attention over a padded copy of its blocks (dequantized when int8); rows in
+        group order."""
+        if isinstance(kv_cache, QuantizedKV):
+            k_blocks, v_blocks = (kv_storage.gather(kv_cache, i, g.tables, q.dtype) for i in (0, 1))
+        else:
+            k_blocks, v_blocks = kv_cache[0][g.tables], kv_cache[1][g.tables]
+        n_kv, dim = k_blocks.shape[-2], k_blocks.shape[-1]
         b = g.tables.shape[0]
-        keys = k_cache[g.tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
-        values = v_cache[g.tables].view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
+        keys = k_blocks.view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
+        values = v_blocks.view(b, -1, n_kv, dim)[:, : g.ctx_len].transpose(1, 2)
         if g.decode:
             return _decode_attention(q[g.query_index[:, 0]], keys, values, g.mask, scale)
         queries = q[g.query_index].transpose(1, 2)     # [b, H, max_q, D]

@@ -35,10 +35,35 @@ class TokenizerSpec:
 
 
 @dataclass
+class VisionSpec:
+    """How a vision-language model wants its images: the processor's settings (Idefics3's
+    preprocessor_config.json) and the image token's id. Images are resized so that the longest edge
+    is `longest_edge`, then to whole tiles of `tile_size` and split into them (plus the whole image
+    at one tile, the global image), or, without splitting, resized to one tile; each tile is
+    `tokens_per_tile` `<image>` tokens. `resample` is PIL's filter number (1: Lanczos)."""
+
+    image_token_id: int
+    tokens_per_tile: int
+    tile_size: int
+    longest_edge: int
+    do_resize: bool = True
+    do_image_splitting: bool = True
+    resample: int = 1
+    do_convert_rgb: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+
+@dataclass
 class Checkpoint:
-    """A loaded model: HF-style `config` dict, HF-named float tensors, tokenizer."""
+    """A loaded model: HF-style `config` dict, HF-named float tensors, tokenizer; for a
+    vision-language model, its `VisionSpec` too."""
 
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     tokenizer: TokenizerSpec
     source: str = ""
+    vision: VisionSpec | None = None

@@ -16,6 +16,7 @@ import torch
 from inferd.layers import linear as linear_mod
 from inferd.layers.attention import AttentionMetadata
 from inferd.layers.cpu_kernels import ops_for
+from inferd.layers.kv_storage import QuantizedKV
 
 _EMPTY = torch.empty(0)
 
@@ -36,9 +37,13 @@ def _layer_tensors(model, kv_caches: list[torch.Tensor]) -> list[list[torch.Tens
     layers = []
     for layer, cache in zip(model.layers, kv_caches):
         a, m = layer.self_attn, layer.mlp
+        if isinstance(cache, QuantizedKV):  # int8 levels and their scales
+            storage = [cache.data[0], cache.data[1], cache.scales[0], cache.scales[1]]
+        else:
+            storage = [cache[0], cache[1], _EMPTY, _EMPTY]
         layers.append([layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                        *_proj(a.qkv_proj), *_proj(a.o_proj), *_proj(m.gate_up_proj), *_proj(m.down_proj),
-                       cache[0], cache[1]])
+                       *storage])
     model._cpu_decode_layers = (key, layers)
     return layers
 
@@ -50,6 +55,8 @@ def decode_layers(model, residual: torch.Tensor, rope_tables, kv_caches: list[to
     groups = meta.prepared
     if ops is None or len(groups) != 1 or not groups[0].decode or not model.layers:
         return None
+    if isinstance(kv_caches[0], QuantizedKV) and not kv_caches[0].in_kernel_form:
+        return None  # fp8: the torch path
     attn = model.layers[0].self_attn
     if attn.q_norm is not None:
         return None

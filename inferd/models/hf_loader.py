@@ -1,8 +1,10 @@
 """Load a Hugging Face model directory: config.json, *.safetensors, tokenizer files.
 
-The chat template comes from tokenizer_config.json or a chat_template.jinja file;
-the ids that end generation are the union of config.json's and
-generation_config.json's `eos_token_id`.
+The chat template comes from tokenizer_config.json, a chat_template.jinja file or
+(as processors save it) chat_template.json; the ids that end generation are the union
+of config.json's and generation_config.json's `eos_token_id`. A vision-language model
+(Idefics3) also brings preprocessor_config.json and processor_config.json, read into
+the checkpoint's `VisionSpec`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from inferd.models.checkpoint import Checkpoint, TokenizerSpec
+from inferd.models.idefics3 import is_vision_language, vision_spec
 
 
 def load_hf_dir(path: Path, *, progress: bool = True) -> Checkpoint:
@@ -34,8 +37,16 @@ def load_hf_dir(path: Path, *, progress: bool = True) -> Checkpoint:
                 tensors[name] = st.get_tensor(name)
         bar.update(f.stat().st_size)
     bar.close()
+    vision = None
+    if is_vision_language(config):
+        vision = vision_spec(config, _json_file(path / "preprocessor_config.json"),
+                             _json_file(path / "processor_config.json"))
     return Checkpoint(config=config, tensors=tensors,
-                      tokenizer=_tokenizer_spec(path, config), source=str(path))
+                      tokenizer=_tokenizer_spec(path, config), source=str(path), vision=vision)
+
+
+def _json_file(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _token_str(value) -> str | None:
@@ -48,14 +59,15 @@ def _tokenizer_spec(path: Path, config: dict) -> TokenizerSpec:
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"model directory {path} has no tokenizer.json")
-    tcfg_file = path / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
+    tcfg = _json_file(path / "tokenizer_config.json")
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     jinja_file = path / "chat_template.jinja"
     if template is None and jinja_file.is_file():
         template = jinja_file.read_text()
+    if template is None:
+        template = _json_file(path / "chat_template.json").get("chat_template")
 
     eos_ids: list[int] = []
     gen_file = path / "generation_config.json"

@@ -9,6 +9,8 @@ small-batch decode fast on CPU; `load_weights` fuses HF-named tensors on the way
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -84,12 +86,18 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, input_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """Returns final hidden states [T, hidden] for the flat batch.
 
+        `input_embeds` (rows, embeddings) replaces the token embeddings of those rows of the
+        batch: a vision-language model's image tokens take its vision encoder's output there.
         The residual stream is carried apart from each sublayer's output, so every
         norm also does the residual add before it (one fused kernel on the CPU)."""
         residual = self.embed_tokens(input_ids)
+        if input_embeds is not None:
+            rows, embeds = input_embeds
+            residual.index_copy_(0, rows, embeds.to(residual.dtype))
         rope_tables = self.rope.tables(positions, residual.dtype)
         fused = decode_layers(self, residual, rope_tables, kv_caches, meta)
         if fused is not None:
@@ -109,6 +117,33 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def quantize(self, kind: str) -> None:
+        """Add int8 or int4 copies of the weights for small batches (layers/linear.py)."""
+        weight = self.embed_tokens.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+            raise ValueError(f"quantization: {kind} needs the CPU and dtype bfloat16")
+        for module in self.modules():
+            if not isinstance(module, Linear):
+                continue
+            # the output head stays at 8 bits under int4: it scores the whole vocabulary,
+            # and GGUF files keep it above 4 bits too (Q8_0 in the default model's Q4_1 file)
+            if kind == "int8" or module is self.lm_head:
+                module.quantize_int8()
+            else:
+                module.quantize_int4()
+
+    def sharing_weights(self) -> "LlamaForCausalLM":
+        """A second model over the same weight tensors, without their quantized copies: quantized on
+        its own, it is the same weights at another precision for the price of the copies alone."""
+        shared = {id(t): t for m in self.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)}
+        shared.update({id(t): t for t in (*self.parameters(), *self.buffers())})
+        twin = copy.deepcopy(self, shared)
+        twin.__dict__.pop("_cpu_decode_layers", None)  # the fused decode path's per-model tensor list
+        for module in twin.modules():
+            if isinstance(module, Linear):
+                module.qweight = module.qscale = module.q4weight = module.q4scales = None
+        return twin
 
     @torch.no_grad()
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:

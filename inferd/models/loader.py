@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from inferd.models import idefics3
 from inferd.models.checkpoint import Checkpoint
 from inferd.models.config import ModelConfig
 from inferd.models.llama import LlamaForCausalLM
+from inferd.models.siglip import VisionConfig, VisionEncoder
 
 
 def load_checkpoint(model: str | os.PathLike | None, *, progress: bool = True) -> Checkpoint:
@@ -34,8 +36,24 @@ def load_checkpoint(model: str | os.PathLike | None, *, progress: bool = True) -
 
 
 def build_model(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> tuple[LlamaForCausalLM, ModelConfig]:
-    cfg = ModelConfig.from_hf(ckpt.config)
+    """The decoder (of a vision-language checkpoint: its language model; see `build_vision_encoder`)."""
+    config, tensors = ckpt.config, ckpt.tensors
+    if idefics3.is_vision_language(config):
+        config = idefics3.decoder_config(config)
+        tensors = idefics3.split_tensors(tensors)[0]
+        # tied when the checkpoint has no output head of its own
+        config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+    cfg = ModelConfig.from_hf(config)
     # allocated uninitialized in the target dtype; load_weights casts while it copies
     model = LlamaForCausalLM(cfg, dtype, device)
-    model.load_weights(ckpt.tensors)
+    model.load_weights(tensors)
     return model.eval(), cfg
+
+
+def build_vision_encoder(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> VisionEncoder | None:
+    """The vision encoder and connector of a vision-language checkpoint; None for a text model."""
+    if not idefics3.is_vision_language(ckpt.config):
+        return None
+    encoder = VisionEncoder(VisionConfig.from_hf(ckpt.config), dtype, device)
+    encoder.load_weights(idefics3.split_tensors(ckpt.tensors)[1])
+    return encoder.eval()

@@ -7,6 +7,8 @@ and turns the engine's exceptions into classified `InferdError`s so the gateway
 treats a local engine exactly like a remote one: overload is `OVERLOADED` with
 the engine's retry hint, a prompt over the context length is `CONTEXT_LENGTH`,
 a dead core is `SERVER`, a bad parameter is `INVALID_REQUEST` naming it.
+A vision-language model's deployment also owns the `MediaLoader` (providers/media.py)
+that fetches and preprocesses a chat request's images before it is tokenized.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from inferd.engine.client.async_client import (AsyncEngine, EngineDeadError, EngineOverloadedError, RequestAbortedError,
                                                RequestMetrics, RequestRejectedError)
 from inferd.engine.config import EngineConfig
+from inferd.engine.image_processor import ImageProcessor
 from inferd.engine.messages import Stats
 from inferd.engine.process_link import ChildHost
 from inferd.engine.sampling_params import InvalidParameterError
@@ -26,6 +29,7 @@ from inferd.providers.base import Deployment, ModelInfo
 from inferd.providers.constraints import check_grammar
 from inferd.providers.local_chat import LocalChat
 from inferd.providers.local_completions import LocalCompletion
+from inferd.providers.media import MediaLimits, MediaLoader, image_parts
 from inferd.wire.errors import ErrorKind, InferdError
 from inferd.wire.request import InferenceRequest
 
@@ -85,9 +89,15 @@ class LocalEngineDeployment(Deployment):
                  max_waiting_requests: int = 256, host: ChildHost | None = None):
         self.name, self.model_name = name, model_name
         self.engine = AsyncEngine(config, max_waiting_requests=max_waiting_requests, host=host)
+        self.media: MediaLoader | None = None
 
     async def start(self) -> None:
-        await self.engine.start()
+        info = await self.engine.start()
+        if info.vision is not None:
+            c = self.engine.config
+            processor = ImageProcessor(info.vision, max_pixels=c.max_image_pixels, cache_bytes=c.vision_cache_bytes)
+            self.media = MediaLoader(processor, MediaLimits(tuple(c.allowed_media_domains), c.max_image_bytes,
+                                                            c.media_fetch_timeout_s))
 
     @property
     def info(self) -> ModelInfo:
@@ -116,16 +126,23 @@ class LocalEngineDeployment(Deployment):
         """Requests the engine runs at once; more wait in its queue."""
         return self.engine.info.max_num_seqs
 
-    def _run(self, request: InferenceRequest):
+    def _run(self, request: InferenceRequest, images: list):
         if request.endpoint not in _RUNS:
             raise InferdError(ErrorKind.INVALID_REQUEST, f"{self.model_name!r} does not serve {request.endpoint}",
                               status=400, param="model")
+        if request.endpoint == "chat" and self.media is not None:
+            return LocalChat(self.engine, request, self.model_name, self.media.processor, images)
         return _RUNS[request.endpoint](self.engine, request, self.model_name)
 
     async def _prepared(self, request: InferenceRequest):
-        """The request tokenized (its template rendered) on a worker thread, so a long prompt never holds
-        the event loop, and its grammar checked within its bound."""
-        run = await asyncio.to_thread(self._run, request)
+        """The request's images fetched and preprocessed (providers/media.py), the request tokenized (its
+        template rendered) on a worker thread, so a long prompt never holds the event loop, and its
+        grammar checked within its bound."""
+        images = []
+        if self.media is not None and request.endpoint == "chat" and image_parts(request.body):
+            self.engine.check_accepting(request.body.n)  # before the work of decoding images
+            images = await self.media.load(request.body)
+        run = await asyncio.to_thread(self._run, request, images)
         await check_grammar(run.params.grammar, run.constraint_param, self.engine.config.grammar_timeout_s)
         return run
 
@@ -148,4 +165,6 @@ class LocalEngineDeployment(Deployment):
         await self.engine.drain(timeout)
 
     async def aclose(self) -> None:
+        if self.media is not None:
+            self.media.close()
         await self.engine.shutdown()

@@ -1,8 +1,12 @@
 """Chat completions on the local engine: messages through the model's chat template, then generate.
 
 Messages (system, developer -> system, user, assistant, tool; string content or
-text parts) are rendered with `Tokenizer.encode_chat`, which renders the template
-the way Hugging Face does. `max_completion_tokens` wins over `max_tokens`; with
+text parts) are rendered with `Tokenizer.apply_chat_template`, which renders the
+template the way Hugging Face does. For a vision-language model every message's
+content goes to the template as parts (`{"type": "text"}`, `{"type": "image"}`, as HF
+processors' templates take them), and each image the template writes as `<image>`
+is expanded into its tiles' tokens (engine/image_processor.py); the images, already
+fetched and preprocessed (providers/media.py), travel with the engine request. `max_completion_tokens` wins over `max_tokens`; with
 neither, generation may run to the context length. Logprobs use the chat format
 (`logprobs.content[*]` with token, logprob, bytes and `top_logprobs`). A stream
 sends the assistant role first (once the engine has accepted the request), then
@@ -26,6 +30,7 @@ from dataclasses import replace
 import jinja2
 
 from inferd.engine.client.async_client import AsyncEngine
+from inferd.engine.image_processor import ImageError, ImageProcessor, ProcessedImage
 from inferd.engine.outputs import Logprob, PositionLogprobDict, RequestOutput
 from inferd.engine.sampling_params import InvalidParameterError
 from inferd.engine.structured import grammar_for, lark_rule
@@ -50,22 +55,35 @@ def refuse_long_text(engine: AsyncEngine, text_bytes: int, param: str) -> None:
                                     f"prompt's {text_bytes} bytes are more than that many tokens")
 
 
+def _content(i: int, content, vision: bool):
+    """A message's content for the template: text (parts joined), or for a vision model its parts."""
+    if not isinstance(content, list):
+        return [{"type": "text", "text": content or ""}] if vision else content or ""
+    parts = []
+    for j, part in enumerate(content):
+        if part.type == "text" and part.text is not None:
+            parts.append({"type": "text", "text": part.text})
+        elif part.type == "image_url" and vision:
+            parts.append({"type": "image"})
+        elif part.type == "image_url":
+            raise invalid(f"messages.{i}.content.{j}: this model does not take images (it is not a "
+                          "vision-language model)", "messages")
+        else:
+            raise invalid(f"messages.{i}.content.{j}: parts of type {part.type!r} are not supported "
+                          "(text and image_url are)", "messages")
+    return parts if vision else "\n".join(p["text"] for p in parts)
+
+
 def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prompt: bool,
-                    request: ChatCompletionRequest | None = None, continue_final_message: bool = False) -> list[int]:
-    """Render chat messages with the model's template and tokenize them (text parts only); with the
-    `request` they came in, its tools and earlier tool calls too (providers/local_tools.py)."""
+                    request: ChatCompletionRequest | None = None, continue_final_message: bool = False,
+                    images: ImageProcessor | None = None, processed: list[ProcessedImage] = ()) -> list[int]:
+    """Render chat messages with the model's template and tokenize them; with the `request` they came
+    in, its tools and earlier tool calls too (providers/local_tools.py). `images`: a vision-language
+    model's processor, which expands the template's image placeholders into `processed`'s tokens."""
     messages = []
     for i, m in enumerate(chat):
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise invalid(f"messages.{i}.content: only text parts are supported, "
-                                  f"got type {part.type!r}", "messages")
-                texts.append(part.text)
-            content = "\n".join(texts)
-        msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        content = _content(i, m.content, images is not None)
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name:
             msg["name"] = m.name
         messages.append(msg)
@@ -75,12 +93,19 @@ def encode_messages(tok: Tokenizer, chat: list[ChatMessage], add_generation_prom
         reserved = {"messages", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token", "tools"}
         extra = {**{k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in reserved}, **extra}
     try:
-        return tok.encode_chat(messages, add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message, **extra)
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message, **extra)
     except ChatTemplateError:
         raise
     except (jinja2.TemplateError, TypeError, ValueError) as e:
         raise invalid(f"messages: the chat template could not render them: {e}", "messages") from e
+    if images is not None:
+        try:
+            text = images.expand(text, list(processed))
+        except ImageError as e:
+            raise invalid(f"messages: {e}", "messages") from e
+    # the template already writes any BOS it wants, as HF's apply_chat_template assumes
+    return tok.encode(text, add_special_tokens=False)
 
 
 def _entry(v: Logprob) -> dict:
@@ -107,14 +132,16 @@ def prompt_logprobs_field(out: RequestOutput) -> list | None:
 class LocalChat:
     """One chat request on a local engine: `response()` or `stream()`."""
 
-    def __init__(self, engine: AsyncEngine, request: InferenceRequest, model: str):
+    def __init__(self, engine: AsyncEngine, request: InferenceRequest, model: str,
+                 images: ImageProcessor | None = None, processed: list[ProcessedImage] = ()):
         body: ChatCompletionRequest = request.body
         if body.top_logprobs is not None and not body.logprobs:
             raise invalid("top_logprobs: requires logprobs to be true", "top_logprobs")
         self.engine, self.request, self.body, self.model = engine, request, body, model
         refuse_long_text(engine, sum(len(content_text(m.content).encode()) for m in body.messages), "messages")
         self.prompt_ids = encode_messages(engine.tokenizer, body.messages, body.add_generation_prompt, body,
-                                          body.continue_final_message)
+                                          body.continue_final_message, images, processed)
+        self.images = [image.message() for image in processed]
         self.tools = local_tools.active(body)
         tok = engine.tokenizer
         self.thinking = None  # where the prompt leaves the model, when this model's reasoning is split
@@ -176,7 +203,7 @@ class LocalChat:
 
     def _start(self):
         stream = self.engine.generate(self.request.request_id, self.prompt_ids, self.params,
-                                      priority=self.body.priority)
+                                      priority=self.body.priority, images=self.images)
         if self.budget is not None:
             stream = local_reasoning.within_budget(self.engine, stream, self.budget, self.thinking, self._answer)
         return [stream]
@@ -187,7 +214,7 @@ class LocalChat:
         params = replace(self.params, grammar=self.answer_grammar,
                          max_tokens=None if limit is None else max(0, limit - len(output_ids)))
         return self.engine.generate(f"{self.request.request_id}.answer", self.prompt_ids + output_ids, params,
-                                    priority=self.body.priority)
+                                    priority=self.body.priority, images=self.images)
 
     async def response(self) -> dict:
         [final] = await final_outputs(self._start())

@@ -153,6 +153,40 @@ MIGRATIONS: list[list[str]] = [
         # rows a tensor model scored in an infer call (what it is priced by)
         "ALTER TABLE ledger ADD COLUMN predictions INTEGER NOT NULL DEFAULT 0",
     ],
+    [
+        # model versions (gateway/version_store.py): each an immutable deployment spec of a group
+        """CREATE TABLE model_versions (
+            model TEXT NOT NULL,
+            label TEXT NOT NULL,
+            spec_hash TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (model, label))""",
+        "CREATE UNIQUE INDEX model_versions_hash ON model_versions (model, spec_hash)",
+        # what each group serves now; `generation` grows with every change, so replicas see one at a glance
+        """CREATE TABLE model_rollouts (
+            model TEXT PRIMARY KEY,
+            stable TEXT NOT NULL,
+            canary TEXT,
+            canary_percent DOUBLE PRECISION NOT NULL,
+            config_hash TEXT,
+            generation INTEGER NOT NULL,
+            updated DOUBLE PRECISION NOT NULL)""",
+        """CREATE TABLE model_version_events (
+            id TEXT PRIMARY KEY,
+            model TEXT NOT NULL,
+            ts DOUBLE PRECISION NOT NULL,
+            action TEXT NOT NULL,
+            label TEXT,
+            previous TEXT,
+            canary_percent DOUBLE PRECISION,
+            reason TEXT)""",
+        "CREATE INDEX model_version_events_model ON model_version_events (model, ts)",
+        # the version that answered a request
+        "ALTER TABLE ledger ADD COLUMN model_version TEXT",
+        # the versions a batch started with, per model group (JSON): its lines stay on them
+        "ALTER TABLE batches ADD COLUMN pinned_versions TEXT",
+    ],
 ]
 
 

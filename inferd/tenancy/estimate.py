@@ -3,7 +3,7 @@
 The prompt bound is the UTF-8 byte count of its text (a byte-level BPE token
 covers at least one byte), plus, for chat, a few tokens per message for the
 template's role markers and an allowance for the default system prompt some
-templates add; prompts given as token ids count exactly. The output bound is
+templates add, and for each image part the most tokens an image can become; prompts given as token ids count exactly. The output bound is
 `max_tokens` (or `max_completion_tokens`) times `n`, or, when the client set no
 limit, the group's default: its local engine's context length, else 4096.
 """
@@ -18,6 +18,9 @@ from inferd.wire.schema import ContentPart
 DEFAULT_MAX_OUTPUT = 4096
 _PER_MESSAGE = 8        # role markers and separators a chat template adds
 _TEMPLATE_ALLOWANCE = 64  # a default system prompt (SmolLM2's is ~30 tokens) and generation prompt
+# an image's tokens at most: Idefics3's largest split at its default sizes, 4 x 4 tiles and the global
+# image of 169 tokens each with their tags (SmolVLM's 64-token tiles stay well under it)
+_PER_IMAGE = 17 * (169 + 3)
 
 
 def _text_bytes(value: str | list | None) -> int:
@@ -28,7 +31,7 @@ def _text_bytes(value: str | list | None) -> int:
     if isinstance(value[0], int):  # token ids count exactly
         return len(value)
     if isinstance(value[0], ContentPart):
-        return sum(_text_bytes(part.text) for part in value)
+        return sum(_text_bytes(part.text) + (_PER_IMAGE if part.type == "image_url" else 0) for part in value)
     return sum(_text_bytes(v) for v in value)  # several prompts or inputs
 
 

@@ -1,7 +1,7 @@
 """The usage ledger: one row per metered request, written when the request ends.
 
 A row says who asked (key, team), what for (endpoint, the public model asked
-for, the group and deployment that answered), what it used (prompt, cached and
+for, the group, deployment and model version that answered), what it used (prompt, cached and
 completion tokens, the reasoning tokens among them, from the usage the client was given, or counted from the
 stream when a client left early), what it cost, how long it took, and how it
 went (HTTP status, cancelled, fell back, degraded, answered from the response
@@ -42,6 +42,7 @@ class LedgerRow:
     model: str | None = None               # the public model the client asked for
     served_model: str | None = None        # the model group that answered
     deployment: str | None = None          # the deployment that answered
+    model_version: str | None = None       # the model version that deployment belongs to
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0

@@ -125,10 +125,12 @@ class Metering:
         return await self._admit(request.caller, row, quota.Demand(tokens=prompt + output, cost_usd=worst), prompt)
 
     async def begin_predictions(self, principal: Principal | None, group: str, model: str, request_id: str,
-                                predictions: int) -> RequestMeter:
-        """The same for a tensor model's call (`infer`) that asks it to score `predictions` rows."""
-        worst = self.prices.worst(group).cost(0, 0, 0, predictions=predictions)
-        row = LedgerRow(ts=self.clock(), endpoint="infer", status=0, request_id=request_id, model=model)
+                                predictions: int, batch_id: str | None = None) -> RequestMeter:
+        """The same for a tensor model's call (`infer`) that asks it to score `predictions` rows (a batch
+        line's at the batch discount)."""
+        worst = self.prices.worst(group).cost(0, 0, 0, predictions=predictions, batch=batch_id is not None)
+        row = LedgerRow(ts=self.clock(), endpoint="infer", status=0, request_id=request_id, model=model,
+                        batch_id=batch_id)
         return await self._admit(principal, row, quota.Demand(tokens=0, cost_usd=worst), 0)
 
     async def _admit(self, principal: Principal | None, row: LedgerRow, demand: quota.Demand,
@@ -194,7 +196,7 @@ class RequestMeter:
         row.status, row.cancelled, row.cache_hit = status, cancelled, cache_hit
         row.latency_s = time.perf_counter() - self._started
         if route is not None:
-            row.served_model, row.deployment = route.group, route.deployment
+            row.served_model, row.deployment, row.model_version = route.group, route.deployment, route.version
             row.fallback_from, row.degraded_from = route.fallback_from, route.degraded_from
         if self._usage is not None:
             row.prompt_tokens = int(self._usage.get("prompt_tokens") or 0)

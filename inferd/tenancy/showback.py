@@ -25,11 +25,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from inferd.store.base import Tx
 
-GROUP_KEYS = ("team", "model", "key", "day", "deployment", "served_model", "endpoint")
+GROUP_KEYS = ("team", "model", "key", "day", "deployment", "served_model", "endpoint", "version")
 
 # The ledger column behind each group key; "day" is derived from ts.
 _GROUP_COLUMNS = {"team": "team", "model": "model", "key": "key_id", "day": "ts",
-                  "deployment": "deployment", "served_model": "served_model", "endpoint": "endpoint"}
+                  "deployment": "deployment", "served_model": "served_model", "endpoint": "endpoint",
+                  "version": "model_version"}
 
 # What the aggregation reads, besides the group columns: never whole rows.
 _METRIC_COLUMNS = ("status", "cancelled", "cache_hit", "prompt_tokens", "cached_tokens",

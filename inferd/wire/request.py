@@ -58,7 +58,7 @@ class InferenceRequest:
     caller: Caller | None = None
     batch_id: str | None = None
     model: str | None = None    # the model (group) it names
-
+    version: str | None = None  # the model version it is pinned to (a batch's lines), while that version is loaded
 
     @property
     def stream(self) -> bool:

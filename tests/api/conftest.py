@@ -46,6 +46,7 @@ def free_port() -> int:
 class ServerProc:
     def __init__(self, model: Path, *extra: str, api_key: str | None = API_KEY, log_level: str = "warning",
                  env: dict[str, str] | None = None):
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -62,7 +63,8 @@ class ServerProc:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
-    def wait_ready(self, timeout: float = 90.0) -> "ServerProc":
+    def wait_ready(self, timeout: float = 180.0) -> "ServerProc":
+        # generous: a loaded 2-core machine that compiles the CPU kernels on first use took over 90 s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

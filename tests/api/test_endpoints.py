@@ -30,6 +30,8 @@ def test_models(server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     card = client.models.retrieve(MODEL)
     assert card.id == MODEL and card.owned_by == "inferd"
+    # the model's file or folder name, never where it lies on the server's disk
+    assert card.root == server.model.name and "/" not in card.root
 
 
 def test_health_version_metrics_need_no_key(server):

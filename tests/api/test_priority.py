@@ -97,7 +97,9 @@ def test_interactive_ttft_stays_near_idle_while_a_low_priority_batch_runs(srv):
           f"{time.perf_counter() - t0:.1f}s")
     assert busy_ttft < 5 * idle_ttft + 0.3
     assert waiting_after > 0  # the batch was still queued behind the interactive requests
-    assert preempted >= len(busy)  # each interactive request took a batch request's slot
+    # the first interactive request took a batch request's slot; a later one may find the slot its
+    # predecessor left before the preempted line is scheduled again, and need no preemption
+    assert preempted >= 1
     for line in lines:  # the batch lost nothing: preempted lines were recomputed and completed
         assert line["finish"] == "length" and line["usage"]["completion_tokens"] == BATCH_TOKENS
 

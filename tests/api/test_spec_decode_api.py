@@ -1,4 +1,5 @@
-"""Speculative decoding through the server: the CLI flags, the same greedy answer, vLLM's metric names."""
+"""Speculative decoding through the server (prompt lookup and a draft model): the CLI flags, the same greedy
+answer, vLLM's metric names."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from tests.api.conftest import MODEL, ServerProc
 PROMPT = "one two three four five six seven eight one two three four five six seven eight one two three"
 
 
-@pytest.fixture(scope="module")
-def spec_server(tiny_llama):
-    srv = ServerProc(tiny_llama, "--speculative-method", "ngram", "--num-speculative-tokens", "3",
+@pytest.fixture(scope="module", params=["ngram", "draft_model"])
+def spec_server(request, tiny_llama, tiny_llama_draft):
+    proposer = (["--speculative-method", "ngram"] if request.param == "ngram"
+                else ["--speculative-model", str(tiny_llama_draft)])
+    srv = ServerProc(tiny_llama, *proposer, "--num-speculative-tokens", "3",
                      "--speculative-config", '{"adaptive": false}', api_key=None).wait_ready()
     yield srv
     srv.stop()
@@ -38,8 +41,15 @@ def test_flags_fill_one_config_and_bad_ones_are_refused():
     spec = engine_config(args, None).speculative_config
     assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_max) == ("ngram", 6, 3)
     assert engine_config(parser.parse_args(["serve"]), None).speculative_config is None
+    draft = engine_config(parser.parse_args(["serve", "--speculative-model", "/d", "--num-speculative-tokens", "5",
+                                             "--speculative-config", '{"quantization": "int4"}']),
+                          None).speculative_config
+    assert (draft.method, draft.model, draft.quantization, draft.num_speculative_tokens) == (
+        "draft_model", "/d", "int4", 5)
     for argv, message in ((["--num-speculative-tokens", "4"], "needs --speculative-method"),
-                          (["--speculative-config", '{"method": "draft_model"}'], "not supported"),
+                          (["--speculative-config", '{"method": "eagle"}'], "not supported"),
+                          (["--speculative-method", "ngram", "--speculative-model", "/d"],
+                           "only for method draft_model"),
                           (["--speculative-method", "ngram", "--num-speculative-tokens", "0"],
                            "num_speculative_tokens")):
         with pytest.raises(ValueError, match=message):

@@ -17,6 +17,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from inferd.classic.tensors import infer_path_params
 from inferd.store import open_store
 from inferd.tenancy.ledger import select
 from tests.api.conftest import wait_for
@@ -134,6 +135,25 @@ def test_unknown_models_and_models_that_are_not_tensor_models(srv):
     assert 'model_name="nope"' not in text  # a name a client made up is no metric label
     r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "fraud", "messages": []}, headers=AUTH)
     assert r.status_code == 400
+
+
+def test_infer_paths_of_the_hot_path():
+    assert infer_path_params("/v2/models/fraud/infer") == {"name": "fraud"}
+    assert infer_path_params("/v2/models/fraud/versions/2/infer") == {"name": "fraud", "version": "2"}
+    for path in ["/v2/models//infer", "/v2/models/fraud/x/infer", "/v2/models/fraud/versions//infer",
+                 "/v2/models/fraud/infer/", "/v1/models/fraud/infer", "/v2/models/infer"]:
+        assert infer_path_params(path) is None, path
+
+
+def test_paths_that_are_not_infer_calls_reach_the_app(srv):
+    x = np.zeros((1, 20), np.float32)
+    r = httpx.post(srv.url + "/v2/models/fraud/x/infer", json=infer_body(x), headers=AUTH)
+    assert r.status_code == 404
+    r = httpx.get(srv.url + "/v2/models/fraud/infer", headers=AUTH)
+    assert r.status_code == 405
+    r = httpx.post(srv.url + "/v2/models/fraud/infer", json=infer_body(x), headers={**AUTH, "X-Request-Id": "row-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "row-1"
+    assert float(r.headers["x-inferd-overhead-ms"]) >= 0
 
 
 def test_a_key_is_required_once_keys_exist_but_probes_are_public(srv):

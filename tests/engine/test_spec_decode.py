@@ -1,4 +1,7 @@
-"""Speculative decoding: the same tokens as plain decoding, the target's distribution, blocks given back."""
+"""Speculative decoding: the same tokens as plain decoding, the target's distribution, blocks given back.
+
+Most tests run with both proposers (the `spec` fixture): prompt lookup, and a draft model (the tiny Llama
+with noise on its weights, so drafts are both kept and rejected)."""
 
 from __future__ import annotations
 
@@ -14,12 +17,20 @@ from inferd.engine.core.scheduler import Scheduler, SchedulerConfig, StepResult
 from inferd.engine.spec_decode import verify
 from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.engine.spec_decode.ngram import NgramIndex
-from inferd.engine.spec_decode.policy import StepCost, choose
+from inferd.engine.spec_decode.policy import DraftCharge, StepCost, choose
 from inferd.engine.structured import grammar_for
 from tests.engine.test_reference import PROMPTS
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-ALWAYS = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+ALWAYS = {"num_speculative_tokens": 4, "adaptive": False}
+PROPOSERS = ("ngram", "draft_model")
+
+
+def _always(proposer: str, draft_path) -> dict:
+    """Speculation on every step, with prompt lookup or with the noisy tiny draft model."""
+    if proposer == "ngram":
+        return {**ALWAYS, "method": "ngram"}
+    return {**ALWAYS, "method": "draft_model", "model": str(draft_path)}
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +38,10 @@ def plain(tiny_llama):
     return LLM(str(tiny_llama), dtype="float32", progress=False)
 
 
-@pytest.fixture(scope="module")
-def spec(tiny_llama):
-    return LLM(str(tiny_llama), dtype="float32", progress=False, speculative_config=ALWAYS)
+@pytest.fixture(scope="module", params=PROPOSERS)
+def spec(request, tiny_llama, tiny_llama_draft):
+    return LLM(str(tiny_llama), dtype="float32", progress=False,
+               speculative_config=_always(request.param, tiny_llama_draft))
 
 
 def _prompts(llm, count):
@@ -96,6 +108,41 @@ def test_bad_speculative_options_are_refused_naming_them(bad, message):
         SpeculativeConfig.parse(bad)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"method": "ngram", "model": "x"}, "only for method draft_model"),
+    ({"method": "draft_model", "prompt_lookup_max": 3}, "only for method ngram"),
+    ({"quantization": "int2"}, "not one of int8, int4"),
+])
+def test_options_of_the_other_proposer_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.parse(bad)
+
+
+def test_naming_a_draft_picks_the_draft_model_proposer():
+    assert SpeculativeConfig.parse({"model": "/m"}).method == "draft_model"
+    assert SpeculativeConfig.parse({"quantization": "int4"}).method == "draft_model"
+    ngram = SpeculativeConfig.parse({})
+    assert (ngram.method, ngram.prompt_lookup_max, ngram.prompt_lookup_min) == ("ngram", 4, 1)
+
+
+def test_the_policy_charges_the_draft_models_forwards():
+    flat = _linear(0.010, 0.0)
+
+    def charge(per_forward, per_row=0.0, first_rows=(1,), once=(0.0,)):
+        return DraftCharge(_linear(per_forward, per_row), list(first_rows), list(once))
+
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.001)) == [4]  # a cheap draft: all four
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.030)) == [0]  # dearer than a step: none
+    # compute-bound steps: a draft row costs what it would save, on top of the draft's forwards
+    assert choose(16, 16, [(0.9, 4)] * 16, _linear(0.001, 0.001), charge(0.0005, 0.0002, [1] * 16, [0.0] * 16)) \
+        == [0] * 16
+    # a draft that is rarely kept is not worth a forward, however cheap the target's extra rows
+    assert choose(1, 1, [(0.1, 4)], flat, charge(0.002)) == [0]
+    # a catch-up is paid: rows of the first forward, and a long one's share charged once
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.001, 0.001, first_rows=[40])) == [0]
+    assert choose(1, 1, [(0.9, 4)], flat, charge(0.001, once=[0.050])) == [0]
+
+
 # -- greedy: identical to plain decoding --------------------------------------------------
 
 def test_greedy_with_speculation_equals_without_alone_and_in_a_batch(plain, spec):
@@ -111,20 +158,112 @@ def test_greedy_with_speculation_equals_without_alone_and_in_a_batch(plain, spec
     assert kv.num_free_blocks == kv.num_blocks
 
 
-def test_greedy_with_speculation_survives_preemption_chunking_and_the_prefix_cache(tiny_llama, plain):
+def _small_pool(tiny_llama, config: dict) -> LLM:
+    """64 blocks of 4 tokens and a 16-token step budget: preemption and chunked prefill all the time."""
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # k+v, layers, block_size, kv heads, head_dim, fp32
+    if config.get("method") == "draft_model":
+        block_bytes *= 2  # the draft's pool has as many blocks (the tiny drafts have the target's geometry)
+    return LLM(str(tiny_llama), dtype="float32", progress=False, block_size=4,
+               kv_cache_bytes=64 * block_bytes, max_num_batched_tokens=16, speculative_config=config)
+
+
+@pytest.mark.parametrize("proposer", PROPOSERS)
+def test_greedy_with_speculation_survives_preemption_chunking_and_the_prefix_cache(tiny_llama, tiny_llama_draft,
+                                                                                   plain, proposer):
     prompts = _prompts(plain, 24)
     expected = _tokens(plain.generate(prompts, GREEDY))
-    block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # k+v, layers, block_size, kv heads, head_dim, fp32
-    small = LLM(str(tiny_llama), dtype="float32", progress=False, block_size=4,
-                kv_cache_bytes=64 * block_bytes, max_num_batched_tokens=16, speculative_config=ALWAYS)
+    small = _small_pool(tiny_llama, _always(proposer, tiny_llama_draft))
+    assert small.engine.core.kv.num_blocks == 64
     assert _tokens(small.generate(prompts, GREEDY)) == expected
     core = small.engine.core
     assert core.scheduler.num_preemptions > 0
     assert core.speculator.stats.num_accepted_tokens > 0
     hits = core.kv.prefix_hits
-    assert _tokens(small.generate(prompts[:4], GREEDY)) == expected[:4]  # again, from the prefix cache
+    assert _tokens(small.generate(prompts[-4:], GREEDY)) == expected[-4:]  # again, from the prefix cache
     assert core.kv.prefix_hits > hits
     assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+# -- the draft model: its KV, its positions, its vocabulary ------------------------------
+
+def test_a_self_draft_of_the_same_weights_is_almost_always_kept(tiny_llama, plain):
+    # the draft is the target itself in fp32: its argmax is the target's greedy token unless its KV or
+    # positions are wrong somewhere (after a rejection, a preemption, a chunked prompt, a cached prefix)
+    prompts = _prompts(plain, 24)
+    expected = _tokens(plain.generate(prompts, GREEDY))
+    small = _small_pool(tiny_llama, {**ALWAYS, "method": "draft_model"})
+    stats = small.engine.core.speculator.stats
+    assert _tokens(small.generate(prompts, GREEDY)) == expected
+    assert _tokens(small.generate(prompts[-4:], GREEDY)) == expected[-4:]  # from the prefix cache
+    core = small.engine.core
+    assert core.scheduler.num_preemptions > 0 and core.kv.prefix_hits > 0
+    assert stats.num_draft_tokens > 300
+    assert stats.num_accepted_tokens / stats.num_draft_tokens > 0.97
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_a_self_draft_over_int8_kv_caches_is_kept_and_changes_no_token(tiny_llama):
+    # both pools store int8 levels (--kv-cache-dtype int8); the same quantization on both sides, so the
+    # draft still predicts the target, and the output is the int8 cache's own greedy output
+    prompts = [[1, 2, 3, 4, 5, 6] * (2 + i) for i in range(6)]
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False, kv_cache_dtype="int8")
+    expected = _tokens(plain.generate(prompts, GREEDY))
+    spec = LLM(str(tiny_llama), dtype="float32", progress=False, kv_cache_dtype="int8",
+               speculative_config={**ALWAYS, "method": "draft_model"})
+    assert _tokens(spec.generate(prompts, GREEDY)) == expected
+    stats = spec.engine.core.speculator.stats
+    assert stats.num_draft_tokens > 100 and stats.num_accepted_tokens / stats.num_draft_tokens > 0.95
+
+
+def test_drafts_are_the_draft_models_own_greedy_continuation(tiny_llama, tiny_llama_draft, plain, monkeypatch):
+    # every draft, proposed from the draft's KV pool in a batch with rejections and preemptions, is what the
+    # draft model computes from scratch on the request's tokens (and the drafts before it)
+    small = _small_pool(tiny_llama, _always("draft_model", tiny_llama_draft))
+    draft = small.engine.core.speculator.draft
+    proposed = []
+    propose = draft.propose
+
+    def recording(reqs, lengths):
+        drafts = propose(reqs, lengths)
+        proposed.extend((list(r.token_ids), d) for r, d in zip(reqs, drafts))
+        return drafts
+
+    monkeypatch.setattr(draft, "propose", recording)
+    prompts = _prompts(plain, 16)
+    assert _tokens(small.generate(prompts, GREEDY)) == _tokens(plain.generate(prompts, GREEDY))
+    stats = small.engine.core.speculator.stats
+    assert small.engine.core.scheduler.num_preemptions > 0
+    assert 0.2 < stats.num_accepted_tokens / stats.num_draft_tokens < 0.8
+    for tokens, drafts in proposed[::7]:
+        for i, t in enumerate(drafts):
+            assert _last_logits(draft.model, draft.runner, tokens + drafts[:i]).argmax().item() == t
+
+
+def _with_tokenizer_swap(source, path):
+    """A copy of the tiny model whose tokenizer gives two tokens each other's ids."""
+    import json
+    import shutil
+
+    shutil.copytree(source, path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = list(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return path
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny_llama, tmp_path):
+    from tests.tiny_models import build_tiny_model
+
+    bigger = build_tiny_model(tmp_path / "bigger", "llama", vocab_size=512)
+    with pytest.raises(ValueError, match="vocabulary of 512 tokens"):
+        LLM(str(tiny_llama), dtype="float32", progress=False, speculative_config={"model": str(bigger)})
+    swapped = _with_tokenizer_swap(tiny_llama, tmp_path / "swapped")
+    with pytest.raises(ValueError, match="another tokenizer than the target"):
+        LLM(str(tiny_llama), dtype="float32", progress=False, speculative_config={"model": str(swapped)})
+    with pytest.raises(ValueError, match="int4 needs the CPU and dtype bfloat16"):
+        LLM(str(tiny_llama), dtype="float32", progress=False, speculative_config={"quantization": "int4"})
 
 
 def test_stops_inside_accepted_drafts_end_the_request_where_plain_decoding_does(plain, spec):
@@ -214,8 +353,8 @@ def _last_logits(model, runner, ids):
     from inferd.layers.attention import AttentionMetadata
 
     n = len(ids)
-    caches = [torch.zeros_like(c[:, :8]) for c in runner.kv_caches]  # 8 blocks of scratch
     bs = runner.block_size
+    caches = [torch.zeros_like(c[:, :-(-n // bs)]) for c in runner.kv_caches]  # scratch blocks
     meta = AttentionMetadata(torch.arange(n), [n], [n], torch.arange(-(-n // bs)).unsqueeze(0))
     runner.backend.prepare(meta, torch.device("cpu"))
     with torch.inference_mode():
@@ -260,24 +399,27 @@ def _over_accepting(sampled, drafts):
 
 
 def _prompt_drafting_a_likely_token(llm, top_k):
-    """[s, t, filler..., s]: prompt lookup drafts t; t is chosen so that the target gives it a probability
-    in (0.2, 0.8) under top-k sampling, so drafts are both accepted and rejected."""
-    model, runner = llm.engine.core.model, llm.engine.core.runner
+    """A prompt whose draft t (by prompt lookup from [s, t, filler..., s], or the draft model's argmax) the
+    target gives a probability in (0.2, 0.8) under top-k sampling, so drafts are both accepted and rejected."""
+    core = llm.engine.core
+    model, runner, draft = core.model, core.runner, core.speculator.draft
     filler = list(range(40, 52))
     for s in range(60, 120):
         t = 0
         for _ in range(4):  # t -> the likeliest token after the prompt built with t, until it settles
-            top = _last_logits(model, runner, [s, t] + filler + [s]).topk(top_k)
+            prompt = [s, t] + filler + [s]
+            drafted = t if draft is None else _last_logits(draft.model, draft.runner, prompt).argmax().item()
+            top = _last_logits(model, runner, prompt).topk(top_k)
             p = dict(zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist()))
-            if 0.2 < p.get(t, 0) < 0.8:
-                return [s, t] + filler + [s], t
+            if 0.2 < p.get(drafted, 0) < 0.8:
+                return prompt, drafted
             t = top.indices[0].item()
     raise AssertionError("no prompt drafts a likely token")
 
 
 def test_sampled_output_with_speculation_follows_the_target_distribution(spec, monkeypatch):
     top_k, n = 3, 1500
-    prompt, draft = _prompt_drafting_a_likely_token(spec, top_k)
+    prompt, _ = _prompt_drafting_a_likely_token(spec, top_k)
     dist = _exact_two_token_distribution(spec, prompt, top_k)
     stats = _stats(spec)
     drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens

@@ -16,6 +16,10 @@ request that ends with an assistant message and sets `continue_final_message`
 (any Anthropic request that ends so) continues it: the words after the prefill's;
 `prefill=False` refuses `continue_final_message` with a 400, as OpenAI does.
 
+`hold_streams()` makes streams wait after their first event until
+`release_streams()` (`held` counts them): requests in flight for as long as a test
+needs, with no timing in it.
+
 Faults (`Fault`) are queued with `inject()` and consumed one per request, first
 in first out; `set_persistent()` applies one fault to every request (after the
 queue is empty) until `clear_faults()` or until its duration ends, to model an
@@ -167,6 +171,8 @@ class MockUpstream:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._gate: asyncio.Event | None = None  # clear: streams wait after their first event
+        self.held = 0  # streams waiting at the gate now
 
     # --- control, from any thread -------------------------------------------------------------
 
@@ -183,6 +189,17 @@ class MockUpstream:
 
     def set_persistent(self, fault: Fault, duration: float | None = None) -> None:
         self._persistent = (fault, float("inf") if duration is None else time.monotonic() + duration)
+
+    def hold_streams(self) -> None:
+        """Streams from now on wait after their first event until `release_streams()`: requests that stay in
+        flight for as long as a test needs, without timing."""
+        asyncio.run_coroutine_threadsafe(self._set_gate(False), self._loop).result(10)
+
+    def release_streams(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._set_gate(True), self._loop).result(10)
+
+    async def _set_gate(self, open_: bool) -> None:
+        self._gate.set() if open_ else self._gate.clear()
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -209,6 +226,8 @@ class MockUpstream:
             self._server = self._loop.run_until_complete(
                 asyncio.start_server(self._handle, "127.0.0.1", self.port, backlog=1024))
             self.port = self._server.sockets[0].getsockname()[1]
+            self._gate = asyncio.Event()
+            self._gate.set()
             ready.set()
             self._loop.run_forever()
 
@@ -436,6 +455,13 @@ class MockUpstream:
             elif self.chunk_interval and i:
                 await writer.drain()
                 await asyncio.sleep(self.chunk_interval)
+            if i == 1 and not self._gate.is_set():
+                await writer.drain()
+                self.held += 1
+                try:
+                    await self._gate.wait()
+                finally:
+                    self.held -= 1
             if fault is not None and i == fault.after:
                 if kind == "cut":
                     await writer.drain()

@@ -21,7 +21,7 @@ from inferd.tenancy.showback import (GROUP_KEYS, UsageGroup, parse_group_by, par
                                      render_table, usage_report)
 
 DAY = datetime(2026, 11, 22, tzinfo=timezone.utc).timestamp()  # 2026-11-22 00:00 UTC
-ALLOWED = "team, model, key, day, deployment, served_model, endpoint"
+ALLOWED = "team, model, key, day, deployment, served_model, endpoint, version"
 
 
 def _row(ts, **kw) -> LedgerRow:
@@ -80,7 +80,7 @@ def test_parse_group_by():
     assert parse_group_by("day,key,endpoint") == ["day", "key", "endpoint"]
     assert parse_group_by(None) == []
     assert parse_group_by("") == []
-    assert GROUP_KEYS == ("team", "model", "key", "day", "deployment", "served_model", "endpoint")
+    assert GROUP_KEYS == ("team", "model", "key", "day", "deployment", "served_model", "endpoint", "version")
 
 
 @pytest.mark.parametrize("text", ["team,colour", "tenant", "team,,model"])
@@ -394,3 +394,12 @@ def test_cli_bad_input_raises_before_opening_the_store(tmp_path, argv, message):
         run_cli(["usage", "--store", f"sqlite:///{path}", *argv])
     assert message in str(e.value)
     assert not path.exists()
+
+
+def test_group_by_version_sums_each_model_version(store_url):
+    rows = [_row(DAY + 1, model_version="v1", cost_usd=0.01), _row(DAY + 2, model_version="v2", cost_usd=0.02),
+            _row(DAY + 3, model_version="v2", status=500), _row(DAY + 4)]
+    g = by_group(report(_fill(store_url, rows), group_by=["served_model", "version"]))
+    assert {k: (v.requests, v.errors) for k, v in g.items()} == {
+        ("g1", "v1"): (1, 0), ("g1", "v2"): (2, 1), ("g1", "-"): (1, 0)}
+    assert g[("g1", "v2")].cost_usd == pytest.approx(0.02)

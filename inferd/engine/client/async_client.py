@@ -196,11 +196,13 @@ class AsyncEngine:
                 "retry later", retry)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       prompt_text: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       prompt_text: str | None = None, priority: int = 0,
+                       images: list[ipc.ImageData] = ()) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes.
 
         `priority`: lower is scheduled sooner, and may preempt running requests of
         worse priority (vLLM's convention; batch work runs at 10, interactive at 0).
+        `images`: a vision-language prompt's images, in the order of their tokens.
         """
         self.check_accepting(params.n)
         check_context(len(prompt_ids), params.max_tokens, self.info.max_model_len)  # before sending the ids
@@ -208,7 +210,7 @@ class AsyncEngine:
         metrics = RequestMetrics(time.monotonic(), len(prompt_ids), request_id)
         children = self._processor.add_request(request_id, prompt_text, list(prompt_ids), params)
         stream = self._streams[request_id] = _Stream(params.n, metrics)
-        if not self._link.send(ipc.AddRequest(request_id, list(prompt_ids), children, priority)):
+        if not self._link.send(ipc.AddRequest(request_id, list(prompt_ids), children, priority, list(images))):
             self._forget(request_id, None)
             self._link.mark_dead("the engine core process is not reachable")
             raise EngineDeadError(self.dead_reason)

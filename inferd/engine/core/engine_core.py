@@ -1,6 +1,7 @@
 """The engine core: model, KV cache, scheduler and runner behind `add/abort/step`.
 
-It speaks token ids only: text, detokenization and stop strings are the
+It speaks token ids only (and, for a vision-language model, preprocessed images: their
+encoder runs here, engine/core/vision.py): text, detokenization and stop strings are the
 front-end's job (engine/client/output_processor.py), so the core can run in its own
 process and exchange small typed messages with the API process.
 """
@@ -15,17 +16,20 @@ import torch
 
 from inferd.engine.config import EngineConfig
 from inferd.engine.core.guidance import GrammarCompiler
+from inferd.engine.core.image_prompt import image_prompt_for
 from inferd.engine.core.kv_cache import KVCacheManager
 from inferd.engine.core.model_runner import ModelRunner
 from inferd.engine.core.request import Request
 from inferd.engine.core.scheduler import Scheduler, SchedulerConfig
-from inferd.engine.messages import EngineCoreOutput
+from inferd.engine.core.vision import VisionRunner
+from inferd.engine.messages import EngineCoreOutput, ImageData
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
+from inferd.engine.spec_decode.draft_model import DraftModel
 from inferd.engine.spec_decode.speculator import Speculator
-from inferd.layers import cpu_kernels
+from inferd.layers import cpu_kernels, kv_storage
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import Checkpoint
-from inferd.models.loader import build_model
+from inferd.models.loader import build_model, build_vision_encoder
 
 log = logging.getLogger(__name__)
 
@@ -41,45 +45,47 @@ class EngineCore:
         t0 = time.perf_counter()
         self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
         if config.quantization:
-            self._quantize(config.quantization)
+            self.model.quantize(config.quantization)
         log.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, self.device, self.dtype)
         self.eos_token_ids = frozenset(eos_token_ids)
 
+        spec = config.speculative_config
+        draft = None
+        if spec is not None and spec.method == "draft_model":
+            draft = DraftModel(spec, self.model, ckpt.tokenizer, self.device, self.dtype)
+
         mc = self.model_config
-        bytes_per_block = (2 * mc.num_layers * config.block_size * mc.num_kv_heads
-                           * mc.head_dim * self.dtype.itemsize)
+        bytes_per_block = mc.num_layers * config.block_size * kv_storage.bytes_per_token(
+            config.kv_cache_dtype, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if draft is not None:  # the budget holds both pools, which have the same number of blocks
+            bytes_per_block += draft.bytes_per_block(config.block_size, config.kv_cache_dtype)
         num_blocks = self._kv_budget() // bytes_per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_bytes: budget is below one block ({bytes_per_block} bytes)")
-        self.kv_caches = [
-            torch.zeros(2, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-                        dtype=self.dtype, device=self.device)
-            for _ in range(mc.num_layers)]
+        self.kv_caches = [kv_storage.allocate(config.kv_cache_dtype, num_blocks, config.block_size,
+                                              mc.num_kv_heads, mc.head_dim, self.dtype, self.device)
+                          for _ in range(mc.num_layers)]
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings, num_blocks * config.block_size)
+        if draft is not None:
+            draft.allocate(num_blocks, config.block_size, config.kv_cache_dtype)
+            if draft.cfg.max_position_embeddings < self.max_model_len:
+                log.warning("max_model_len: %d, the draft model's context (was %d)",
+                            draft.cfg.max_position_embeddings, self.max_model_len)
+                self.max_model_len = draft.cfg.max_position_embeddings
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    self.max_model_len), self.kv)
         self.grammars = GrammarCompiler(ckpt.tokenizer, mc.vocab_size, eos_token_ids)
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
-        spec = config.speculative_config
-        self.speculator = Speculator(spec, self.max_model_len) if spec is not None else None
+        self.speculator = Speculator(spec, self.max_model_len, draft) if spec is not None else None
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
                                   TorchAttentionBackend(), self.device)
-
-    def _quantize(self, kind: str) -> None:
-        if self.device.type != "cpu" or self.dtype != torch.bfloat16:
-            raise ValueError(f"quantization: {kind} needs the CPU and dtype bfloat16")
-        from inferd.layers.linear import Linear
-        for module in self.model.modules():
-            if not isinstance(module, Linear):
-                continue
-            # the output head stays at 8 bits under int4: it scores the whole vocabulary,
-            # and GGUF files keep it above 4 bits too (Q8_0 in the default model's Q4_1 file)
-            if kind == "int8" or module is self.model.lm_head:
-                module.quantize_int8()
-            else:
-                module.quantize_int4()
+        self.vision_spec = ckpt.vision
+        self.vision = None
+        if ckpt.vision is not None:
+            self.vision = VisionRunner(build_vision_encoder(ckpt, self.dtype, self.device), self.device,
+                                       cache_bytes=config.vision_cache_bytes)
 
     def _kv_budget(self) -> int:
         if self.device.type == "cuda":
@@ -88,17 +94,26 @@ class EngineCore:
         return self.config.kv_cache_bytes
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0) -> None:
+                    priority: int = 0, images: list[ImageData] = ()) -> None:
         """Queue a request; `priority`: lower is scheduled sooner (see engine/core/scheduler.py). A
-        constrained one waits for its grammar to compile (on a worker thread) before it is scheduled."""
-        self.validate(prompt_token_ids, params, priority)
-        req = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids, priority=priority)
+        constrained one waits for its grammar to compile (on a worker thread) before it is scheduled,
+        one with images for their encoder output."""
+        self.validate(prompt_token_ids, params, priority, images)
+        req = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids, priority=priority,
+                      image_prompt=image_prompt_for(prompt_token_ids, list(images), self.vision_spec))
         if params.grammar is None:
-            self.scheduler.add(req)
+            self._queue(req)
         else:
             self._compiling[request_id] = (req, self.grammars.submit(params.grammar))
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+    def _queue(self, req: Request) -> None:
+        if req.image_prompt is not None and req.image_prompt.embeds is None:
+            self.vision.submit(req)
+        else:
+            self.scheduler.add(req)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+                 images: list[ImageData] = ()) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidParameterError("priority", f"must be an integer, got {priority!r}")
         n = len(prompt_token_ids)
@@ -112,22 +127,25 @@ class EngineCore:
         if bad is not None:
             raise InvalidParameterError("logit_bias", f"token id {bad} is outside the vocabulary [0, {vocab})")
         check_context(n, params.max_tokens, self.max_model_len)
+        image_prompt_for(prompt_token_ids, list(images), self.vision_spec)
 
     def abort(self, request_id: str) -> bool:
         pending = self._compiling.pop(request_id, None)
         if pending is not None:
             pending[1].cancel()
             return True
+        if self.vision is not None and self.vision.abort(request_id):
+            return True
         return self.scheduler.abort(request_id)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._compiling)
+        return self.scheduler.has_unfinished or bool(self._compiling) or bool(self.vision and self.vision.pending)
 
     @property
     def compiling(self) -> set[str]:
-        """Requests still waiting for their grammar."""
-        return set(self._compiling)
+        """Requests still waiting for their grammar or their images' encoder output."""
+        return set(self._compiling) | (self.vision.pending if self.vision is not None else set())
 
     def _admit_compiled(self) -> list[EngineCoreOutput]:
         """Schedule the requests whose grammar is ready; end those whose grammar failed (the edge checks
@@ -149,11 +167,22 @@ class EngineCore:
                 failed.append(EngineCoreOutput(rid, [], finish_reason="abort",
                                                num_prompt_tokens=req.num_prompt_tokens))
                 continue
-            self.scheduler.add(req)
+            self._queue(req)
         return failed
 
+    def _admit_encoded(self) -> list[EngineCoreOutput]:
+        """Encode images for a while (engine/core/vision.py) and schedule the requests whose images are
+        all encoded; end those whose image failed to encode."""
+        if self.vision is None or not self.vision.pending:
+            return []
+        ready, failed = self.vision.advance(busy=self.scheduler.has_unfinished)
+        for req in ready:
+            self.scheduler.add(req)
+        return [EngineCoreOutput(r.request_id, [], finish_reason="abort", num_prompt_tokens=r.num_prompt_tokens)
+                for r in failed]
+
     def step(self) -> list[EngineCoreOutput]:
-        failed = self._admit_compiled()
+        failed = self._admit_compiled() + self._admit_encoded()
         out = self.scheduler.schedule()
         if not out.requests:
             return failed

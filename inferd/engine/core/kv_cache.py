@@ -7,10 +7,15 @@ after a speculative step, the blocks past its accepted tokens). The
 manager is the only writer of a request's block fields (`block_ids`,
 `block_hashes`, `num_cached_blocks`) and never writes its progress: it says how
 many tokens a cached prefix holds, and the scheduler counts them as computed.
+A draft model's KV (engine/spec_decode/draft_model.py) lives in a pool of its own
+indexed by the same block ids, so it is valid only while the request holds them:
+the manager also cuts `num_draft_computed_tokens` when it takes blocks away.
 
 Prefix caching: once a block is full, it is identified by a hash chained to its
 parent block's hash (sha256 over the parent digest and the block's token ids),
-so equal hashes mean equal prefixes. Full blocks are registered in
+so equal hashes mean equal prefixes. A block holding image tokens also hashes the
+images they stand for (`ImagePrompt.block_key`): the same prompt with another image
+shares no block past the image. Full blocks are registered in
 `cached_blocks`; a new request walks its own block hashes and takes every leading
 block that is already cached, by reference, skipping their computation (they
 advance `num_computed_tokens` for free, which is all the scheduler needs to know).
@@ -31,9 +36,10 @@ from collections import OrderedDict
 from inferd.engine.core.request import Request
 
 
-def block_hash(parent: bytes | None, tokens: list[int] | tuple[int, ...]) -> bytes:
+def block_hash(parent: bytes | None, tokens: list[int] | tuple[int, ...], extra: bytes = b"") -> bytes:
     h = hashlib.sha256(parent or b"")
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    h.update(extra)
     return h.digest()
 
 
@@ -64,9 +70,11 @@ class KVCacheManager:
     def _hashes(self, req: Request, num_tokens: int) -> list[bytes]:
         """The request's chained block hashes for its first num_tokens // block_size blocks."""
         bs, hashes, n = self.block_size, req.block_hashes, num_tokens // self.block_size
+        images = req.image_prompt
         while len(hashes) < n:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs:(i + 1) * bs]))
+            extra = images.block_key(i * bs, (i + 1) * bs) if images is not None else b""
+            hashes.append(block_hash(hashes[-1] if hashes else None, req.token_ids[i * bs:(i + 1) * bs], extra))
         return hashes[:n]
 
     def attach_cached_prefix(self, req: Request) -> int:
@@ -121,9 +129,13 @@ class KVCacheManager:
                 self.block_hash[block] = h
         req.num_cached_blocks = len(hashes)
 
-    def release_tail(self, req: Request) -> None:
-        """Give back the blocks past the request's computed tokens (they held rejected draft tokens only)."""
-        keep = -(-req.num_computed_tokens // self.block_size)
+    def release_tail(self, req: Request, num_tokens: int | None = None) -> None:
+        """Give back the blocks past the request's first num_tokens (default: its computed tokens; the blocks
+        past them held rejected draft tokens only, or were taken for drafts that did not come)."""
+        if num_tokens is None:
+            num_tokens = req.num_computed_tokens
+        req.num_draft_computed_tokens = min(req.num_draft_computed_tokens, num_tokens)
+        keep = -(-num_tokens // self.block_size)
         tail = req.block_ids[keep:]
         if tail:
             del req.block_ids[keep:]
@@ -133,6 +145,7 @@ class KVCacheManager:
         self._release(req.block_ids)
         req.block_ids = []
         req.num_cached_blocks = 0
+        req.num_draft_computed_tokens = 0
 
     def _release(self, blocks: list[int]) -> None:
         for block in reversed(blocks):

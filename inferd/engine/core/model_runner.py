@@ -13,6 +13,10 @@ it keeps. Each draft is laid out for attention as a row of its own with one quer
 is written before any row attends, so this is exactly causal attention, and it runs
 on the decode kernels (and the one-call CPU decode path) that plain decoding uses,
 so drafts are cheap and their logits are those plain decoding would compute.
+
+A vision-language request's image tokens take its images' encoder output in place of
+their token embeddings, for whichever of them fall in the step's positions (a prefill
+chunk may hold part of an image; engine/core/image_prompt.py).
 """
 
 from __future__ import annotations
@@ -41,8 +45,6 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         sample_rows: list[int] = []
         sample_reqs: list = []   # a Request, or a DraftRow per draft position
         spec: list[tuple[Request, int]] = []  # requests with drafts, index of their first sample row
@@ -50,21 +52,20 @@ class ModelRunner:
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        bs = self.block_size
+        with_images: list[tuple[Request, int, int]] = []  # req, flat start, first position
         for req in out.requests:
             n = out.num_new_tokens[req.request_id]
             start = req.num_computed_tokens
             flat_start = len(ids)
+            if req.image_prompt is not None:
+                with_images.append((req, flat_start, start))
             known = req.num_tokens
             if start + n <= known:
                 ids.extend(req.token_ids[start:start + n])
             else:
                 ids.extend(req.token_ids[start:])
                 ids.extend(req.spec_token_ids[:start + n - known])
-            pos = range(start, start + n)
-            positions.extend(pos)
             table = req.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
             num_drafts = max(0, start + n - known)
             query_lens.append(n - num_drafts)
             seq_lens.append(start + n - num_drafts)
@@ -88,19 +89,7 @@ class ModelRunner:
                 last = min(start + n, req.num_prompt_tokens - 1)
                 if last > first:
                     prompt_lp.append((req, flat_start + first - start, first, last - first))
-
-        max_blocks = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            query_lens=query_lens,
-            seq_lens=seq_lens,
-            block_tables=block_tables.to(self.device),
-        )
-        self.backend.prepare(meta, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device),
-                            torch.tensor(positions, device=self.device),
-                            self.kv_caches, meta, self.backend)
+        hidden = self.forward(ids, query_lens, seq_lens, tables, self._image_embeds(with_images, out))
 
         result = StepResult(sampled={})
         if sample_rows:
@@ -123,6 +112,46 @@ class ModelRunner:
             result.prompt_logprobs[req.request_id] = self._prompt_logprobs(
                 hidden[flat_start:flat_start + count], req, first)
         return result
+
+    def forward(self, ids: list[int], query_lens: list[int], seq_lens: list[int],
+                tables: list[list[int]], image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Final hidden states for a flat batch of attention rows: row r holds the next query_lens[r] of
+        ids, the last of them at position seq_lens[r] - 1, its KV written into the blocks tables[r];
+        `image_embeds` (flat rows, embeddings) replace those rows' token embeddings."""
+        bs = self.block_size
+        positions: list[int] = []
+        slots: list[int] = []
+        for q, end, table in zip(query_lens, seq_lens, tables):
+            pos = range(end - q, end)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+        max_blocks = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=block_tables.to(self.device),
+        )
+        self.backend.prepare(meta, self.device)
+        return self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                          self.kv_caches, meta, self.backend, image_embeds)
+
+    def _image_embeds(self, with_images: list[tuple[Request, int, int]],
+                      out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat rows, embeddings) of the image tokens this step computes, or None."""
+        rows: list[int] = []
+        embeds: list[torch.Tensor] = []
+        for req, flat_start, start in with_images:
+            images = req.image_prompt
+            lo, hi = images.span(start, start + out.num_new_tokens[req.request_id])
+            if lo < hi:
+                rows.extend(flat_start + p - start for p in images.positions[lo:hi])
+                embeds.append(images.embeds[lo:hi])
+        if not rows:
+            return None
+        return torch.tensor(rows, device=self.device), torch.cat(embeds)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, first: int) -> list[PositionLogprobs]:
         lp = torch.log_softmax(self.model.compute_logits(hidden).float().cpu(), dim=-1)

@@ -69,12 +69,16 @@ class _CoreLoop:
             stats.spec_decode_num_drafts, stats.spec_decode_num_draft_tokens = d.num_drafts, d.num_draft_tokens
             stats.spec_decode_num_accepted_tokens = d.num_accepted_tokens
             stats.spec_decode_num_accepted_tokens_per_pos = list(d.accepted_per_pos)
+        if self.core.vision is not None:
+            stats.images_encoded = self.core.vision.num_encoded
+            stats.image_encoder_cache_hits = self.core.vision.num_cache_hits
         return stats
 
     def run(self) -> None:
         core = self.core
         self.link.send(CoreReady(self.spec, self.source, core.max_model_len, core.model_config.vocab_size,
-                             core.kv.num_blocks, core.kv.block_size, core.config.max_num_seqs, os.getpid()))
+                             core.kv.num_blocks, core.kv.block_size, core.config.max_num_seqs, os.getpid(),
+                             core.vision_spec))
         last_stats, last_sent = None, 0.0
         while self.running:
             busy = core.has_unfinished
@@ -106,7 +110,7 @@ class _CoreLoop:
         added = []
         try:
             for cid, params in msg.children:
-                self.core.add_request(cid, msg.prompt_token_ids, params, msg.priority)
+                self.core.add_request(cid, msg.prompt_token_ids, params, msg.priority, msg.images)
                 added.append(cid)
         except Exception as e:  # noqa: BLE001 - bad input must not take the core down
             for cid in added:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inferd.engine.core.image_prompt import ImagePrompt
 from inferd.engine.sampling_params import SamplingParams
 
 
@@ -32,6 +33,9 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # lower is scheduled sooner (vLLM's convention); batch work uses 10
+    # a vision-language prompt's images: where their tokens are, their encoder output once
+    # computed (engine/core/image_prompt.py); None for text
+    image_prompt: ImagePrompt | None = None
 
     def __post_init__(self):
         self.token_ids: list[int] = list(self.prompt_token_ids)
@@ -57,6 +61,10 @@ class Request:
         # after token_ids, and the proposer's and acceptance state, kept across preemption
         self.spec_token_ids: list[int] = []
         self.spec = None
+        # how many of token_ids a draft model (spec_decode/draft_model.py) holds KV for, in its own pool at
+        # this request's slots: valid only with the blocks, so the KV manager zeroes it when it frees them
+        # and cuts it to what it keeps when it gives a tail back
+        self.num_draft_computed_tokens = 0
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:
             self.generator = torch.Generator()

@@ -21,8 +21,10 @@ priorities this is exactly the FIFO behaviour above, and the hot path adds a few
 comparisons per request, no sorting.
 
 Speculative decoding (engine/spec_decode/) adds a request's draft tokens to a step
-after scheduling, through `add_draft_tokens`: within the budget left and the blocks
-free, never preempting anyone for them. They are ordinary new tokens of the step.
+after scheduling, through `add_draft_tokens` (or, for a draft model, which needs the
+blocks before it writes its KV there, `reserve_draft_tokens` then `set_draft_tokens`):
+within the budget left and the blocks free, never preempting anyone for them. They
+are ordinary new tokens of the step.
 
 `update()` applies the model step's results: advance `num_computed_tokens` (by the
 tokens that stand: rejected drafts are not computed, and the blocks that held only
@@ -241,17 +243,31 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(scheduled, num_new, preempted, budget)
 
-    def add_draft_tokens(self, out: SchedulerOutput, req: Request, drafts: list[int]) -> bool:
-        """Add a scheduled request's draft tokens to the step, if the budget and the free blocks allow.
-        Only for a request whose scheduled tokens reach the end of its known ones."""
+    def reserve_draft_tokens(self, out: SchedulerOutput, req: Request, num_drafts: int) -> int:
+        """Take the budget and the blocks for up to num_drafts draft tokens after a scheduled request's
+        tokens, before the drafts are known (a draft model writes its KV for them there first); returns
+        how many fit. Only for a request whose scheduled tokens reach the end of its known ones; no one is
+        preempted for drafts. `set_draft_tokens` then gives back what the drafts do not use."""
         n = out.num_new_tokens[req.request_id]
-        d = len(drafts)
-        if d == 0 or d > out.budget_left or not self.kv.allocate(req, n + d):
-            return False
-        req.spec_token_ids = drafts
-        out.num_new_tokens[req.request_id] = n + d
+        d = min(num_drafts, out.budget_left)
+        while d > 0 and not self.kv.allocate(req, n + d):
+            d -= 1
         out.budget_left -= d
-        return True
+        return d
+
+    def set_draft_tokens(self, out: SchedulerOutput, req: Request, drafts: list[int], reserved: int) -> None:
+        """Add the request's drafts (at most `reserved`) to the step, returning the unused rest of the room."""
+        out.budget_left += reserved - len(drafts)
+        if drafts:
+            req.spec_token_ids = drafts
+            out.num_new_tokens[req.request_id] += len(drafts)
+        self.kv.release_tail(req, req.num_computed_tokens + out.num_new_tokens[req.request_id])
+
+    def add_draft_tokens(self, out: SchedulerOutput, req: Request, drafts: list[int]) -> int:
+        """Add as many of a scheduled request's drafts as the budget and the free blocks allow; returns how many."""
+        d = self.reserve_draft_tokens(out, req, len(drafts))
+        self.set_draft_tokens(out, req, drafts[:d], d)
+        return d
 
     def _preempt_worst(self) -> str:
         """Make room for a better-priority request: give up the worst, newest running one."""

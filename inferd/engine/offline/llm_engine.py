@@ -11,6 +11,7 @@ import itertools
 from inferd.engine.client.output_processor import OutputProcessor
 from inferd.engine.config import EngineConfig
 from inferd.engine.core.engine_core import EngineCore
+from inferd.engine.messages import ImageData
 from inferd.engine.outputs import RequestOutput
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams
 from inferd.engine.tokenizer import Tokenizer, with_chat_template
@@ -30,8 +31,9 @@ class LLMEngine:
         return str(next(self._ids))
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0) -> None:
-        """Queue a request; `priority`: lower is scheduled sooner (see engine/core/scheduler.py)."""
+                    priority: int = 0, images: list[ImageData] = ()) -> None:
+        """Queue a request; `priority`: lower is scheduled sooner (see engine/core/scheduler.py); `images`:
+        a vision-language prompt's images, in the order of their tokens in `prompt`."""
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
@@ -39,9 +41,9 @@ class LLMEngine:
         else:
             raise InvalidParameterError("prompt", "must be a string or a list of token ids")
         # validate before registering, so a rejected request leaves nothing behind
-        self.core.validate(ids, params, priority)
+        self.core.validate(ids, params, priority, images)
         for cid, child_params in self.processor.add_request(request_id, text, ids, params):
-            self.core.add_request(cid, ids, child_params, priority)
+            self.core.add_request(cid, ids, child_params, priority, images)
 
     def abort_request(self, request_id: str) -> None:
         for cid in self.processor.child_ids(request_id):

@@ -10,8 +10,9 @@ is in: it measures.
 
 - `StepCost` keeps the mean wall time of a step per number of tokens computed in
   it (an exponential moving average per count, counts above 64 in buckets of
-  powers of two). A count not measured yet is estimated from the nearest measured
-  one by a roofline prior: flat up to 16 tokens, proportional above.
+  powers of two). A count not measured yet is interpolated between the measured
+  counts around it, or, beyond them, estimated from the nearest by a roofline
+  prior: flat up to 16 tokens, proportional above.
 - `Acceptance` is one request's acceptance rate: decayed counts of accepted drafts
   over drafts that reached verification (a rejected draft ends its run, so the
   drafts after it are not evidence), with a prior of the rate seen across requests.
@@ -19,11 +20,24 @@ is in: it measures.
   draft), takes them best first, and keeps the prefix that maximizes expected
   output tokens per second of step: at high batch sizes that prefix is usually
   empty, and speculation switches itself off.
+- A draft model's proposals are not free: its forwards are timed by rows in a
+  `StepCost` of their own (measured at start for 1 to 64 rows, then by every
+  forward), and `choose` adds to the step what the chosen drafts cost it
+  (`DraftCharge`): a request's j-th draft is a row of the draft's j-th forward,
+  and its first draft also brings its catch-up (the tokens the draft has not seen)
+  into the first forward. A long catch-up (the prompt, when a request first
+  drafts, or the tokens of a stretch without drafts) is an investment that every
+  later draft of the request uses: it is made only in a step of decodes alone,
+  for a request that would draft in it once caught up (the speculator asks
+  `choose` that first), and charged as its share for one step of the request's
+  remaining tokens, so that a request with many tokens to go starts drafting
+  where it pays and one near its end does not.
 """
 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 FLAT_TOKENS = 16     # the prior: a step costs about the same up to this many tokens (weight-bound)
 _EXACT = 64          # token counts kept one by one; above, buckets of powers of two
@@ -59,6 +73,9 @@ class StepCost:
         if b in self._seconds:
             return self._seconds[b]
         i = bisect.bisect_left(self._counts, b)
+        if 0 < i < len(self._counts):  # between two measured counts: on the line through them
+            lo, hi = self._counts[i - 1], self._counts[i]
+            return self._seconds[lo] + (self._seconds[hi] - self._seconds[lo]) * (b - lo) / (hi - lo)
         ref = self._counts[i - 1] if i else self._counts[0]  # the nearest measured count below, else above
         return self._seconds[ref] * max(b, FLAT_TOKENS) / max(ref, FLAT_TOKENS)
 
@@ -81,10 +98,24 @@ class Acceptance:
         return (self.accepted + prior * prior_weight) / (self.tried + prior_weight)
 
 
-def choose(base_tokens: int, base_outputs: int, candidates: list[tuple[float, int]], cost: StepCost) -> list[int]:
+@dataclass
+class DraftCharge:
+    """What proposing costs with a draft model, for `choose`: its forwards' seconds by rows, and per
+    candidate its rows in the first forward (its catch-up) and the seconds it is charged once if it drafts."""
+
+    cost: StepCost
+    first_rows: list[int]
+    once: list[float]
+
+
+def choose(base_tokens: int, base_outputs: int, candidates: list[tuple[float, int]], cost: StepCost,
+           draft: DraftCharge | None = None) -> list[int]:
     """Draft lengths for the candidates [(acceptance rate, drafts available)], given a step that computes
     base_tokens and samples base_outputs tokens without drafts: the draft tokens that maximize
-    expected output tokens per second of step."""
+    expected output tokens per second of step. With a draft model (`draft`), the step also pays for
+    proposing: a request's first draft adds its catch-up rows to the draft's first forward (and its
+    one-time charge), its j-th draft one row to the j-th forward, and a forward's first rows pay for the
+    whole forward."""
     lengths = [0] * len(candidates)
     base = cost.estimate(base_tokens)
     if base is None:  # the first step: measure it plain
@@ -93,11 +124,30 @@ def choose(base_tokens: int, base_outputs: int, candidates: list[tuple[float, in
                     reverse=True)
     expected = float(base_outputs)  # every sampling request emits at least one token
     best_rate, best_count = expected / base, 0
-    for count, (value, _) in enumerate(values, 1):
+    taken = [0] * len(candidates)  # drafts per request in the prefix so far
+    forward_rows: list[int] = []   # rows of each draft forward in the prefix so far
+    proposing = 0.0                # the draft model's seconds for the prefix so far
+    for count, (value, i) in enumerate(values, 1):
         expected += value
-        seconds = cost.estimate(base_tokens + count)
+        if draft is not None:
+            j = taken[i]
+            taken[i] += 1
+            if j == len(forward_rows):
+                forward_rows.append(0)
+            rows = draft.first_rows[i] if j == 0 else 1
+            before = forward_rows[j]
+            forward_rows[j] += rows
+            proposing += _seconds(draft.cost, forward_rows[j]) - _seconds(draft.cost, before)
+            if j == 0:
+                proposing += draft.once[i]
+        seconds = cost.estimate(base_tokens + count) + proposing
         if expected / seconds > best_rate:
             best_rate, best_count = expected / seconds, count
     for _, i in values[:best_count]:
         lengths[i] += 1
     return lengths
+
+
+def _seconds(cost: StepCost, rows: int) -> float:
+    """A draft forward's estimated seconds (0 rows: none)."""
+    return (cost.estimate(rows) or 0.0) if rows else 0.0
