@@ -368,9 +368,11 @@ class VersionManager:
 
     async def tick(self) -> None:
         """Apply what changed elsewhere, judge the canaries, unload what has drained."""
-        found = await self.store.run(vs.rollouts)
         keep = await self.store.run(self.pinned) if self.pinned is not None else set()
         async with self._lock:
+            # read under the lock: rollouts read before a change this server makes, then applied after it,
+            # would put the group back to what it served before the change
+            found = await self.store.run(vs.rollouts)
             for group in list(self.gateway.groups):
                 r = found.get(group.name)
                 if r is not None and r.generation != self._generation.get(group.name):
