@@ -71,11 +71,17 @@ def _cost_per_mtok(price: PriceSpec | None) -> float | None:
     return (3 * inp + out) / 4
 
 
-def version_deployments(group: str, label: str, specs: list, base: EngineConfig, max_waiting: int | None
+def version_specs(group: str, label: str, specs: list) -> list:
+    """A version's specs under the names its deployments serve as, so that versions can run side by side
+    (named over the whole list: an unnamed spec's name is its index among all of the version's)."""
+    return [spec.model_copy(update={"name": deployment_name(group, label, spec, j)}) for j, spec in enumerate(specs)]
+
+
+def version_deployments(group: str, label: str, named: list, base: EngineConfig, max_waiting: int | None
                         ) -> list[Deployment]:
-    """The deployments of one version of a group, named so that versions can run side by side."""
-    return [_make_deployment(spec.model_copy(update={"name": deployment_name(group, label, spec, j)}), group, base,
-                             f"{group}@{label}.deployments[{j}]", max_waiting) for j, spec in enumerate(specs)]
+    """The deployments of a version's specs (`version_specs`) but its `provider: ray` ones (`version_pool`)."""
+    return [_make_deployment(spec, group, base, f"{group}@{label}.deployments[{j}]", max_waiting)
+            for j, spec in enumerate(named) if not isinstance(spec, RaySpec)]
 
 
 async def start_all(deployments: list[Deployment]) -> None:

@@ -177,12 +177,12 @@ Call = Callable[[Handle, InferenceRequest, int], Awaitable[Any]]
 class Gateway:
     def __init__(self, groups: list[ModelGroup], *, metrics: GatewayMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, max_total_s: float = 600.0,
-                 pools: list | None = None):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, max_total_s: float = 600.0):
         self.set_groups(groups)
-        # the replica pools of `provider: ray` deployments (gateway/replicas.py), by deployment name:
-        # their replicas are handles of their groups like any other (gateway/versions.py keeps this current)
-        self.pools = {p.name: p for p in pools or ()}
+        # the replica pools of `provider: ray` deployments (gateway/replicas.py), by deployment name: their
+        # replicas are handles of their groups like any other; gateway/versions.py adds a version's pools
+        # when it loads and removes them when it unloads, and closes them (this registry owns nothing)
+        self.pools: dict = {}
         self.metrics = metrics
         self.clock, self.rng, self.sleep = clock, rng or random.Random(), sleep
         self.max_total_s = max_total_s

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from inferd.engine.config import EngineConfig
 from inferd.gateway import version_store as vs
 from inferd.gateway.build import (apply_settings, make_group, start_all, version_deployments, version_handle,
-                                  version_handles, version_pool)
+                                  version_handles, version_pool, version_specs)
 from inferd.gateway.canary import Assignment, VersionHealth, judge
 from inferd.gateway.config import GatewayConfig, ModelGroupSpec, RaySpec, load_config, parse_deployments
 from inferd.gateway.metrics import GatewayMetrics
@@ -58,6 +58,7 @@ class _Loaded:
     own: list[Handle]       # its deployments' handles
     specs: list             # its deployment specs under the names they serve as (for the price book)
     pools: list[ReplicaPool] = field(default_factory=list)  # its `provider: ray` deployments' replicas
+    health: VersionHealth = field(default_factory=VersionHealth)  # shared by its handles, replicas joining later too
     retired_at: float | None = None   # when it stopped taking new requests
 
     @property
@@ -172,16 +173,17 @@ class VersionManager:
             loaded.retired_at = None
             return loaded
         v = await self._version(group, label)
-        specs = [s for s in v.specs if not isinstance(s, RaySpec)]
-        health = VersionHealth()
-        deployments, pools = [], []
+        named = version_specs(group, label, list(v.specs))
+        specs = [s for s in named if not isinstance(s, RaySpec)]
+        loaded = _Loaded([], named)
+        deployments = []
         try:
-            deployments = version_deployments(group, label, specs, self.base, self.max_waiting)
-            pools = self._pools(group, label, list(v.specs), health)
+            deployments = version_deployments(group, label, named, self.base, self.max_waiting)
+            pools = loaded.pools = self._pools(group, label, named, loaded)
             await start_all(deployments)
             await self._start_pools(pools)
         except Exception as e:  # noqa: BLE001 - whatever stops a version from loading is reported, not raised on
-            await asyncio.gather(*(d.aclose() for d in deployments), *(p.aclose() for p in pools),
+            await asyncio.gather(*(d.aclose() for d in deployments), *(p.aclose() for p in loaded.pools),
                                  return_exceptions=True)
             reason = str(e) or type(e).__name__
             log.error("%s@%s failed to load: %s", group, label, reason)
@@ -189,36 +191,33 @@ class VersionManager:
             now = self.clock()
             await self.store.run(lambda tx: vs.event(tx, group, "load_failed", now, label=label, reason=reason))
             raise VersionError(422, f"{group}@{label} failed to load: {reason}", "spec") from None
-        handles = version_handles(self._specs[group], label, specs, deployments, health)
-        for h in handles:
+        loaded.own = version_handles(self._specs[group], label, specs, deployments, loaded.health)
+        for h in loaded.own:
             self.on_loaded(h)
-        named = [s.model_copy(update={"name": d.name}) for s, d in zip(specs, deployments)]
-        named += [p.spec for p in pools]
-        loaded = self._loaded[(group, label)] = _Loaded(handles, named, pools)
+        self._loaded[(group, label)] = loaded
         for p in pools:
             self.gateway.pools[p.name] = p
-        log.info("%s@%s loaded: %s", group, label, ", ".join(h.name for h in handles))
+        log.info("%s@%s loaded: %s", group, label, ", ".join(h.name for h in loaded.handles))
         return loaded
 
-    def _pools(self, group: str, label: str, specs: list, health: VersionHealth) -> list[ReplicaPool]:
-        """The replica pools of the version's `provider: ray` deployments (not started), named per version."""
+    def _pools(self, group: str, label: str, named: list, loaded: _Loaded) -> list[ReplicaPool]:
+        """The replica pools of the version's `provider: ray` deployments (`named` by `version_specs`, so two
+        versions' pools never share a name), not started; a replica joins with the version's health of the
+        moment (a new canary resets it)."""
         g = self._specs[group]
         target = self._starting.get(group) or self.group(group)
         pools = []
-        for j, spec in enumerate(specs):
+        for j, spec in enumerate(named):
             if not isinstance(spec, RaySpec):
                 continue
-            spec = spec.model_copy(update={"name": vs.deployment_name(group, label, spec, j)})
 
             def make_handle(dep, spec=spec):
-                h = version_handle(g, label, spec, dep, health)
+                h = version_handle(g, label, spec, dep, loaded.health)
                 self.on_loaded(h)
                 return h
 
-            pool = version_pool(spec, target, self.base, f"{group}@{label}.deployments[{j}]", self.max_waiting,
-                                make_handle)
-            pool.spec = spec  # for the price book, as the version's other specs
-            pools.append(pool)
+            pools.append(version_pool(spec, target, self.base, f"{group}@{label}.deployments[{j}]",
+                                      self.max_waiting, make_handle))
         return pools
 
     @staticmethod
@@ -272,9 +271,11 @@ class VersionManager:
                 log.info("%s@%s no longer takes new requests; it unloads when its last one ends", name, label)
         self.on_change()
 
-    @staticmethod
-    def _reset_health(group: ModelGroup, label: str) -> None:
+    def _reset_health(self, group: ModelGroup, label: str) -> None:
         health = VersionHealth()
+        loaded = self._loaded.get((group.name, label))
+        if loaded is not None:
+            loaded.health = health
         for h in group.handles:
             if h.version == label:
                 h.health = health
@@ -496,11 +497,11 @@ class VersionManager:
         for (name, label), loaded in sorted(self._loaded.items()):
             if name != group.name:
                 continue
-            health = loaded.handles[0].health if loaded.handles else None
+            health = loaded.health
             out["loaded"].append({"label": label, "deployments": [h.name for h in loaded.handles],
                                   "draining": loaded.retired_at is not None,
                                   "in_flight": sum(h.stats.in_flight for h in loaded.handles),
-                                  "health": health.to_dict() if health is not None else None})
+                                  "health": health.to_dict()})
         return out
 
     async def describe(self, name: str | None = None) -> list[dict]:

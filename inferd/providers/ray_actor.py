@@ -44,14 +44,22 @@ def import_ray():
     return ray
 
 
+_joined: list[str | None] = []  # the address this process joined the cluster with, once it has
+
+
 def connect(address: str | None):
     """Join the Ray cluster at `address` ("auto", "host:port"; None: start one on this machine), once
-    per process; returns the `ray` module."""
+    per process; returns the `ray` module. A later deployment (a new model version) naming another
+    address is refused: one process is a node of one cluster."""
     ray = import_ray()
     if not ray.is_initialized():
         # Ray's own log lines stay quiet; the cores' logs still reach this process's output
         ray.init(address=address, namespace="inferd", logging_level=logging.WARNING,
                  **({} if address else {"include_dashboard": False}))
+        _joined[:] = [address]
+    elif _joined and _joined[0] != address:
+        raise ValueError(f"address: {address!r} is not the Ray cluster this server joined ({_joined[0]!r}); "
+                         "every provider: ray deployment of a server must name the same address")
     return ray
 
 

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from inferd.gateway.config import RaySpec, parse_config, replica_name, replica_of
+from inferd.gateway.build import version_specs
+from inferd.gateway.config import RaySpec, parse_config, parse_deployments, replica_name, replica_of
 from inferd.providers.ray_actor import RAY_MISSING, import_ray
 from inferd.tenancy.prices import PriceBook
 
@@ -66,3 +67,10 @@ def test_without_ray_installed_a_ray_deployment_is_a_config_error(monkeypatch):
     with pytest.raises(ValueError, match="pip install 'inferd\\[ray\\]'") as e:
         import_ray()
     assert str(e.value) == RAY_MISSING
+
+
+
+def test_a_versions_unnamed_ray_and_local_deployments_get_names_of_their_own():
+    specs = parse_deployments([{"provider": "ray"}, {"provider": "local"}])
+    assert [s.name for s in version_specs("chat", "v2", specs)] == ["chat/0@v2", "chat/1@v2"]
+    assert [s.name for s in version_specs("chat", "v1", specs)] == ["chat/0", "chat/1"]
