@@ -180,8 +180,7 @@ class VersionManager:
         try:
             deployments = version_deployments(group, label, named, self.base, self.max_waiting)
             pools = loaded.pools = self._pools(group, label, named, loaded)
-            await start_all(deployments)
-            await self._start_pools(pools)
+            await start_all([*deployments, *pools])  # a pool starts and closes as a deployment does
         except Exception as e:  # noqa: BLE001 - whatever stops a version from loading is reported, not raised on
             await asyncio.gather(*(d.aclose() for d in deployments), *(p.aclose() for p in loaded.pools),
                                  return_exceptions=True)
@@ -219,13 +218,6 @@ class VersionManager:
             pools.append(version_pool(spec, target, self.base, f"{group}@{label}.deployments[{j}]",
                                       self.max_waiting, make_handle))
         return pools
-
-    @staticmethod
-    async def _start_pools(pools: list[ReplicaPool]) -> None:
-        results = await asyncio.gather(*(p.start() for p in pools), return_exceptions=True)
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is not None:
-            raise failed
 
     # ---- applying a rollout ---------------------------------------------------------------------
 
