@@ -26,9 +26,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
-    g.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                   help="int8 (<= 3 rows) or 4-bit (<= 16 rows, Q4_1-style groups of 32) weight "
-                        "copies for small batches (lossy: see docs/benchmarks.md)")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "int8", "int4"],
+                   help="auto: a Q4_0/Q4_1/Q8_0 GGUF file computes with its own blocks on the CPU (gguf: integer "
+                        "dot products, the same bits at any batch size), anything else in floats; none: "
+                        "floats (--dtype); int8 (<= 3 rows) or int4 (<= 16 rows): float weights plus lossy "
+                        "copies for small batches (see docs/benchmarks.md)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8"],
                    help="auto: the model's dtype; int8: int8 levels with a scale per token and head, about "
                         "twice the tokens in the same --kv-cache-bytes (docs/benchmarks.md has its accuracy); "

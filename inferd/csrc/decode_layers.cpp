@@ -13,14 +13,18 @@ namespace {
 // One projection's tensors, in the order models/cpu_decode.py lays them out;
 // absent ones are empty tensors.
 struct Proj {
-  const torch::Tensor &weight, &bias, &q8, &s8, &q4, &q4_scales;
+  const torch::Tensor &weight, &bias, &q8, &s8, &q4, &q4_scales, &packed, &packed_d, &packed_m;
 };
 
-// Linear.forward: 4-bit or int8 copies for few rows, else the dtype's weight
-torch::Tensor project(const torch::Tensor& x, const Proj& p, int64_t int8_max_rows, int64_t int4_max_rows) {
+// Linear.forward: a GGUF file's own blocks for every batch size (quant_matmul.cpp); else
+// 4-bit or int8 copies for few rows, else the dtype's weight
+torch::Tensor project(const torch::Tensor& x, const Proj& p, int64_t out_features, int64_t int8_max_rows,
+                      int64_t int4_max_rows) {
   const int64_t rows = x.size(0);
   torch::Tensor out;
-  if (p.q4.numel() && rows <= int4_max_rows) {
+  if (p.packed.numel()) {
+    out = quant_matmul(x, p.packed, p.packed_d, p.packed_m, out_features, false);
+  } else if (p.q4.numel() && rows <= int4_max_rows) {
     // the scales are [in_features / group, out_features, 2]: the group size follows from them
     const int64_t group = x.size(1) / p.q4_scales.size(0);
     out = at::_weight_int4pack_mm_for_cpu(x, p.q4, group, p.q4_scales);
@@ -42,7 +46,7 @@ void add_norm(torch::Tensor& out, const torch::Tensor& x, torch::Tensor& residua
   }
 }
 
-constexpr int64_t kPerProj = 6;
+constexpr int64_t kPerProj = 9;
 // 2 norms, 4 projections, K and V caches, their scales (empty unless the cache is int8)
 constexpr int64_t kPerLayer = 2 + 4 * kPerProj + 4;
 
@@ -65,11 +69,12 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
     TORCH_CHECK(int64_t(layer.size()) == kPerLayer, "decode_layers: ", kPerLayer, " tensors per layer");
     auto proj = [&](int64_t i) {
       const int64_t b = 2 + i * kPerProj;
-      return Proj{layer[b], layer[b + 1], layer[b + 2], layer[b + 3], layer[b + 4], layer[b + 5]};
+      return Proj{layer[b],     layer[b + 1], layer[b + 2], layer[b + 3], layer[b + 4],
+                  layer[b + 5], layer[b + 6], layer[b + 7], layer[b + 8]};
     };
     torch::Tensor normed = torch::empty_like(residual);
     add_norm(normed, x, residual, layer[0], eps);
-    torch::Tensor qkv = project(normed, proj(0), int8_max_rows, int4_max_rows);
+    torch::Tensor qkv = project(normed, proj(0), q_size + 2 * kv_size, int8_max_rows, int4_max_rows);
     torch::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, n_heads, dim});
     torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, n_kv, dim});
     torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, n_kv, dim});
@@ -79,12 +84,12 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
     write_kv(k_cache, v_cache, k, v, slots, k_scales, v_scales);
     torch::Tensor attn = torch::empty({tokens, q_size}, residual.options());
     decode_attention(attn, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale, k_scales, v_scales);
-    torch::Tensor o = project(attn, proj(1), int8_max_rows, int4_max_rows);
+    torch::Tensor o = project(attn, proj(1), residual.size(1), int8_max_rows, int4_max_rows);
     rms_norm(normed, o, residual, layer[1], eps);
-    torch::Tensor gate_up = project(normed, proj(2), int8_max_rows, int4_max_rows);
+    torch::Tensor gate_up = project(normed, proj(2), 2 * inter, int8_max_rows, int4_max_rows);
     torch::Tensor act = torch::empty({tokens, inter}, residual.options());
     silu_and_mul(act, gate_up);
-    x = project(act, proj(3), int8_max_rows, int4_max_rows);
+    x = project(act, proj(3), residual.size(1), int8_max_rows, int4_max_rows);
   }
   torch::Tensor out = torch::empty_like(residual);
   add_norm(out, x, residual, final_norm, eps);

@@ -17,6 +17,7 @@ from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.layers.cpu_isa import has_native_bf16
 from inferd.layers.kv_storage import KV_CACHE_DTYPES
 
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -80,7 +81,9 @@ class EngineConfig(DeviceOptions):
     max_model_len: int | None = None
     num_threads: int | None = None
     enable_prefix_caching: bool = True
-    quantization: str | None = None     # None | "int8" | "int4": weight copies for small batches
+    # auto (None): a quantized GGUF file computes with its own blocks on the CPU (gguf), other models in
+    # floats; none: floats always; int8 | int4: float weights plus copies for small batches
+    quantization: str | None = None
     kv_cache_dtype: str = "auto"        # auto (the model's dtype) | int8 | fp8 (per-row scales: layers/kv_storage)
     reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
     chat_template: str | None = None     # a Jinja chat template (or a file of one) instead of the model's
@@ -110,13 +113,42 @@ class EngineConfig(DeviceOptions):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.quantization not in (None, "int8", "int4"):
-            raise ValueError(f"quantization: {self.quantization!r} is not one of none, int8, int4")
+        self.quantization = self.quantization or "auto"
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
+
+    def resolve_quantization(self, has_blocks: bool, device: torch.device, kernels: bool) -> str | None:
+        """What the engine computes with: "gguf" (the file's quantized blocks, layers/quant_blocks.py),
+        "int8"/"int4" (float weights with copies for few rows) or None (float weights).
+        `has_blocks`: the checkpoint has packable GGUF blocks; `kernels`: the CPU kernels built."""
+        spec = self.speculative_config
+        self_draft = spec is not None and spec.method == "draft_model" and spec.model is None
+        if self.quantization == "auto":
+            # an explicit --dtype asks for floats; a self-draft is made from the float weights
+            native = has_blocks and device.type == "cpu" and kernels and self.dtype == "auto" and not self_draft
+            return "gguf" if native else None
+        if self.quantization == "gguf":
+            why = ("the model has no Q4_0, Q4_1 or Q8_0 GGUF weights" if not has_blocks
+                   else "it runs on the CPU" if device.type != "cpu"
+                   else "the CPU kernels did not build (see the log)" if not kernels
+                   else "a draft model made from the target's weights needs them in floats" if self_draft
+                   else None)
+            if why:
+                raise ValueError(f"quantization: gguf cannot be used: {why}")
+            return "gguf"
+        return None if self.quantization == "none" else self.quantization
+
+    def model_dtype(self, device: torch.device, quantization: str | None) -> torch.dtype:
+        """The activations' dtype: float32 under gguf unless --dtype says otherwise (the kernel
+        quantizes the activations itself, and fp32 elsewhere costs little on a quantized model)."""
+        if quantization == "gguf" and self.dtype == "auto":
+            return torch.float32
+        return self.torch_dtype(device)
 
     def _auto_dtype(self, device: torch.device) -> torch.dtype:
         if device.type == "cuda":

@@ -39,7 +39,7 @@ from inferd.layers.cpu_isa import cpu_flags, kernel_march
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [CSRC / "cpu_ops.cpp", CSRC / "decode_layers.cpp"]
+SOURCES = [CSRC / "cpu_ops.cpp", CSRC / "decode_layers.cpp", CSRC / "quant_matmul.cpp"]
 # -ffp-contract=off: no fused multiply-adds across the operations the torch code
 # rounds separately, so rope and the norms give the same bits in fp32 as well
 # the -march follows the CPU, or ATEN_CPU_CAPABILITY where that asks for less (cpu_isa)

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inferd.layers import quant_blocks
+from inferd.layers.cpu_kernels import ops_for
+
 # measured crossovers of the weight-only kernels against bf16 on CPU (docs/benchmarks.md)
 INT8_MAX_ROWS = 3
 INT4_MAX_ROWS = 16
@@ -32,6 +35,17 @@ class Linear(nn.Module):
         self.q4weight: torch.Tensor | None = None  # packed int4 copy, see quantize_int4
         self.q4scales: torch.Tensor | None = None
         self.q4group = INT4_GROUP
+        self.packed: quant_blocks.PackedWeight | None = None  # a GGUF file's own blocks, see use_blocks
+
+    def use_blocks(self, packed: quant_blocks.PackedWeight, keep_weight: bool = False) -> None:
+        """Compute with a GGUF file's quantized blocks, for every batch size (layers/quant_blocks.py).
+        The float weight is dropped unless `keep_weight` (an output head tied to the embedding)."""
+        if (packed.out_features, packed.in_features) != tuple(self.weight.shape):
+            raise ValueError(f"packed weight {packed.out_features}x{packed.in_features} "
+                             f"!= layer {tuple(self.weight.shape)}")
+        self.packed = packed
+        if not keep_weight:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def quantize_int8(self) -> None:
         """Keep an int8 copy of the weight (per-output-row absmax scales) next to it.
@@ -66,6 +80,13 @@ class Linear(nn.Module):
         self.q4group = group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            ops = ops_for(x)
+            if ops is not None:
+                out = quant_blocks.matmul(ops, x, self.packed)
+            else:  # kernels off (tests compare): the same weights in floats
+                out = F.linear(x, self.packed.dequantize().to(x.dtype))
+            return out if self.bias is None else out + self.bias
         if self.q4weight is not None and x.shape[0] <= INT4_MAX_ROWS:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q4weight, self.q4group, self.q4scales)
             return out if self.bias is None else out + self.bias

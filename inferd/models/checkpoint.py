@@ -58,12 +58,25 @@ class VisionSpec:
 
 
 @dataclass
+class QuantizedTensor:
+    """A tensor as a GGUF file stores it in blocks: its raw bytes (rows of whole blocks, HF
+    row order), ggml type name (Q4_1, ...) and HF shape."""
+
+    data: torch.Tensor
+    kind: str
+    shape: list[int]
+
+
+@dataclass
 class Checkpoint:
     """A loaded model: HF-style `config` dict, HF-named float tensors, tokenizer; for a
-    vision-language model, its `VisionSpec` too."""
+    vision-language model, its `VisionSpec` too. `quantized` holds, for a GGUF file,
+    the block-quantized tensors as stored (their float values are in `tensors` too), which
+    a model can compute with directly (layers/quant_blocks.py)."""
 
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     tokenizer: TokenizerSpec
     source: str = ""
     vision: VisionSpec | None = None
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)

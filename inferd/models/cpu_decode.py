@@ -4,9 +4,10 @@ With one new token per request, each layer's arithmetic is small and the Python
 around it (module calls, a dozen op dispatches) is a large part of a step at low
 concurrency. When the fused CPU kernels are built and a step holds only decodes,
 `LlamaForCausalLM.forward` hands the whole layer stack to `decode_layers`, which
-runs the same kernels and the same matmul choices as the Python path (int4/int8
-copies for few rows, see layers/linear.py). Steps with prompt chunks, models with
-q/k norms and non-CPU devices take the Python path.
+runs the same kernels and the same matmul choices as the Python path (a GGUF
+file's own blocks, or int4/int8 copies for few rows, see layers/linear.py).
+Steps with prompt chunks, models with q/k norms and non-CPU devices take the
+Python path.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ _EMPTY = torch.empty(0)
 
 
 def _proj(lin: linear_mod.Linear) -> list[torch.Tensor]:
-    parts = (lin.weight, lin.bias, lin.qweight, lin.qscale, lin.q4weight, lin.q4scales)
+    packed = lin.packed
+    blocks = (packed.packed, packed.d, packed.m) if packed is not None else (None, None, None)
+    parts = (lin.weight, lin.bias, lin.qweight, lin.qscale, lin.q4weight, lin.q4scales, *blocks)
     return [_EMPTY if t is None else t for t in parts]
 
 
@@ -30,7 +33,7 @@ def _layer_tensors(model, kv_caches: list[torch.Tensor]) -> list[list[torch.Tens
     """Per layer, the tensors decode_layers reads, in its order; built again only when the
     cache list or the quantized copies change (the key holds them, so identity is safe)."""
     first = model.layers[0].self_attn.qkv_proj
-    key = (kv_caches, first.qweight, first.q4weight)
+    key = (kv_caches, first.qweight, first.q4weight, first.packed)
     cached = getattr(model, "_cpu_decode_layers", None)
     if cached is not None and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]

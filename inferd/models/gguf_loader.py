@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import gguf_quants
-from .checkpoint import Checkpoint, TokenizerSpec
+from .checkpoint import Checkpoint, QuantizedTensor, TokenizerSpec
 from .gguf_tokenizer import build_tokenizer_spec
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,9 @@ def load_gguf(
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    return Checkpoint(config=config, tensors=tensors, tokenizer=spec, source=str(path))
+    quantized = {name: QuantizedTensor(raw.data, raw.ggml_type, raw.shape)
+                 for name, raw in raws.items() if raw.data.dtype == torch.uint8}
+    return Checkpoint(config=config, tensors=tensors, tokenizer=spec, source=str(path), quantized=quantized)
 
 
 # -- conversion from the GGUF file ------------------------------------------

@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from inferd.layers import quant_blocks
 from inferd.layers.activation import silu_and_mul
 from inferd.layers.attention import AttentionBackend, AttentionMetadata
 from inferd.layers.linear import Embedding, Linear
@@ -117,6 +118,43 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def use_gguf_blocks(self, quantized: dict) -> int:
+        """Compute every projection whose GGUF tensors are in packable blocks with those blocks
+        (layers/quant_blocks.py); `quantized` is Checkpoint.quantized. Returns how many layers
+        did; the others (float tensors in the file, mixed types in a fused projection) keep
+        their float weights."""
+        if self.embed_tokens.weight.device.type != "cpu":
+            raise ValueError("quantization: gguf runs on the CPU")
+
+        def packed(name: str) -> quant_blocks.PackedWeight | None:
+            t = quantized.get(name)
+            if t is None or t.kind not in quant_blocks.PACKABLE:
+                return None
+            return quant_blocks.pack(t.data, t.kind, t.shape)
+
+        def fused(names: list[str]) -> quant_blocks.PackedWeight | None:
+            parts = [packed(n) for n in names]
+            return quant_blocks.concat(parts) if all(p is not None for p in parts) else None
+
+        plan: list[tuple[Linear, quant_blocks.PackedWeight | None]] = []
+        for i, layer in enumerate(self.layers):
+            pre = f"model.layers.{i}"
+            plan += [
+                (layer.self_attn.qkv_proj, fused([f"{pre}.self_attn.{p}_proj.weight" for p in "qkv"])),
+                (layer.self_attn.o_proj, packed(f"{pre}.self_attn.o_proj.weight")),
+                (layer.mlp.gate_up_proj, fused([f"{pre}.mlp.{p}_proj.weight" for p in ("gate", "up")])),
+                (layer.mlp.down_proj, packed(f"{pre}.mlp.down_proj.weight")),
+            ]
+        tied = self.cfg.tie_word_embeddings
+        plan.append((self.lm_head, packed("model.embed_tokens.weight" if tied else "lm_head.weight")))
+        done = 0
+        for linear, weight in plan:
+            if weight is not None:
+                linear.use_blocks(weight, keep_weight=linear is self.lm_head and tied)
+                done += 1
+        self.__dict__.pop("_cpu_decode_layers", None)
+        return done
 
     def quantize(self, kind: str) -> None:
         """Add int8 or int4 copies of the weights for small batches (layers/linear.py)."""

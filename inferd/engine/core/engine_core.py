@@ -26,7 +26,7 @@ from inferd.engine.messages import EngineCoreOutput, ImageData
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
 from inferd.engine.spec_decode.draft_model import DraftModel
 from inferd.engine.spec_decode.speculator import Speculator
-from inferd.layers import cpu_kernels, kv_storage
+from inferd.layers import cpu_kernels, kv_storage, quant_blocks
 from inferd.layers.attention import TorchAttentionBackend
 from inferd.models.checkpoint import Checkpoint
 from inferd.models.loader import build_model, build_vision_encoder
@@ -39,20 +39,27 @@ class EngineCore:
         self.config = config
         torch.set_num_threads(config.threads())
         self.device = config.torch_device()
-        self.dtype = config.torch_dtype(self.device)
-        if self.device.type == "cpu":
-            cpu_kernels.load()  # compiled now rather than inside the first request
+        # compiled now rather than inside the first request
+        kernels = self.device.type == "cpu" and cpu_kernels.load() is not None
+        has_blocks = any(t.kind in quant_blocks.PACKABLE for t in ckpt.quantized.values())
+        self.quantization = config.resolve_quantization(has_blocks, self.device, kernels)
+        self.dtype = config.model_dtype(self.device, self.quantization)
         t0 = time.perf_counter()
         self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
-        if config.quantization:
-            self.model.quantize(config.quantization)
+        if self.quantization == "gguf":
+            packed = self.model.use_gguf_blocks(ckpt.quantized)
+            log.info("%d projections compute with the GGUF file's blocks (%s kernels)", packed,
+                     cpu_kernels.load().quant_matmul_path())
+        elif self.quantization:
+            self.model.quantize(self.quantization)
         log.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, self.device, self.dtype)
         self.eos_token_ids = frozenset(eos_token_ids)
 
         spec = config.speculative_config
         draft = None
         if spec is not None and spec.method == "draft_model":
-            draft = DraftModel(spec, self.model, ckpt.tokenizer, self.device, self.dtype)
+            draft = DraftModel(spec, self.model, ckpt.tokenizer, self.device, self.dtype,
+                               gguf_blocks=self.quantization == "gguf")
 
         mc = self.model_config
         bytes_per_block = mc.num_layers * config.block_size * kv_storage.bytes_per_token(
