@@ -583,7 +583,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_scales") = py::none());
   m.def("quant_matmul", &quant_matmul, "x @ W.T for W in packed GGUF blocks (quant_matmul.cpp)",
         py::arg("x"), py::arg("packed"), py::arg("d"), py::arg("m"), py::arg("out_features"),
-        py::arg("reference") = false);
+        py::arg("reference") = false, py::arg("terms") = 2);
   m.def("quant_matmul_path", &quant_matmul_path, "the instruction set quant_matmul was built for");
   m.def("decode_layers", &decode_layers, "every decoder layer of a decode-only step (decode_layers.cpp)");
 }

@@ -22,11 +22,11 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
                             torch::Tensor final_norm, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
                             torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows,
                             std::vector<int64_t> shape, double eps, double scale, int64_t int8_max_rows,
-                            int64_t int4_max_rows);
+                            int64_t int4_max_rows, int64_t activation_terms);
 
 // matmul against a GGUF file's packed quantized blocks (quant_matmul.cpp)
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor d, torch::Tensor m,
-                           int64_t out_features, bool reference);
+                           int64_t out_features, bool reference, int64_t terms);
 std::string quant_matmul_path();
 
 }  // namespace inferd

@@ -19,11 +19,11 @@ struct Proj {
 // Linear.forward: a GGUF file's own blocks for every batch size (quant_matmul.cpp); else
 // 4-bit or int8 copies for few rows, else the dtype's weight
 torch::Tensor project(const torch::Tensor& x, const Proj& p, int64_t out_features, int64_t int8_max_rows,
-                      int64_t int4_max_rows) {
+                      int64_t int4_max_rows, int64_t activation_terms) {
   const int64_t rows = x.size(0);
   torch::Tensor out;
   if (p.packed.numel()) {
-    out = quant_matmul(x, p.packed, p.packed_d, p.packed_m, out_features, false);
+    out = quant_matmul(x, p.packed, p.packed_d, p.packed_m, out_features, false, activation_terms);
   } else if (p.q4.numel() && rows <= int4_max_rows) {
     // the scales are [in_features / group, out_features, 2]: the group size follows from them
     const int64_t group = x.size(1) / p.q4_scales.size(0);
@@ -60,7 +60,7 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
                             torch::Tensor final_norm, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
                             torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor q_rows,
                             std::vector<int64_t> shape, double eps, double scale, int64_t int8_max_rows,
-                            int64_t int4_max_rows) {
+                            int64_t int4_max_rows, int64_t activation_terms) {
   TORCH_CHECK(shape.size() == 4, "decode_layers: shape is (heads, kv_heads, head_dim, intermediate)");
   const int64_t n_heads = shape[0], n_kv = shape[1], dim = shape[2], inter = shape[3];
   const int64_t tokens = residual.size(0), q_size = n_heads * dim, kv_size = n_kv * dim;
@@ -74,7 +74,7 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
     };
     torch::Tensor normed = torch::empty_like(residual);
     add_norm(normed, x, residual, layer[0], eps);
-    torch::Tensor qkv = project(normed, proj(0), q_size + 2 * kv_size, int8_max_rows, int4_max_rows);
+    torch::Tensor qkv = project(normed, proj(0), q_size + 2 * kv_size, int8_max_rows, int4_max_rows, activation_terms);
     torch::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, n_heads, dim});
     torch::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, n_kv, dim});
     torch::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, n_kv, dim});
@@ -84,12 +84,12 @@ torch::Tensor decode_layers(torch::Tensor residual, const std::vector<std::vecto
     write_kv(k_cache, v_cache, k, v, slots, k_scales, v_scales);
     torch::Tensor attn = torch::empty({tokens, q_size}, residual.options());
     decode_attention(attn, q, k_cache, v_cache, block_tables, seq_lens, q_rows, scale, k_scales, v_scales);
-    torch::Tensor o = project(attn, proj(1), residual.size(1), int8_max_rows, int4_max_rows);
+    torch::Tensor o = project(attn, proj(1), residual.size(1), int8_max_rows, int4_max_rows, activation_terms);
     rms_norm(normed, o, residual, layer[1], eps);
-    torch::Tensor gate_up = project(normed, proj(2), 2 * inter, int8_max_rows, int4_max_rows);
+    torch::Tensor gate_up = project(normed, proj(2), 2 * inter, int8_max_rows, int4_max_rows, activation_terms);
     torch::Tensor act = torch::empty({tokens, inter}, residual.options());
     silu_and_mul(act, gate_up);
-    x = project(act, proj(3), residual.size(1), int8_max_rows, int4_max_rows);
+    x = project(act, proj(3), residual.size(1), int8_max_rows, int4_max_rows, activation_terms);
   }
   torch::Tensor out = torch::empty_like(residual);
   add_norm(out, x, residual, final_norm, eps);

@@ -4,8 +4,11 @@
 //
 // As llama.cpp does, the activations are quantized too, per row and block of 32, to
 // int8 with an fp32 scale (da = absmax / 127), so each block's dot product is an exact
-// int32 sum of int8 x 4-bit (or 8-bit) products, taken with the CPU's integer dot
-// product instructions: AVX-512 VNNI (vpdpbusd), else AVX-512 BW or AVX2 (vpmaddubsw),
+// int32 sum of int8 x 4-bit (or 8-bit) products. Unlike llama.cpp, by default a second
+// int8 term carries what the first left over (x ~ d1 q1 + d2 q2, about 15 bits of the
+// activation instead of 8): one int8 term moved SmolLM2's perplexity by 0.56%, two by
+// a few hundredths (docs/benchmarks.md). The products are taken with the CPU's
+// integer dot product instructions: AVX-512 VNNI (vpdpbusd), else AVX-512 BW or AVX2 (vpmaddubsw),
 // else plain C++. The -march the module is built with picks one (layers/cpu_isa.py).
 //
 // Batch invariance: every output is accumulated block by block, in block order, with
@@ -86,37 +89,42 @@ inline float load_float(const T* p) {
   return float(*p);
 }
 
+// Row r's activations become `terms` virtual rows r * terms + t: the first is x quantized,
+// each next one what the ones before left over (x - sum of d * q so far), quantized again.
 template <typename T>
-void quantize_rows(QuantRows& out, const T* x, int64_t rows, int64_t k, int64_t stride) {
+void quantize_rows(QuantRows& out, const T* x, int64_t rows, int64_t k, int64_t stride, int terms) {
+  const int64_t virt = rows * terms;
   out.k = k;
   out.blocks = k / kBlock;
-  out.q.resize(rows * k);
-  out.d.resize(rows * out.blocks);
-  out.s.resize(rows * out.blocks);
-  out.ds.resize(rows * out.blocks);
+  out.q.resize(virt * k);
+  out.d.resize(virt * out.blocks);
+  out.s.resize(virt * out.blocks);
+  out.ds.resize(virt * out.blocks);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     float buf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < out.blocks; ++b) {
         const T* src = x + r * stride + b * kBlock;
-        float amax = 0.f;
-        for (int i = 0; i < kBlock; ++i) {
-          buf[i] = load_float(src + i);
-          amax = std::max(amax, std::fabs(buf[i]));
+        for (int i = 0; i < kBlock; ++i) buf[i] = load_float(src + i);
+        for (int t = 0; t < terms; ++t) {
+          const int64_t row = r * terms + t;
+          float amax = 0.f;
+          for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(buf[i]));
+          const float d = amax / 127.f;
+          const float id = d > 0.f ? 1.f / d : 0.f;
+          int8_t* q = out.q.data() + row * k + b * kBlock;
+          int32_t sum = 0;
+          for (int i = 0; i < kBlock; ++i) {
+            const int v = int(std::nearbyint(buf[i] * id));
+            q[i] = int8_t(std::min(127, std::max(-127, v)));
+            sum += q[i];
+            buf[i] = buf[i] - d * float(q[i]);  // what this term leaves for the next
+          }
+          const int64_t at = row * out.blocks + b;
+          out.d[at] = d;
+          out.s[at] = sum;
+          out.ds[at] = d * float(sum);
         }
-        const float d = amax / 127.f;
-        const float id = d > 0.f ? 1.f / d : 0.f;
-        int8_t* q = out.q.data() + r * k + b * kBlock;
-        int32_t sum = 0;
-        for (int i = 0; i < kBlock; ++i) {
-          const int v = int(std::nearbyint(buf[i] * id));
-          q[i] = int8_t(std::min(127, std::max(-127, v)));
-          sum += q[i];
-        }
-        const int64_t at = r * out.blocks + b;
-        out.d[at] = d;
-        out.s[at] = sum;
-        out.ds[at] = d * float(sum);
       }
     }
   });
@@ -418,7 +426,8 @@ void run(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t
 }  // namespace
 
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor d, torch::Tensor m,
-                           int64_t out_features, bool reference) {
+                           int64_t out_features, bool reference, int64_t terms) {
+  TORCH_CHECK(terms >= 1 && terms <= 3, "quant_matmul: terms is 1, 2 or 3");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_matmul: x must be [rows, K], contiguous in K");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "quant_matmul: packed must be uint8 [groups, blocks, bytes]");
@@ -431,29 +440,45 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   TORCH_CHECK(!has_min || (bytes == 256 && m.is_contiguous() && m.scalar_type() == at::kHalf &&
                            m.numel() == d.numel()), "quant_matmul: m must be like d (4-bit weights only)");
   TORCH_CHECK(out_features <= groups * kCols, "quant_matmul: out_features exceeds the packed columns");
-  const int64_t rows = x.size(0);
+  const int64_t rows = x.size(0), virt = rows * terms;
   QuantRows a;
   if (x.scalar_type() == at::kFloat) {
-    quantize_rows(a, x.data_ptr<float>(), rows, x.size(1), x.stride(0));
+    quantize_rows(a, x.data_ptr<float>(), rows, x.size(1), x.stride(0), int(terms));
   } else if (x.scalar_type() == at::kBFloat16) {
-    quantize_rows(a, x.data_ptr<at::BFloat16>(), rows, x.size(1), x.stride(0));
+    quantize_rows(a, x.data_ptr<at::BFloat16>(), rows, x.size(1), x.stride(0), int(terms));
   } else {
     TORCH_CHECK(false, "quant_matmul: x must be float32 or bfloat16");
   }
   const int64_t padded = groups * kCols;
-  torch::Tensor out = torch::empty({rows, padded}, x.options().dtype(at::kFloat));
+  torch::Tensor out = torch::empty({virt, padded}, x.options().dtype(at::kFloat));
   const auto* w = packed.data_ptr<uint8_t>();
   const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const auto* mp = has_min ? reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) : nullptr;
   float* o = out.data_ptr<float>();
   if (rows > 0) {
     if (bytes == 512) {
-      run<Kind::Q8_0>(a, rows, w, dp, nullptr, groups, o, padded, reference);
+      run<Kind::Q8_0>(a, virt, w, dp, nullptr, groups, o, padded, reference);
     } else if (has_min) {
-      run<Kind::Q4_1>(a, rows, w, dp, mp, groups, o, padded, reference);
+      run<Kind::Q4_1>(a, virt, w, dp, mp, groups, o, padded, reference);
     } else {
-      run<Kind::Q4_0>(a, rows, w, dp, nullptr, groups, o, padded, reference);
+      run<Kind::Q4_0>(a, virt, w, dp, nullptr, groups, o, padded, reference);
     }
+  }
+  if (terms > 1) {  // each row: its terms' sums, added in term order
+    torch::Tensor sum = torch::empty({rows, padded}, out.options());
+    float* so = sum.data_ptr<float>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* src = o + r * terms * padded;
+        float* dst = so + r * padded;
+        for (int64_t c = 0; c < padded; ++c) {
+          float v = src[c];
+          for (int64_t t = 1; t < terms; ++t) v = v + src[t * padded + c];
+          dst[c] = v;
+        }
+      }
+    });
+    out = sum;
   }
   if (padded != out_features) out = out.narrow(1, 0, out_features).contiguous();
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());

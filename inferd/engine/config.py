@@ -17,7 +17,7 @@ from inferd.engine.spec_decode.config import SpeculativeConfig
 from inferd.layers.cpu_isa import has_native_bf16
 from inferd.layers.kv_storage import KV_CACHE_DTYPES
 
-QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "gguf", "gguf-q8", "int8", "int4")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -82,7 +82,8 @@ class EngineConfig(DeviceOptions):
     num_threads: int | None = None
     enable_prefix_caching: bool = True
     # auto (None): a quantized GGUF file computes with its own blocks on the CPU (gguf), other models in
-    # floats; none: floats always; int8 | int4: float weights plus copies for small batches
+    # floats; gguf-q8: the same with one int8 term per activation (llama.cpp's Q8 activations: faster,
+    # less accurate); none: floats always; int8 | int4: float weights plus copies for small batches
     quantization: str | None = None
     kv_cache_dtype: str = "auto"        # auto (the model's dtype) | int8 | fp8 (per-row scales: layers/kv_storage)
     reasoning_parser: str | None = None  # think (deepseek_r1, qwen3) | none; None: from the chat template
@@ -123,7 +124,8 @@ class EngineConfig(DeviceOptions):
             raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
 
     def resolve_quantization(self, has_blocks: bool, device: torch.device, kernels: bool) -> str | None:
-        """What the engine computes with: "gguf" (the file's quantized blocks, layers/quant_blocks.py),
+        """What the engine computes with: "gguf"/"gguf-q8" (the file's quantized blocks with two or one
+        int8 activation terms, layers/quant_blocks.py),
         "int8"/"int4" (float weights with copies for few rows) or None (float weights).
         `has_blocks`: the checkpoint has packable GGUF blocks; `kernels`: the CPU kernels built."""
         spec = self.speculative_config
@@ -132,21 +134,21 @@ class EngineConfig(DeviceOptions):
             # an explicit --dtype asks for floats; a self-draft is made from the float weights
             native = has_blocks and device.type == "cpu" and kernels and self.dtype == "auto" and not self_draft
             return "gguf" if native else None
-        if self.quantization == "gguf":
+        if self.quantization in ("gguf", "gguf-q8"):
             why = ("the model has no Q4_0, Q4_1 or Q8_0 GGUF weights" if not has_blocks
                    else "it runs on the CPU" if device.type != "cpu"
                    else "the CPU kernels did not build (see the log)" if not kernels
                    else "a draft model made from the target's weights needs them in floats" if self_draft
                    else None)
             if why:
-                raise ValueError(f"quantization: gguf cannot be used: {why}")
-            return "gguf"
+                raise ValueError(f"quantization: {self.quantization} cannot be used: {why}")
+            return self.quantization
         return None if self.quantization == "none" else self.quantization
 
     def model_dtype(self, device: torch.device, quantization: str | None) -> torch.dtype:
         """The activations' dtype: float32 under gguf unless --dtype says otherwise (the kernel
         quantizes the activations itself, and fp32 elsewhere costs little on a quantized model)."""
-        if quantization == "gguf" and self.dtype == "auto":
+        if quantization in ("gguf", "gguf-q8") and self.dtype == "auto":
             return torch.float32
         return self.torch_dtype(device)
 

@@ -66,11 +66,24 @@ class _Group:
 
 class TorchAttentionBackend(AttentionBackend):
     """Decodes (one new token) and prefill chunks are attended in separate groups, so
-    a long chunk does not pad every decode in the batch to its length."""
+    a long chunk does not pad every decode in the batch to its length.
+
+    `batch_invariant`: on the CPU with the fused kernels, every new token, a prompt's too,
+    is attended as a decode is (one query over the cache up to its own position, the
+    decode kernel), so a token's attention is the same bits however its prompt was cut
+    into chunks and whatever shared its step; SDPA's blocking follows the chunk's shape.
+    With batch-invariant matmuls (layers/quant_blocks.py) a request's logits then do not
+    depend on its company, and prompt steps take the fused decode path too."""
+
+    def __init__(self, batch_invariant: bool = False):
+        self.batch_invariant = batch_invariant
 
     def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
         qlens = torch.tensor(meta.query_lens, dtype=torch.int64)
         slens = torch.tensor(meta.seq_lens, dtype=torch.int64)
+        if self.batch_invariant and device.type == "cpu" and ops_for(qlens) is not None and bool((qlens > 1).any()):
+            meta.prepared = [self._per_token_group(meta.block_tables, qlens, slens, device)]
+            return
         starts = torch.cumsum(qlens, 0) - qlens
         decode = qlens == 1
         groups = []
@@ -90,6 +103,20 @@ class TorchAttentionBackend(AttentionBackend):
         mask = torch.arange(ctx)[None, None, :] <= q_pos[:, :, None]
         return _Group(tables, slens.to(device), index.to(device), valid.to(device),
                       index[valid].to(device), mask[:, None].to(device), ctx, max_q == 1)
+
+    @staticmethod
+    def _per_token_group(tables, qlens, slens, device) -> _Group:
+        """Every new token as a request of its own: its request's block table, its position + 1
+        as the context length."""
+        owner = torch.repeat_interleave(torch.arange(len(qlens)), qlens)
+        starts = torch.cumsum(qlens, 0) - qlens
+        token = torch.arange(int(qlens.sum()))
+        lens = (slens - qlens)[owner] + (token - starts[owner]) + 1
+        ctx = int(slens.max())
+        mask = torch.arange(ctx)[None, :] < lens[:, None]
+        return _Group(tables[owner.to(tables.device)], lens.to(device), token[:, None].to(device),
+                      torch.ones(len(token), 1, dtype=torch.bool, device=device), token.to(device),
+                      mask[:, None, None].to(device), ctx, True)
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         """q: [T, H, D]; k, v: [T, KVH, D]; kv_cache: [2, blocks, block_size, KVH, D], or its int8

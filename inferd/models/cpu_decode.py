@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from inferd.layers import linear as linear_mod
+from inferd.layers import quant_blocks
 from inferd.layers.attention import AttentionMetadata
 from inferd.layers.cpu_kernels import ops_for
 from inferd.layers.kv_storage import QuantizedKV
@@ -69,4 +70,5 @@ def decode_layers(model, residual: torch.Tensor, rope_tables, kv_caches: list[to
         residual, _layer_tensors(model, kv_caches), model.norm.weight, rope_tables[0], rope_tables[1],
         meta.slot_mapping, g.tables, g.seq_lens, g.out_index,
         [attn.n_heads, attn.n_kv, attn.head_dim, cfg.intermediate_size],
-        cfg.rms_norm_eps, attn.scale, linear_mod.INT8_MAX_ROWS, linear_mod.INT4_MAX_ROWS)
+        cfg.rms_norm_eps, attn.scale, linear_mod.INT8_MAX_ROWS, linear_mod.INT4_MAX_ROWS,
+        getattr(model, "activation_terms", quant_blocks.ACTIVATION_TERMS))

@@ -119,11 +119,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def use_gguf_blocks(self, quantized: dict) -> int:
+    def use_gguf_blocks(self, quantized: dict, terms: int = quant_blocks.ACTIVATION_TERMS) -> int:
         """Compute every projection whose GGUF tensors are in packable blocks with those blocks
-        (layers/quant_blocks.py); `quantized` is Checkpoint.quantized. Returns how many layers
-        did; the others (float tensors in the file, mixed types in a fused projection) keep
-        their float weights."""
+        (layers/quant_blocks.py), activations split into `terms` int8 terms; `quantized` is
+        Checkpoint.quantized. Returns how many layers did; the others (float tensors in the
+        file, mixed types in a fused projection) keep their float weights."""
         if self.embed_tokens.weight.device.type != "cpu":
             raise ValueError("quantization: gguf runs on the CPU")
 
@@ -131,7 +131,7 @@ class LlamaForCausalLM(nn.Module):
             t = quantized.get(name)
             if t is None or t.kind not in quant_blocks.PACKABLE:
                 return None
-            return quant_blocks.pack(t.data, t.kind, t.shape)
+            return quant_blocks.pack(t.data, t.kind, t.shape, terms)
 
         def fused(names: list[str]) -> quant_blocks.PackedWeight | None:
             parts = [packed(n) for n in names]
@@ -154,6 +154,7 @@ class LlamaForCausalLM(nn.Module):
                 linear.use_blocks(weight, keep_weight=linear is self.lm_head and tied)
                 done += 1
         self.__dict__.pop("_cpu_decode_layers", None)
+        self.activation_terms = terms
         return done
 
     def quantize(self, kind: str) -> None:

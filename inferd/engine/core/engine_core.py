@@ -46,8 +46,9 @@ class EngineCore:
         self.dtype = config.model_dtype(self.device, self.quantization)
         t0 = time.perf_counter()
         self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
-        if self.quantization == "gguf":
-            packed = self.model.use_gguf_blocks(ckpt.quantized)
+        gguf_terms = {"gguf": 2, "gguf-q8": 1}.get(self.quantization)
+        if gguf_terms:
+            packed = self.model.use_gguf_blocks(ckpt.quantized, gguf_terms)
             log.info("%d projections compute with the GGUF file's blocks (%s kernels)", packed,
                      cpu_kernels.load().quant_matmul_path())
         elif self.quantization:
@@ -59,7 +60,7 @@ class EngineCore:
         draft = None
         if spec is not None and spec.method == "draft_model":
             draft = DraftModel(spec, self.model, ckpt.tokenizer, self.device, self.dtype,
-                               gguf_blocks=self.quantization == "gguf")
+                               gguf_terms=gguf_terms)
 
         mc = self.model_config
         bytes_per_block = mc.num_layers * config.block_size * kv_storage.bytes_per_token(
@@ -87,7 +88,7 @@ class EngineCore:
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self.speculator = Speculator(spec, self.max_model_len, draft) if spec is not None else None
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
-                                  TorchAttentionBackend(), self.device)
+                                  TorchAttentionBackend(batch_invariant=bool(gguf_terms)), self.device)
         self.vision_spec = ckpt.vision
         self.vision = None
         if ckpt.vision is not None:

@@ -61,7 +61,7 @@ _CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 class DraftModel:
     def __init__(self, config: SpeculativeConfig, target: LlamaForCausalLM, target_tokenizer: TokenizerSpec,
-                 device: torch.device, dtype: torch.dtype, gguf_blocks: bool = False):
+                 device: torch.device, dtype: torch.dtype, gguf_terms: int | None = None):
         if config.model is None:
             self.model, self.cfg = target.sharing_weights(), target.cfg
             self.source = "the target's weights"
@@ -71,8 +71,8 @@ class DraftModel:
             ckpt = load_checkpoint(config.model, progress=False)
             _check_vocabulary(config.model, ckpt, target.cfg, target_tokenizer)
             self.model, self.cfg = build_model(ckpt, dtype, device)
-            if gguf_blocks and config.quantization is None:  # as the target: the file's own blocks
-                self.model.use_gguf_blocks(ckpt.quantized)
+            if gguf_terms and config.quantization is None:  # as the target: the file's own blocks
+                self.model.use_gguf_blocks(ckpt.quantized, gguf_terms)
             self.source = config.model
         if config.quantization is not None:
             self.model.quantize(config.quantization)
