@@ -1,4 +1,4 @@
-"""Accuracy cost of lossy options: perplexity on a fixed text against the bf16 reference.
+"""Accuracy cost of lossy options: perplexity on a fixed text against the float reference.
 
 The text is a fixed English passage (below). Perplexity comes from one forward
 pass over it (teacher forcing). For int8 and int4, the weight-only kernels are
@@ -39,6 +39,19 @@ accelerated trends already under way, but few doubt that it transformed the way
 people learned, argued and remembered."""
 
 
+# (row, LLM options); GGUF rows compare with float32, the dequantized weights they hold
+OPTIONS = (
+    ("float32", dict(dtype="float32")), ("bfloat16", dict(dtype="bfloat16")),
+    ("GGUF blocks (the default: two int8 activation terms)", dict()),
+    ("GGUF blocks, `--quantization gguf-q8` (one term, as llama.cpp)", dict(quantization="gguf-q8")),
+    ("GGUF blocks + int8 KV cache", dict(kv_cache_dtype="int8")),
+    ("bfloat16 + int8 weights", dict(dtype="bfloat16", quantization="int8")),
+    ("bfloat16 + int4 weights (output head int8)", dict(dtype="bfloat16", quantization="int4")),
+    ("bfloat16 + int8 KV cache", dict(dtype="bfloat16", kv_cache_dtype="int8")),
+    ("float32 + int8 KV cache", dict(dtype="float32", kv_cache_dtype="int8")),
+)
+
+
 def perplexity(llm: LLM, ids: list[int]) -> float:
     [out] = llm.generate([ids], SamplingParams(max_tokens=0, prompt_logprobs=0))
     lps = [next(iter(p.values())).logprob for p in out.prompt_logprobs[1:]]
@@ -47,12 +60,7 @@ def perplexity(llm: LLM, ids: list[int]) -> float:
 
 def main() -> None:
     results = {}
-    for name, opts in (("float32", dict(dtype="float32")), ("bfloat16", dict(dtype="bfloat16")),
-                       ("bfloat16 + int8 weights", dict(dtype="bfloat16", quantization="int8")),
-                       ("bfloat16 + int4 weights (output head int8)",
-                        dict(dtype="bfloat16", quantization="int4")),
-                       ("bfloat16 + int8 KV cache", dict(dtype="bfloat16", kv_cache_dtype="int8")),
-                       ("float32 + int8 KV cache", dict(dtype="float32", kv_cache_dtype="int8"))):
+    for name, opts in OPTIONS:
         llm = LLM(progress=False, **opts)
         ids = llm.tokenizer.encode(TEXT)
         saved = linear.INT8_MAX_ROWS, linear.INT4_MAX_ROWS
@@ -66,8 +74,8 @@ def main() -> None:
     m = machine_info()
 
     def ref(name: str) -> tuple[str, float]:  # each option against the plain run of its dtype
-        dtype = name.split()[0]
-        return dtype, results[dtype]
+        base = "float32" if name.startswith("GGUF") else name.split()[0]
+        return base, results[base]
 
     rows = "\n".join(f"| {k} | {v:.3f} | {100 * (v / ref(k)[1] - 1):+.2f}% vs {ref(k)[0]} |"
                       for k, v in results.items())
@@ -77,7 +85,9 @@ def main() -> None:
 `python benchmarks/quant_accuracy.py` — perplexity of SmolLM2-135M-Instruct (weights as
 dequantized from its Q4_1 GGUF) on a fixed {len(ids)}-token English passage, one
 teacher-forced pass (with an int8 KV cache every position attends to the int8 K/V of the
-positions before it); {m['date']}, {m['cpu']} ({m['isa']}), torch {m['torch']}.
+positions before it). The GGUF rows compute with the file's own blocks
+(layers/quant_blocks.py) and compare with float32 on the weights those blocks hold, the others
+with the plain run of their dtype; {m['date']}, {m['cpu']} ({m['isa']}), torch {m['torch']}.
 
 | option | perplexity | change |
 |---|---|---|

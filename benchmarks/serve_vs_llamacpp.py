@@ -16,12 +16,18 @@ inferd runs with its defaults (`--num-threads` set). Everything runs `--repeats`
 times (3), engines interleaved, each time on a freshly started server; per engine
 and scenario the median run by its headline number (output tokens/s, prompt
 tokens/s for prefill) is reported, with every run's headline number.
-`inferd-int4` is inferd with `--quantization int4` (the GGUF's own 4-bit levels for
-the layers, as llama.cpp runs them; the output head at 8 bits). Writes
+The AVX2 rows run both servers as an AVX2-only CPU would, on any machine: inferd
+with `ATEN_CPU_CAPABILITY=avx2` (its kernels built for x86-64-v3, torch's AVX2 code)
+and llama.cpp built with AVX2 only (`ISA=avx2 build_llama_cpp.sh`). `inferd-gguf-q8`
+is inferd with `--quantization gguf-q8` (one int8 activation term, as llama.cpp).
+Then the KV-cache row: 64 concurrent clients against inferd with a small
+`--kv-cache-bytes`, the default KV cache and `--kv-cache-dtype int8`
+(benchmarks/kv_cache_int8.py's driver). Writes
 benchmarks/results/serve_vs_llamacpp.json, two PNG plots and the
 `serve_vs_llamacpp` section of docs/benchmarks.md.
 
     benchmarks/peers/build_llama_cpp.sh            # once: builds benchmarks/peers/bin/llama-server
+    ISA=avx2 benchmarks/peers/build_llama_cpp.sh   # once: benchmarks/peers/bin-avx2/llama-server
     python benchmarks/serve_vs_llamacpp.py         # on an otherwise idle machine
 """
 
@@ -39,8 +45,14 @@ from benchmarks.common import RESULTS, ROOT, loadavg, Server, machine_info, save
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "bin" / "llama-server"
-ENGINES = ("inferd", "inferd-int4", "llama.cpp")
-INFERD_ARGS = {"inferd": [], "inferd-int4": ["--quantization", "int4"]}
+LLAMA_SERVER_AVX2 = ROOT / "benchmarks" / "peers" / "bin-avx2" / "llama-server"
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# inferd variants: (extra flags, environment); llama.cpp builds: the binary
+INFERD = {"inferd": ([], {}), "inferd-gguf-q8": (["--quantization", "gguf-q8"], {}), "inferd-avx2": ([], AVX2_ENV)}
+LLAMA = {"llama.cpp": LLAMA_SERVER, "llama.cpp-avx2": LLAMA_SERVER_AVX2}
+ENGINES = ("inferd", "inferd-gguf-q8", "llama.cpp", "inferd-avx2", "llama.cpp-avx2")
+# each inferd variant against the llama.cpp build for the same instruction set
+PEER = {"inferd": "llama.cpp", "inferd-gguf-q8": "llama.cpp", "inferd-avx2": "llama.cpp-avx2"}
 
 # name -> (num_prompts, max_concurrency, input_len, output_len, seed)
 SCENARIOS = {
@@ -59,18 +71,19 @@ def free_port() -> int:
 
 def start_inferd(name: str, gguf: Path, threads: int) -> Server:
     port = free_port()
+    flags, env = INFERD[name]
     cmd = [sys.executable, "-m", "inferd.cli", "--log-level", "warning", "serve", str(gguf),
-           "--port", str(port), "--num-threads", str(threads), *INFERD_ARGS[name]]
-    return Server(name, cmd, port, {"OMP_NUM_THREADS": str(threads)}).wait_ready()
+           "--port", str(port), "--num-threads", str(threads), *flags]
+    return Server(name, cmd, port, {"OMP_NUM_THREADS": str(threads), **env}).wait_ready()
 
 
-def start_llama(binary: Path, gguf: Path, threads: int, slots: int, ctx: int) -> Server:
+def start_llama(name: str, binary: Path, gguf: Path, threads: int, slots: int, ctx: int) -> Server:
     port = free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "-np", str(slots), "-c", str(ctx), "-t", str(threads), "-tb", str(threads),
            # the repacked (AMX) kernels of a native build stop with an illegal instruction on some machines
            "--no-repack"]
-    return Server("llama.cpp", cmd, port).wait_ready()
+    return Server(name, cmd, port).wait_ready()
 
 
 def bench(server: Server, scenario: str, endpoint: str, out_dir: Path) -> dict:
@@ -100,7 +113,8 @@ def llama_version(binary: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-server", default=str(LLAMA_SERVER))
+    ap.add_argument("--kv-cache-bytes", default="96MiB", help="the KV-cache row's budget")
+    ap.add_argument("--kv-requests", type=int, default=192, help="requests of the KV-cache row")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
@@ -111,10 +125,11 @@ def main() -> None:
 
     from inferd.models.default_model import default_model_path
     gguf = default_model_path()
-    binary = Path(args.llama_server)
     engines = [e for e in args.engines.split(",") if e]
-    if "llama.cpp" in engines and not binary.is_file():
-        sys.exit(f"{binary} not found: build it with benchmarks/peers/build_llama_cpp.sh")
+    for e in engines:
+        if e in LLAMA and not LLAMA[e].is_file():
+            sys.exit(f"{LLAMA[e]} not found: build it with benchmarks/peers/build_llama_cpp.sh "
+                     f"({'ISA=avx2 ' if 'avx2' in e else ''})")
 
     load_before = loadavg()
     runs: dict[str, dict[str, list[dict]]] = {e: {sc: [] for sc in SCENARIOS} for e in engines}
@@ -124,13 +139,14 @@ def main() -> None:
         for rep in range(args.repeats):  # engines interleaved, each on a freshly started server
             for engine in engines:
                 print(f"\n# repeat {rep + 1}/{args.repeats}: {engine}", flush=True)
-                if engine in INFERD_ARGS:
+                if engine in INFERD:
                     groups = [(engine, lambda: start_inferd(engine, gguf, args.threads), list(SCENARIOS))]
                 else:
-                    groups = [("llama.cpp", lambda: start_llama(binary, gguf, args.threads, 16, 16 * 256),
+                    binary = LLAMA[engine]
+                    groups = [(engine, lambda: start_llama(engine, binary, gguf, args.threads, 16, 16 * 256),
                                ["c1", "c16"]),
-                              ("llama.cpp (prefill)", lambda: start_llama(binary, gguf, args.threads, 1, 1024),
-                               ["prefill"])]
+                              (f"{engine} (prefill)",
+                               lambda: start_llama(engine, binary, gguf, args.threads, 1, 1024), ["prefill"])]
                 for label, start, scenarios in groups:
                     srv = start()
                     server_cmds[label] = srv.cmd
@@ -139,6 +155,7 @@ def main() -> None:
                             runs[engine][sc].append(bench(srv, sc, args.endpoint, out_dir))
                     finally:
                         srv.stop()
+    kv_rows = kv_cache_rows(args) if "inferd" in engines else {}
     # per engine and scenario, the median run by the scenario's headline number
     results = {e: {sc: median_run(sc, rs) for sc, rs in by_sc.items()} for e, by_sc in runs.items()}
     spread = {e: {sc: sorted(headline(sc, r) for r in rs) for sc, rs in by_sc.items()} for e, by_sc in runs.items()}
@@ -147,7 +164,10 @@ def main() -> None:
     m["loadavg_before"], m["loadavg_after"] = load_before, loadavg()
     data = {
         "args": vars(args), "machine": m, "model": str(gguf.name),
-        "versions": {"inferd": m["inferd"], "torch": m["torch"], "llama.cpp": llama_version(binary)},
+        "versions": {"inferd": m["inferd"], "torch": m["torch"],
+                     **{e: llama_version(LLAMA[e]) for e in engines if e in LLAMA}},
+        "isa": {e: "AVX2 (forced)" if "avx2" in e else m["isa"] for e in engines},
+        "kv_cache": kv_rows,
         "scenarios": {k: dict(zip(("num_prompts", "max_concurrency", "input_len", "output_len", "seed"), v))
                       for k, v in SCENARIOS.items()},
         "server_commands": {k: _display(v) for k, v in server_cmds.items()},
@@ -163,11 +183,20 @@ def main() -> None:
                                   for k in ("success", "start", "prompt_len", "output_tokens", "ttft", "tpot", "e2el")}
                                  for q in reqs]
     save_json("serve_vs_llamacpp", data)
-    if len(results) == len(ENGINES):
+    if set(results) == set(ENGINES):
         plot(results)
         if not args.no_doc:
             doc(data)
     print(json.dumps(data["ratios"], indent=2))
+
+
+def kv_cache_rows(args) -> dict:
+    """The default KV cache and int8 under 64 clients at the same --kv-cache-bytes (one run each)."""
+    from benchmarks import kv_cache_int8
+
+    ns = argparse.Namespace(kv_cache_bytes=args.kv_cache_bytes, requests=args.kv_requests, concurrency=64,
+                            max_tokens=64)
+    return {kv: kv_cache_int8.serve(kv, ns) for kv in ("auto", "int8")}
 
 
 def _display(cmd: list[str]) -> list[str]:
@@ -196,10 +225,8 @@ def median_run(scenario: str, runs: list[dict]) -> dict:
 
 
 def ratios(results: dict) -> dict:
-    """Per inferd variant, its figures over llama.cpp's."""
-    if "llama.cpp" not in results:
-        return {}
-    return {a: _ratios(results, a, "llama.cpp") for a in results if a in INFERD_ARGS}
+    """Per inferd variant, its figures over those of the llama.cpp build for its instruction set."""
+    return {a: _ratios(results, a, PEER[a]) for a in results if a in PEER and PEER[a] in results}
 
 
 def _ratios(results: dict, a: str, b: str) -> dict:
@@ -214,7 +241,8 @@ def _ratios(results: dict, a: str, b: str) -> dict:
     }
 
 
-COLORS = {"inferd": "#2a7", "inferd-int4": "#27a", "llama.cpp": "#c63"}
+COLORS = {"inferd": "#2a7", "inferd-gguf-q8": "#27a", "llama.cpp": "#c63", "inferd-avx2": "#7b5",
+          "llama.cpp-avx2": "#e96"}
 
 
 def plot(results: dict) -> None:
@@ -259,25 +287,30 @@ def doc(data: dict) -> None:
 
     def row(e, sc):
         x = _m(res, e, sc)
-        return (f"| {e} | {sc[1:]} | {x['completed']} | {x['request_throughput']:.2f} | "
+        return (f"| {e} | {data['isa'][e]} | {sc[1:]} | {x['completed']} | {x['request_throughput']:.2f} | "
                 f"{x['output_throughput']:.1f} | {x['ttft_ms']['median']:.0f} | {x['ttft_ms']['p99']:.0f} | "
                 f"{x['tpot_ms']['median']:.1f} | {x['tpot_ms']['p99']:.1f} | {x['itl_ms']['median']:.1f} | "
                 f"{x['e2el_ms']['median']:.0f} |")
 
     rows = "\n".join(row(e, sc) for sc in ("c1", "c16") for e in res)
     pre = "\n".join(
-        f"| {e} | {res[e]['prefill']['metrics']['total_input_tokens'] / res[e]['prefill']['metrics']['completed']:.0f} | "
+        f"| {e} | {data['isa'][e]} | {res[e]['prefill']['metrics']['total_input_tokens'] / res[e]['prefill']['metrics']['completed']:.0f} | "
         f"{res[e]['prefill']['metrics']['ttft_ms']['median']:.0f} | {prefill_tps(res[e]['prefill']):.0f} |"
         for e in res)
     spread = "; ".join(
         f"{sc} {e}: " + ", ".join(f"{x:.0f}" for x in data["headline_all_runs"][e][sc])
         for sc in ("c1", "c16", "prefill") for e in res)
+    kv = data["kv_cache"]
+    kv_rows = "\n".join(
+        f"| {name} | {data['args']['kv_cache_bytes']} | {kv[k]['max_running']:.0f} | {kv[k]['median_running']:.0f} | "
+        f"{kv[k]['output_tok_s']:.1f} |"
+        for k, name in (("auto", "default (the model's dtype)"), ("int8", "`--kv-cache-dtype int8`")) if k in kv)
     cmds = "\n".join(f"    {k}: {' '.join(c)}" for k, c in data["server_commands"].items())
     summary = "\n\n".join(
-        f"{e} / llama.cpp: output tok/s at concurrency 16 **{q['output_tok_s_c16']:.2f}x** "
+        f"{e} / {PEER[e]}: output tok/s at concurrency 16 **{q['output_tok_s_c16']:.2f}x** "
         f"(at 1: {q['output_tok_s_c1']:.2f}x); median TTFT {q['median_ttft_c1']:.2f}x at concurrency 1, "
         f"**{q['median_ttft_c16']:.2f}x** at 16; median TPOT at concurrency 1 **{q['median_tpot_c1']:.2f}x** "
-        f"({_m(res, e, 'c1')['tpot_ms']['median']:.1f} vs {_m(res, 'llama.cpp', 'c1')['tpot_ms']['median']:.1f} ms), "
+        f"({_m(res, e, 'c1')['tpot_ms']['median']:.1f} vs {_m(res, PEER[e], 'c1')['tpot_ms']['median']:.1f} ms), "
         f"at 16 {q['median_tpot_c16']:.2f}x; prefill tok/s **{q['prefill_tok_s']:.2f}x**."
         for e, q in r.items())
     write_doc_section("serve_vs_llamacpp", f"""## Online serving vs llama.cpp (`llama-server`)
@@ -295,20 +328,28 @@ inferd {v['inferd']} (torch {v['torch']}), llama.cpp {v['llama.cpp']}
 Latencies in ms (TTFT: time to first token; TPOT: per output token after the first; ITL:
 between streamed chunks; E2E: whole request).
 
-| server | concurrency | requests | req/s | output tok/s | TTFT median | TTFT P99 | TPOT median | TPOT P99 | ITL median | E2E median |
-|---|---|---|---|---|---|---|---|---|---|---|
+| server | ISA | concurrency | requests | req/s | output tok/s | TTFT median | TTFT P99 | TPOT median | TPOT P99 | ITL median | E2E median |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Prefill: 16 requests of ~512 prompt tokens, 1 output token, concurrency 1
 (prompt tokens/s = prompt tokens / TTFT; llama-server's own log reports the same prompt
 speed for its runs, so the client's measurement is not what makes it slow).
 
-| server | prompt tokens | TTFT median (ms) | prompt tok/s |
-|---|---|---|---|
+| server | ISA | prompt tokens | TTFT median (ms) | prompt tok/s |
+|---|---|---|---|---|
 {pre}
 
 {summary}
 (Ratios of latencies above 1 mean inferd is slower.)
+
+Concurrency 64, inferd (default flags, {data['isa']['inferd']}), the same KV bytes: 64 clients each
+sending a ~150-token prompt for 64 tokens and the next when answered, {data['args']['kv_requests']}
+requests; requests running at once read from `/metrics` every 0.1 s.
+
+| KV cache | --kv-cache-bytes | most requests running | median running | output tok/s |
+|---|---|---|---|---|
+{kv_rows}
 
 Each number is from the median of {data['args']['repeats']} runs (engines interleaved, a fresh server
 each run), ranked by output tok/s (prefill: prompt tok/s); every run's value: {spread}.

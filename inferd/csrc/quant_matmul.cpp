@@ -8,7 +8,8 @@
 // int8 term carries what the first left over (x ~ d1 q1 + d2 q2, about 15 bits of the
 // activation instead of 8): one int8 term moved SmolLM2's perplexity by 0.56%, two by
 // a few hundredths (docs/benchmarks.md). The products are taken with the CPU's
-// integer dot product instructions: AVX-512 VNNI (vpdpbusd), else AVX-512 BW or AVX2 (vpmaddubsw),
+// integer dot product instructions: AMX tiles for 16 rows at a time where the CPU and
+// the OS allow them, AVX-512 VNNI (vpdpbusd), else AVX-512 BW or AVX2 (vpmaddubsw),
 // else plain C++. The -march the module is built with picks one (layers/cpu_isa.py).
 //
 // Batch invariance: every output is accumulated block by block, in block order, with
@@ -33,11 +34,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_INT8__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace inferd {
@@ -89,6 +96,55 @@ inline float load_float(const T* p) {
   return float(*p);
 }
 
+// One block of 32 activations to int8: q = round(x / d), d = absmax / 127 (rounding to
+// nearest even, as the vector conversion does), their sum; x becomes what q leaves over
+// (x - d * q) for the next term. The vector version does the same IEEE operations.
+inline float quantize_block(float* x, int8_t* q, int32_t* sum) {
+#ifdef __AVX2__
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float d = _mm_cvtss_f32(m4) / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  const __m256 vid = _mm256_set1_ps(id), vd = _mm256_set1_ps(d);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  __m256i total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));  // round to nearest even
+    n = _mm256_min_epi32(hi, _mm256_max_epi32(lo, n));
+    total = _mm256_add_epi32(total, n);
+    _mm256_storeu_ps(x + 8 * i, _mm256_sub_ps(v[i], _mm256_mul_ps(vd, _mm256_cvtepi32_ps(n))));
+    const __m128i n16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + 8 * i), _mm_packs_epi16(n16, n16));
+  }
+  __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+  t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+  *sum = _mm_cvtsi128_si32(t4);
+  return d;
+#else
+  float amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.f;
+  const float id = d > 0.f ? 1.f / d : 0.f;
+  int32_t total = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    const int v = int(std::nearbyint(x[i] * id));
+    q[i] = int8_t(std::min(127, std::max(-127, v)));
+    total += q[i];
+    x[i] = x[i] - d * float(q[i]);
+  }
+  *sum = total;
+  return d;
+#endif
+}
+
 // Row r's activations become `terms` virtual rows r * terms + t: the first is x quantized,
 // each next one what the ones before left over (x - sum of d * q so far), quantized again.
 template <typename T>
@@ -107,23 +163,11 @@ void quantize_rows(QuantRows& out, const T* x, int64_t rows, int64_t k, int64_t 
         const T* src = x + r * stride + b * kBlock;
         for (int i = 0; i < kBlock; ++i) buf[i] = load_float(src + i);
         for (int t = 0; t < terms; ++t) {
-          const int64_t row = r * terms + t;
-          float amax = 0.f;
-          for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(buf[i]));
-          const float d = amax / 127.f;
-          const float id = d > 0.f ? 1.f / d : 0.f;
+          const int64_t row = r * terms + t, at = row * out.blocks + b;
           int8_t* q = out.q.data() + row * k + b * kBlock;
-          int32_t sum = 0;
-          for (int i = 0; i < kBlock; ++i) {
-            const int v = int(std::nearbyint(buf[i] * id));
-            q[i] = int8_t(std::min(127, std::max(-127, v)));
-            sum += q[i];
-            buf[i] = buf[i] - d * float(q[i]);  // what this term leaves for the next
-          }
-          const int64_t at = row * out.blocks + b;
+          const float d = quantize_block(buf, q, &out.s[at]);
           out.d[at] = d;
-          out.s[at] = sum;
-          out.ds[at] = d * float(sum);
+          out.ds[at] = d * float(out.s[at]);
         }
       }
     }
@@ -148,8 +192,9 @@ struct Tile {
   const uint16_t* m;     // [blocks][16] or null
   const QuantRows* a;
   int64_t row0;
-  float* out;            // out[row0][col0]
+  float* out;            // the output row of virtual row row0, at the group's first column
   int64_t out_stride;
+  int terms;             // virtual rows per output row, summed in order when stored
 };
 
 // ---- plain C++: the reference every vector path matches bit for bit ------------
@@ -184,7 +229,8 @@ void tile_scalar(const Tile& t, int rows) {
         if (kind == Kind::Q4_1) acc[c] = acc[c] + f16_to_f32(t.m[b * kCols + c]) * t.a->ds[at];
       }
     }
-    std::memcpy(t.out + r * t.out_stride, acc, sizeof(acc));
+    float* o = t.out + (r / t.terms) * t.out_stride;
+    for (int c = 0; c < kCols; ++c) o[c] = r % t.terms ? o[c] + acc[c] : acc[c];
   }
 }
 
@@ -218,6 +264,32 @@ inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
+}
+
+inline __m512 scales16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One block's contribution to a row's 16 outputs, the same fp32 operations as tile_scalar:
+// acc + (dw * da) * sum (+ mw * (da * sum of the activations) for Q4_1). `offset_in_sum`: the
+// integer sum still holds the levels' storage offset, taken out here exactly.
+template <Kind kind, bool offset_in_sum>
+inline __m512 add_block(__m512 acc, __m512i sum, __m512 dw, __m512 mw, const QuantRows& a, int64_t at) {
+  if (offset_in_sum && level_offset<kind>())
+    sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(level_offset<kind>() * a.s[at]));
+  const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(a.d[at]));
+  acc = _mm512_add_ps(acc, _mm512_mul_ps(dd, _mm512_cvtepi32_ps(sum)));
+  if (kind == Kind::Q4_1) acc = _mm512_add_ps(acc, _mm512_mul_ps(mw, _mm512_set1_ps(a.ds[at])));
+  return acc;
+}
+
+// Each output row: the sum of its virtual rows (its activation terms), in term order.
+inline void store_rows(const Tile& t, const __m512* acc, int rows) {
+  for (int r = 0; r < rows; r += t.terms) {
+    __m512 v = acc[r];
+    for (int j = 1; j < t.terms; ++j) v = _mm512_add_ps(v, acc[r + j]);
+    _mm512_storeu_ps(t.out + (r / t.terms) * t.out_stride, v);
+  }
 }
 
 template <Kind kind, int R>
@@ -271,24 +343,106 @@ void tile_avx512(const Tile& t) {
       }
       for (int r = 0; r < R; ++r) sum[r] = _mm512_add_epi32(sum[r], sum_hi[r]);
     }
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.d + b * kCols)));
-    __m512 mw = _mm512_setzero_ps();
-    if (kind == Kind::Q4_1) mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.m + b * kCols)));
+    const __m512 dw = scales16(t.d + b * kCols), mw = kind == Kind::Q4_1 ? scales16(t.m + b * kCols) : dw;
     for (int r = 0; r < R; ++r) {
-      const int64_t at = (t.row0 + r) * nb + b;
-      __m512i s = sum[r];
 #ifdef __AVX512VNNI__
-      if (level_offset<kind>()) s = _mm512_sub_epi32(s, _mm512_set1_epi32(level_offset<kind>() * t.a->s[at]));
+      constexpr bool offset_in_sum = true;
 #else
-      if (kind == Kind::Q4_0) s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * t.a->s[at]));
+      constexpr bool offset_in_sum = kind != Kind::Q8_0;  // maddubs took Q8_0's levels signed
 #endif
-      const __m512 dd = _mm512_mul_ps(dw, _mm512_set1_ps(t.a->d[at]));
-      acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(dd, _mm512_cvtepi32_ps(s)));
-      if (kind == Kind::Q4_1) acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mw, _mm512_set1_ps(t.a->ds[at])));
+      acc[r] = add_block<kind, offset_in_sum>(acc[r], sum[r], dw, mw, *t.a, (t.row0 + r) * nb + b);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(t.out + r * t.out_stride, acc[r]);
+  store_rows(t, acc, R);
 }
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
+// ---- AMX: 16 rows x 16 columns x one block per tile multiply -------------------
+//
+// The packed weights are already in AMX's B layout (rows of 16 columns x 4 inputs); the
+// 4-bit ones are widened to bytes first. Each block's int32 sums come out exact, as on
+// every other path, and go through the same add_block, so the bits do not change.
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {0};
+  uint16_t colsb[16] = {0};
+  uint8_t rows[16] = {0};
+};
+
+// Linux hands out AMX state only to a process that asks (arch_prctl); once per process.
+// INFERD_AMX=0 keeps to the AVX-512 path (the same bits; for comparisons).
+bool amx_usable() {
+  static const bool ok = [] {
+    const char* env = std::getenv("INFERD_AMX");
+    if (env && std::string(env) == "0") return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+void configure_tiles() {
+  TileConfig c;
+  for (int i : {0, 1}) c.rows[i] = 16, c.colsb[i] = 64;   // C: 16 rows x 16 int32
+  for (int i : {2, 3}) c.rows[i] = 16, c.colsb[i] = 32;   // A: 16 rows x 32 int8 activations
+  for (int i : {4, 5}) c.rows[i] = 8, c.colsb[i] = 64;    // B: 8 rows of 16 columns x 4 levels
+  // GCC does not see ldtilecfg read the struct and drops the stores above without this
+  asm volatile("" : : "r"(&c) : "memory");
+  _tile_loadconfig(&c);
+}
+
+constexpr int kAmxRows = 16;
+
+template <Kind kind>
+inline const uint8_t* b_tile(const uint8_t* w, uint8_t* buf) {
+  if (kind == Kind::Q8_0) return w;
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int p = 0; p < 4; ++p) {
+    const __m512i v = _mm512_loadu_si512(w + p * 64);
+    _mm512_store_si512(buf + 2 * p * 64, _mm512_and_si512(v, low));
+    _mm512_store_si512(buf + (2 * p + 1) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  }
+  return buf;
+}
+
+template <Kind kind>
+void tile_amx(const Tile& t) {
+  const int64_t nb = t.a->blocks, k = t.a->k;
+  alignas(64) uint8_t wbuf[2][512];
+  alignas(64) int32_t sums[2][kAmxRows * kCols];
+  __m512 acc[kAmxRows];
+  for (int r = 0; r < kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
+  const int8_t* a = t.a->q.data() + t.row0 * k;
+  for (int64_t b = 0; b < nb; b += 2) {
+    // two blocks in flight (tiles 0/2/4 and 1/3/5), then their sums in block order
+    const bool pair = b + 1 < nb;
+    const uint8_t* w = t.w + b * block_bytes<kind>();
+    prefetch_ahead<kind>(t, b);
+    _tile_loadd(4, b_tile<kind>(w, wbuf[0]), 64);
+    _tile_loadd(2, a + b * kBlock, k);
+    _tile_zero(0);
+    _tile_dpbsud(0, 2, 4);
+    if (pair) {
+      _tile_loadd(5, b_tile<kind>(w + block_bytes<kind>(), wbuf[1]), 64);
+      _tile_loadd(3, a + (b + 1) * kBlock, k);
+      _tile_zero(1);
+      _tile_dpbsud(1, 3, 5);
+    }
+    _tile_stored(0, sums[0], 64);
+    if (pair) _tile_stored(1, sums[1], 64);
+    for (int64_t j = 0; j < (pair ? 2 : 1); ++j) {
+      const int64_t bj = b + j;
+      const __m512 dw = scales16(t.d + bj * kCols), mw = kind == Kind::Q4_1 ? scales16(t.m + bj * kCols) : dw;
+      for (int r = 0; r < kAmxRows; ++r) {
+        const __m512i s = _mm512_load_si512(sums[j] + r * kCols);
+        acc[r] = add_block<kind, true>(acc[r], s, dw, mw, *t.a, (t.row0 + r) * nb + bj);
+      }
+    }
+  }
+  store_rows(t, acc, kAmxRows);
+}
+#define INFERD_AMX 1
+#endif
 
 constexpr int kMaxRows = 8;
 template <Kind kind>
@@ -304,7 +458,11 @@ void tile(const Tile& t, int rows) {
     default: return tile_avx512<kind, 1>(t);
   }
 }
+#ifdef INFERD_AMX
+constexpr const char* kPath = "amx";
+#else
 constexpr const char* kPath = "avx512";
+#endif
 
 #elif defined(__AVX2__)
 // ---- AVX2: the 16 columns as two halves of 8 ---------------------------------
@@ -371,9 +529,12 @@ void tile_avx2(const Tile& t) {
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(t.out + r * t.out_stride, acc[r][0]);
-    _mm256_storeu_ps(t.out + r * t.out_stride + 8, acc[r][1]);
+  for (int r = 0; r < R; r += t.terms) {  // each output row: its terms summed in order
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = acc[r][h];
+      for (int j = 1; j < t.terms; ++j) v = _mm256_add_ps(v, acc[r + j][h]);
+      _mm256_storeu_ps(t.out + (r / t.terms) * t.out_stride + h * 8, v);
+    }
   }
 }
 
@@ -390,7 +551,7 @@ void tile(const Tile& t, int rows) {
 constexpr const char* kPath = "avx2";
 
 #else
-constexpr int kMaxRows = 1;
+constexpr int kMaxRows = 2;  // whole output rows of two terms
 template <Kind kind>
 void tile(const Tile& t, int rows) {
   tile_scalar<kind>(t, rows);
@@ -400,26 +561,45 @@ constexpr const char* kPath = "scalar";
 
 template <Kind kind>
 void run(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t* d, const uint16_t* m,
-         int64_t groups, float* out, int64_t out_stride, bool reference) {
+         int64_t groups, float* out, int64_t out_stride, int terms, bool reference) {
+  // virtual rows: `terms` per output row; every tile holds whole output rows (kMaxRows and
+  // kAmxRows are multiples of the terms allowed)
   const int64_t nb = a.blocks;
   // a thread takes whole column groups and every row for them: the group's weights
   // (a few KiB) stay in L1 while the rows go by. Even one row is split between the
   // threads (streaming the weights from L3 or memory is what a decode step waits on)
   // once each gets ~8 groups of 576 inputs, about a microsecond of work.
   const int64_t grain = std::max<int64_t>(1, 144 / std::max<int64_t>(1, rows * nb));
+#ifdef INFERD_AMX
+  const bool amx = !reference && rows >= kAmxRows && amx_usable();
+#endif
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+#ifdef INFERD_AMX
+    if (amx) configure_tiles();  // the tile configuration is per thread
+#endif
     for (int64_t g = begin; g < end; ++g) {
-      for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-        const int n = int(std::min<int64_t>(kMaxRows, rows - r0));
+      for (int64_t r0 = 0; r0 < rows;) {
         Tile t{packed + g * nb * block_bytes<kind>(), d + g * nb * kCols, m ? m + g * nb * kCols : nullptr,
-               &a, r0, out + r0 * out_stride + g * kCols, out_stride};
+               &a, r0, out + (r0 / terms) * out_stride + g * kCols, out_stride, terms};
+#ifdef INFERD_AMX
+        if (amx && rows - r0 >= kAmxRows) {
+          tile_amx<kind>(t);
+          r0 += kAmxRows;
+          continue;
+        }
+#endif
+        const int n = int(std::min<int64_t>(kMaxRows, rows - r0));
         if (reference) {
           tile_scalar<kind>(t, n);
         } else {
           tile<kind>(t, n);
         }
+        r0 += n;
       }
     }
+#ifdef INFERD_AMX
+    if (amx) _tile_release();
+#endif
   });
 }
 
@@ -427,7 +607,7 @@ void run(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t
 
 torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor d, torch::Tensor m,
                            int64_t out_features, bool reference, int64_t terms) {
-  TORCH_CHECK(terms >= 1 && terms <= 3, "quant_matmul: terms is 1, 2 or 3");
+  TORCH_CHECK(terms == 1 || terms == 2, "quant_matmul: terms is 1 or 2");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_matmul: x must be [rows, K], contiguous in K");
   TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
               "quant_matmul: packed must be uint8 [groups, blocks, bytes]");
@@ -450,35 +630,20 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
     TORCH_CHECK(false, "quant_matmul: x must be float32 or bfloat16");
   }
   const int64_t padded = groups * kCols;
-  torch::Tensor out = torch::empty({virt, padded}, x.options().dtype(at::kFloat));
+  torch::Tensor out = torch::empty({rows, padded}, x.options().dtype(at::kFloat));
   const auto* w = packed.data_ptr<uint8_t>();
   const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const auto* mp = has_min ? reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) : nullptr;
   float* o = out.data_ptr<float>();
+  const int t = int(terms);
   if (rows > 0) {
     if (bytes == 512) {
-      run<Kind::Q8_0>(a, virt, w, dp, nullptr, groups, o, padded, reference);
+      run<Kind::Q8_0>(a, virt, w, dp, nullptr, groups, o, padded, t, reference);
     } else if (has_min) {
-      run<Kind::Q4_1>(a, virt, w, dp, mp, groups, o, padded, reference);
+      run<Kind::Q4_1>(a, virt, w, dp, mp, groups, o, padded, t, reference);
     } else {
-      run<Kind::Q4_0>(a, virt, w, dp, nullptr, groups, o, padded, reference);
+      run<Kind::Q4_0>(a, virt, w, dp, nullptr, groups, o, padded, t, reference);
     }
-  }
-  if (terms > 1) {  // each row: its terms' sums, added in term order
-    torch::Tensor sum = torch::empty({rows, padded}, out.options());
-    float* so = sum.data_ptr<float>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float* src = o + r * terms * padded;
-        float* dst = so + r * padded;
-        for (int64_t c = 0; c < padded; ++c) {
-          float v = src[c];
-          for (int64_t t = 1; t < terms; ++t) v = v + src[t * padded + c];
-          dst[c] = v;
-        }
-      }
-    });
-    out = sum;
   }
   if (padded != out_features) out = out.narrow(1, 0, out_features).contiguous();
   return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());

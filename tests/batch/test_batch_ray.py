@@ -26,6 +26,7 @@ from tests.batch.test_batch_durability import assert_answered_and_billed_once, s
 from tests.ray_fixtures import ray_cluster, serve_on_ray  # noqa: F401 - the fixture
 
 LINES = 160
+TOKENS = 48  # long enough that the three quarters after the first take longer than one poll
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def batch_server(ray_cluster, tiny_llama, tmp_path_factory):  # noqa: F811 - the
 def test_a_batch_over_both_replicas_answers_and_bills_every_line_once(batch_server):
     srv = batch_server
     c = openai.OpenAI(base_url=srv.url + "/v1", api_key=srv.api_key, max_retries=0)
-    batch = submit_completions(c, LINES, 8)
+    batch = submit_completions(c, LINES, TOKENS)
     pool = httpx.get(srv.url + "/admin/replicas/tiny-ray", headers=srv.headers, timeout=10).json()
     victim = pool["data"][0]["placement"]["pid"]
     os.kill(victim, signal.SIGSTOP)  # frozen with its lines in flight, then gone
@@ -52,7 +53,7 @@ def test_a_batch_over_both_replicas_answers_and_bills_every_line_once(batch_serv
     final = wait_for(lambda: (b := c.batches.retrieve(batch.id)).status == "completed" and b, timeout=180)
     assert final.request_counts.completed == LINES and final.request_counts.failed == 0
     out = [json.loads(x) for x in c.files.content(final.output_file_id).text.splitlines()]
-    rows = assert_answered_and_billed_once(srv.store_url, batch.id, out, LINES, 8)
+    rows = assert_answered_and_billed_once(srv.store_url, batch.id, out, LINES, TOKENS)
     by_replica = Counter(r.deployment for r in rows)
     assert set(by_replica) == {"tiny-ray#0", "tiny-ray#1"}, by_replica  # the batch ran on both at once
     # the killed replica was replaced by a new actor
