@@ -58,7 +58,8 @@ print(ops.quant_matmul_path(), h.hexdigest())
 @pytest.mark.skipif("avx512f" not in cpu_isa.cpu_flags(), reason="needs a CPU with AVX-512 to compare builds")
 def test_the_avx2_and_avx512_builds_give_the_same_bits(kernels):
     """The integer block sums are exact and the fp32 steps are the same on every path, so the
-    instruction set a machine has does not change a model's logits."""
+    instruction set a machine has does not change a model's logits (16 rows: AMX tiles where
+    the CPU has them)."""
     digests = {}
     for capability in ("avx2", "avx512"):
         env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "INFERD_REQUIRE_CPU_KERNELS": "1"}
@@ -67,5 +68,5 @@ def test_the_avx2_and_avx512_builds_give_the_same_bits(kernels):
         assert run.returncode == 0, run.stderr[-2000:]
         path, digest = run.stdout.split()
         digests[path] = digest
-    assert set(digests) == {"avx2", "avx512"}
-    assert digests["avx2"] == digests["avx512"]
+    assert len(digests) == 2 and "avx2" in digests, digests  # the other: avx512 (or amx where it may run)
+    assert len(set(digests.values())) == 1, digests
