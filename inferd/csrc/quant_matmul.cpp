@@ -5,8 +5,8 @@
 // As llama.cpp does, the activations are quantized too, per row and block of 32, to
 // int8 with an fp32 scale (da = absmax / 127), so each block's dot product is an exact
 // int32 sum of int8 x 4-bit (or 8-bit) products. Unlike llama.cpp, by default a second
-// int8 term carries what the first left over (x ~ d1 q1 + d2 q2, about 15 bits of the
-// activation instead of 8): one int8 term moved SmolLM2's perplexity by 0.56%, two by
+// int8 term carries what the first left over (x ~ d1 q1 + d2 q2 with d2 = d1 / 256, about
+// 15 bits of the activation instead of 8, one int32 sum per block: see QuantRows): one int8 term moved SmolLM2's perplexity by 0.56%, two by
 // a few hundredths (docs/benchmarks.md). The products are taken with the CPU's
 // integer dot product instructions: AMX tiles for 16 rows at a time where the CPU and
 // the OS allow them, AVX-512 VNNI (vpdpbusd), else AVX-512 BW or AVX2 (vpmaddubsw),
@@ -56,14 +56,19 @@ constexpr int kAhead = 4096;  // bytes of packed weights prefetched ahead of the
 
 enum class Kind { Q4_0, Q4_1, Q8_0 };
 
-// The activations, quantized per row and block.
+// The activations, quantized per row and block. With two terms, x ~ d1 q1 + d2 q2 where
+// d2 = d1 / 256 exactly, so x ~ d2 (256 q1 + q2): a block's sum against the weights is one
+// int32, 256 * (w . q1) + (w . q2), and everything after it is as with one term.
 struct QuantRows {
-  std::vector<int8_t> q;    // [rows, K]
-  std::vector<float> d;     // [rows, blocks] scale
-  std::vector<int32_t> s;   // [rows, blocks] sum of q
-  std::vector<float> ds;    // [rows, blocks] d * sum of q (Q4_1's minimum term)
+  std::vector<int8_t> q;    // [rows, terms, K]: each term's levels (a row's terms are adjacent)
+  std::vector<float> d;     // [rows, blocks] scale of the combined levels (d1, or d1 / 256)
+  std::vector<int32_t> s;   // [rows, blocks] sum of the combined levels
+  std::vector<float> ds;    // [rows, blocks] d * s (Q4_1's minimum term)
   int64_t k = 0, blocks = 0;
+  int terms = 1;
 };
+
+constexpr int kTermShift = 8;  // the second term's levels count 1/256 of the first's
 
 inline float f16_to_f32(uint16_t h) {
   // exact: every f16 is an fp32
@@ -96,79 +101,73 @@ inline float load_float(const T* p) {
   return float(*p);
 }
 
-// One block of 32 activations to int8: q = round(x / d), d = absmax / 127 (rounding to
-// nearest even, as the vector conversion does), their sum; x becomes what q leaves over
-// (x - d * q) for the next term. The vector version does the same IEEE operations.
-inline float quantize_block(float* x, int8_t* q, int32_t* sum) {
+// One block of 32 activations to int8 levels q = round(x * inv) (to nearest even, as the
+// vector conversion does) clamped to +-127, and their sum; x becomes what q leaves over
+// (x - d * q), for a next term. The vector version does the same IEEE operations.
+inline int32_t quantize_block(float* x, int8_t* q, float inv, float d) {
 #ifdef __AVX2__
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 v[4], amax = _mm256_setzero_ps();
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_loadu_ps(x + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-  }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const float d = _mm_cvtss_f32(m4) / 127.f;
-  const float id = d > 0.f ? 1.f / d : 0.f;
-  const __m256 vid = _mm256_set1_ps(id), vd = _mm256_set1_ps(d);
+  const __m256 vinv = _mm256_set1_ps(inv), vd = _mm256_set1_ps(d);
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   __m256i total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
-    __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));  // round to nearest even
+    const __m256 v = _mm256_loadu_ps(x + 8 * i);
+    __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv));
     n = _mm256_min_epi32(hi, _mm256_max_epi32(lo, n));
     total = _mm256_add_epi32(total, n);
-    _mm256_storeu_ps(x + 8 * i, _mm256_sub_ps(v[i], _mm256_mul_ps(vd, _mm256_cvtepi32_ps(n))));
+    _mm256_storeu_ps(x + 8 * i, _mm256_sub_ps(v, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(n))));
     const __m128i n16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + 8 * i), _mm_packs_epi16(n16, n16));
   }
   __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
   t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
-  *sum = _mm_cvtsi128_si32(t4);
-  return d;
+  return _mm_cvtsi128_si32(t4);
 #else
-  float amax = 0.f;
-  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127.f;
-  const float id = d > 0.f ? 1.f / d : 0.f;
   int32_t total = 0;
   for (int i = 0; i < kBlock; ++i) {
-    const int v = int(std::nearbyint(x[i] * id));
+    const int v = int(std::nearbyint(x[i] * inv));
     q[i] = int8_t(std::min(127, std::max(-127, v)));
     total += q[i];
     x[i] = x[i] - d * float(q[i]);
   }
-  *sum = total;
-  return d;
+  return total;
 #endif
 }
 
-// Row r's activations become `terms` virtual rows r * terms + t: the first is x quantized,
-// each next one what the ones before left over (x - sum of d * q so far), quantized again.
+inline float block_absmax(const float* x) {
+  float amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax;
+}
+
 template <typename T>
 void quantize_rows(QuantRows& out, const T* x, int64_t rows, int64_t k, int64_t stride, int terms) {
-  const int64_t virt = rows * terms;
   out.k = k;
   out.blocks = k / kBlock;
-  out.q.resize(virt * k);
-  out.d.resize(virt * out.blocks);
-  out.s.resize(virt * out.blocks);
-  out.ds.resize(virt * out.blocks);
+  out.terms = terms;
+  out.q.resize(rows * terms * k);
+  out.d.resize(rows * out.blocks);
+  out.s.resize(rows * out.blocks);
+  out.ds.resize(rows * out.blocks);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     float buf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < out.blocks; ++b) {
         const T* src = x + r * stride + b * kBlock;
         for (int i = 0; i < kBlock; ++i) buf[i] = load_float(src + i);
-        for (int t = 0; t < terms; ++t) {
-          const int64_t row = r * terms + t, at = row * out.blocks + b;
-          int8_t* q = out.q.data() + row * k + b * kBlock;
-          const float d = quantize_block(buf, q, &out.s[at]);
-          out.d[at] = d;
-          out.ds[at] = d * float(out.s[at]);
+        float d = block_absmax(buf) / 127.f;
+        float inv = d > 0.f ? 1.f / d : 0.f;
+        int8_t* q = out.q.data() + r * terms * k + b * kBlock;
+        int32_t sum = quantize_block(buf, q, inv, d);
+        if (terms == 2) {  // what is left is within d / 2: levels of d / 256 (scaling by 2^8 is exact)
+          d = d / float(1 << kTermShift);
+          inv = inv * float(1 << kTermShift);
+          sum = sum * (1 << kTermShift) + quantize_block(buf, q + k, inv, d);
         }
+        const int64_t at = r * out.blocks + b;
+        out.d[at] = d;
+        out.s[at] = sum;
+        out.ds[at] = d * float(sum);
       }
     }
   });
@@ -185,43 +184,48 @@ constexpr int64_t block_bytes() {
   return kind == Kind::Q8_0 ? 512 : 256;
 }
 
-// Arguments of one tile: a group of 16 columns against `rows` consecutive rows.
+// Arguments of one tile: a group of 16 columns against consecutive rows from row0.
 struct Tile {
   const uint8_t* w;      // the group's packed blocks
   const uint16_t* d;     // [blocks][16]
   const uint16_t* m;     // [blocks][16] or null
   const QuantRows* a;
   int64_t row0;
-  float* out;            // the output row of virtual row row0, at the group's first column
+  float* out;            // row row0's output, at the group's first column
   int64_t out_stride;
-  int terms;             // virtual rows per output row, summed in order when stored
+  // term j of row r's levels for block b
+  const int8_t* levels(int64_t r, int j, int64_t b) const {
+    return a->q.data() + ((row0 + r) * a->terms + j) * a->k + b * kBlock;
+  }
 };
 
 // ---- plain C++: the reference every vector path matches bit for bit ------------
 
 template <Kind kind>
 void tile_scalar(const Tile& t, int rows) {
-  const int64_t nb = t.a->blocks, k = t.a->k;
+  const int64_t nb = t.a->blocks;
   for (int r = 0; r < rows; ++r) {
-    const int64_t row = t.row0 + r;
     float acc[kCols] = {0};
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* w = t.w + b * block_bytes<kind>();
-      const int8_t* q = t.a->q.data() + row * k + b * kBlock;
-      const int64_t at = row * nb + b;
+      const int64_t at = (t.row0 + r) * nb + b;
       const float da = t.a->d[at];
       for (int c = 0; c < kCols; ++c) {
         int32_t sum = 0;
-        for (int e = 0; e < kBlock; ++e) {
-          int level;
-          if (kind == Kind::Q8_0) {
-            level = w[(e / 4) * 64 + c * 4 + e % 4];
-          } else {
-            const int p = e / 8, j = e % 4;
-            const uint8_t byte = w[p * 64 + c * 4 + j];
-            level = (e % 8) < 4 ? (byte & 0x0f) : (byte >> 4);
+        for (int j = 0; j < t.a->terms; ++j) {
+          const int8_t* q = t.levels(r, j, b);
+          int32_t part = 0;
+          for (int e = 0; e < kBlock; ++e) {
+            int level;
+            if (kind == Kind::Q8_0) {
+              level = w[(e / 4) * 64 + c * 4 + e % 4];
+            } else {
+              const uint8_t byte = w[(e / 8) * 64 + c * 4 + e % 4];
+              level = (e % 8) < 4 ? (byte & 0x0f) : (byte >> 4);
+            }
+            part += level * q[e];
           }
-          sum += level * q[e];
+          sum = j ? sum * (1 << kTermShift) + part : part;
         }
         sum -= level_offset<kind>() * t.a->s[at];
         const float dd = f16_to_f32(t.d[b * kCols + c]) * da;
@@ -229,8 +233,7 @@ void tile_scalar(const Tile& t, int rows) {
         if (kind == Kind::Q4_1) acc[c] = acc[c] + f16_to_f32(t.m[b * kCols + c]) * t.a->ds[at];
       }
     }
-    float* o = t.out + (r / t.terms) * t.out_stride;
-    for (int c = 0; c < kCols; ++c) o[c] = r % t.terms ? o[c] + acc[c] : acc[c];
+    std::memcpy(t.out + r * t.out_stride, acc, sizeof(acc));
   }
 }
 
@@ -270,6 +273,12 @@ inline __m512 scales16(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// A row's block sum from its terms' sums: 256 * first + second
+template <int T>
+inline __m512i combine(const __m512i* sums) {
+  return T == 2 ? _mm512_add_epi32(_mm512_slli_epi32(sums[0], kTermShift), sums[1]) : sums[0];
+}
+
 // One block's contribution to a row's 16 outputs, the same fp32 operations as tile_scalar:
 // acc + (dw * da) * sum (+ mw * (da * sum of the activations) for Q4_1). `offset_in_sum`: the
 // integer sum still holds the levels' storage offset, taken out here exactly.
@@ -283,29 +292,21 @@ inline __m512 add_block(__m512 acc, __m512i sum, __m512 dw, __m512 mw, const Qua
   return acc;
 }
 
-// Each output row: the sum of its virtual rows (its activation terms), in term order.
-inline void store_rows(const Tile& t, const __m512* acc, int rows) {
-  for (int r = 0; r < rows; r += t.terms) {
-    __m512 v = acc[r];
-    for (int j = 1; j < t.terms; ++j) v = _mm512_add_ps(v, acc[r + j]);
-    _mm512_storeu_ps(t.out + (r / t.terms) * t.out_stride, v);
-  }
-}
-
-template <Kind kind, int R>
+// R rows of T terms each: R * T streams of levels against the same unpacked weights
+template <Kind kind, int R, int T>
 void tile_avx512(const Tile& t) {
-  const int64_t nb = t.a->blocks, k = t.a->k;
+  constexpr int V = R * T;
+  const int64_t nb = t.a->blocks;
   const __m512i low = _mm512_set1_epi8(0x0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* w = t.w + b * block_bytes<kind>();
     prefetch_ahead<kind>(t, b);
-    __m512i sum[R];
-    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+    // two chains of dot products per stream rather than one: each waits on the last's latency
+    __m512i sum[V], odd[V];
+    for (int v = 0; v < V; ++v) sum[v] = odd[v] = _mm512_setzero_si512();
     if (kind == Kind::Q8_0) {
-      __m512i sum_odd[R];  // two chains of dot products, as below
-      for (int r = 0; r < R; ++r) sum_odd[r] = _mm512_setzero_si512();
       for (int ch = 0; ch < 8; ++ch) {
         __m512i wv = _mm512_loadu_si512(w + ch * 64);
 #ifndef __AVX512VNNI__
@@ -314,54 +315,48 @@ void tile_avx512(const Tile& t) {
         const __m512i aw = _mm512_abs_epi8(wv);
         const __mmask64 neg = _mm512_movepi8_mask(wv);
 #endif
-        for (int r = 0; r < R; ++r) {
-          const int8_t* q = t.a->q.data() + (t.row0 + r) * k + b * kBlock;
-          __m512i& into = ch % 2 ? sum_odd[r] : sum[r];
+        for (int v = 0; v < V; ++v) {
+          const int8_t* q = t.levels(v / T, v % T, b) + ch * 4;
+          __m512i& into = ch % 2 ? odd[v] : sum[v];
 #ifdef __AVX512VNNI__
-          into = dot4(into, wv, bcast4(q + ch * 4));
+          into = dot4(into, wv, bcast4(q));
 #else
-          const __m512i a = bcast4(q + ch * 4);
-          const __m512i as = _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a);
-          into = dot4(into, aw, as);
+          const __m512i a = bcast4(q);
+          into = dot4(into, aw, _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a));
 #endif
         }
       }
-      for (int r = 0; r < R; ++r) sum[r] = _mm512_add_epi32(sum[r], sum_odd[r]);
     } else {
-      // two chains of dot products rather than one: each waits on the last's latency
-      __m512i sum_hi[R];
-      for (int r = 0; r < R; ++r) sum_hi[r] = _mm512_setzero_si512();
       for (int p = 0; p < 4; ++p) {
-        const __m512i v = _mm512_loadu_si512(w + p * 64);
-        const __m512i lo = _mm512_and_si512(v, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* q = t.a->q.data() + (t.row0 + r) * k + b * kBlock + p * 8;
-          sum[r] = dot4(sum[r], lo, bcast4(q));
-          sum_hi[r] = dot4(sum_hi[r], hi, bcast4(q + 4));
+        const __m512i v4 = _mm512_loadu_si512(w + p * 64);
+        const __m512i lo = _mm512_and_si512(v4, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v4, 4), low);
+        for (int v = 0; v < V; ++v) {
+          const int8_t* q = t.levels(v / T, v % T, b) + p * 8;
+          sum[v] = dot4(sum[v], lo, bcast4(q));
+          odd[v] = dot4(odd[v], hi, bcast4(q + 4));
         }
       }
-      for (int r = 0; r < R; ++r) sum[r] = _mm512_add_epi32(sum[r], sum_hi[r]);
     }
+    for (int v = 0; v < V; ++v) sum[v] = _mm512_add_epi32(sum[v], odd[v]);
     const __m512 dw = scales16(t.d + b * kCols), mw = kind == Kind::Q4_1 ? scales16(t.m + b * kCols) : dw;
-    for (int r = 0; r < R; ++r) {
 #ifdef __AVX512VNNI__
-      constexpr bool offset_in_sum = true;
+    constexpr bool offset_in_sum = true;
 #else
-      constexpr bool offset_in_sum = kind != Kind::Q8_0;  // maddubs took Q8_0's levels signed
+    constexpr bool offset_in_sum = kind != Kind::Q8_0;  // maddubs took Q8_0's levels signed
 #endif
-      acc[r] = add_block<kind, offset_in_sum>(acc[r], sum[r], dw, mw, *t.a, (t.row0 + r) * nb + b);
-    }
+    for (int r = 0; r < R; ++r)
+      acc[r] = add_block<kind, offset_in_sum>(acc[r], combine<T>(sum + r * T), dw, mw, *t.a, (t.row0 + r) * nb + b);
   }
-  store_rows(t, acc, R);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(t.out + r * t.out_stride, acc[r]);
 }
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
-// ---- AMX: 16 rows x 16 columns x one block per tile multiply -------------------
+// ---- AMX: 16 level streams x 16 columns x one block per tile multiply -----------
 //
 // The packed weights are already in AMX's B layout (rows of 16 columns x 4 inputs); the
 // 4-bit ones are widened to bytes first. Each block's int32 sums come out exact, as on
-// every other path, and go through the same add_block, so the bits do not change.
+// every other path, and go through the same combine and add_block, so the bits do not change.
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {0};
@@ -383,15 +378,15 @@ bool amx_usable() {
 
 void configure_tiles() {
   TileConfig c;
-  for (int i : {0, 1}) c.rows[i] = 16, c.colsb[i] = 64;   // C: 16 rows x 16 int32
-  for (int i : {2, 3}) c.rows[i] = 16, c.colsb[i] = 32;   // A: 16 rows x 32 int8 activations
+  for (int i : {0, 1}) c.rows[i] = 16, c.colsb[i] = 64;   // C: 16 streams x 16 int32
+  for (int i : {2, 3}) c.rows[i] = 16, c.colsb[i] = 32;   // A: 16 streams x 32 int8 levels
   for (int i : {4, 5}) c.rows[i] = 8, c.colsb[i] = 64;    // B: 8 rows of 16 columns x 4 levels
   // GCC does not see ldtilecfg read the struct and drops the stores above without this
   asm volatile("" : : "r"(&c) : "memory");
   _tile_loadconfig(&c);
 }
 
-constexpr int kAmxRows = 16;
+constexpr int kAmxStreams = 16;
 
 template <Kind kind>
 inline const uint8_t* b_tile(const uint8_t* w, uint8_t* buf) {
@@ -405,14 +400,16 @@ inline const uint8_t* b_tile(const uint8_t* w, uint8_t* buf) {
   return buf;
 }
 
-template <Kind kind>
+// 16 / T rows: their 16 level streams are consecutive in QuantRows.q, one A tile
+template <Kind kind, int T>
 void tile_amx(const Tile& t) {
+  constexpr int R = kAmxStreams / T;
   const int64_t nb = t.a->blocks, k = t.a->k;
   alignas(64) uint8_t wbuf[2][512];
-  alignas(64) int32_t sums[2][kAmxRows * kCols];
-  __m512 acc[kAmxRows];
-  for (int r = 0; r < kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
-  const int8_t* a = t.a->q.data() + t.row0 * k;
+  alignas(64) int32_t sums[2][kAmxStreams * kCols];
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int8_t* a = t.levels(0, 0, 0);
   for (int64_t b = 0; b < nb; b += 2) {
     // two blocks in flight (tiles 0/2/4 and 1/3/5), then their sums in block order
     const bool pair = b + 1 < nb;
@@ -433,30 +430,32 @@ void tile_amx(const Tile& t) {
     for (int64_t j = 0; j < (pair ? 2 : 1); ++j) {
       const int64_t bj = b + j;
       const __m512 dw = scales16(t.d + bj * kCols), mw = kind == Kind::Q4_1 ? scales16(t.m + bj * kCols) : dw;
-      for (int r = 0; r < kAmxRows; ++r) {
-        const __m512i s = _mm512_load_si512(sums[j] + r * kCols);
-        acc[r] = add_block<kind, true>(acc[r], s, dw, mw, *t.a, (t.row0 + r) * nb + bj);
+      for (int r = 0; r < R; ++r) {
+        __m512i s[T];
+        for (int i = 0; i < T; ++i) s[i] = _mm512_load_si512(sums[j] + (r * T + i) * kCols);
+        acc[r] = add_block<kind, true>(acc[r], combine<T>(s), dw, mw, *t.a, (t.row0 + r) * nb + bj);
       }
     }
   }
-  store_rows(t, acc, kAmxRows);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(t.out + r * t.out_stride, acc[r]);
 }
 #define INFERD_AMX 1
 #endif
 
-constexpr int kMaxRows = 8;
-template <Kind kind>
+constexpr int kMaxStreams = 8;  // level streams (rows x terms) per tile
+template <Kind kind, int T>
 void tile(const Tile& t, int rows) {
   switch (rows) {
-    case 8: return tile_avx512<kind, 8>(t);
-    case 7: return tile_avx512<kind, 7>(t);
-    case 6: return tile_avx512<kind, 6>(t);
-    case 5: return tile_avx512<kind, 5>(t);
-    case 4: return tile_avx512<kind, 4>(t);
-    case 3: return tile_avx512<kind, 3>(t);
-    case 2: return tile_avx512<kind, 2>(t);
-    default: return tile_avx512<kind, 1>(t);
+    case 8: if constexpr (T == 1) return tile_avx512<kind, 8, T>(t); break;
+    case 7: if constexpr (T == 1) return tile_avx512<kind, 7, T>(t); break;
+    case 6: if constexpr (T == 1) return tile_avx512<kind, 6, T>(t); break;
+    case 5: if constexpr (T == 1) return tile_avx512<kind, 5, T>(t); break;
+    case 4: return tile_avx512<kind, 4, T>(t);
+    case 3: return tile_avx512<kind, 3, T>(t);
+    case 2: return tile_avx512<kind, 2, T>(t);
+    default: return tile_avx512<kind, 1, T>(t);
   }
+  TORCH_CHECK(false, "quant_matmul: a tile of ", rows, " rows");
 }
 #ifdef INFERD_AMX
 constexpr const char* kPath = "amx";
@@ -473,9 +472,15 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-template <Kind kind, int R>
+template <int T>
+inline __m256i combine(const __m256i* sums) {
+  return T == 2 ? _mm256_add_epi32(_mm256_slli_epi32(sums[0], kTermShift), sums[1]) : sums[0];
+}
+
+template <Kind kind, int R, int T>
 void tile_avx2(const Tile& t) {
-  const int64_t nb = t.a->blocks, k = t.a->k;
+  constexpr int V = R * T;
+  const int64_t nb = t.a->blocks;
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][2];
@@ -483,45 +488,43 @@ void tile_avx2(const Tile& t) {
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* w = t.w + b * block_bytes<kind>();
     prefetch_ahead<kind>(t, b);
-    __m256i sum[R][2];
     for (int h = 0; h < 2; ++h) {
+      __m256i sum[V];
       if (kind == Kind::Q8_0) {
-        for (int r = 0; r < R; ++r) sum[r][h] = _mm256_setzero_si256();
+        for (int v = 0; v < V; ++v) sum[v] = _mm256_setzero_si256();
         for (int ch = 0; ch < 8; ++ch) {
           // |w - 128| times a with w's sign: maddubs would saturate on w + 128
           const __m256i wv = _mm256_xor_si256(
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ch * 64 + h * 32)), _mm256_set1_epi8(char(0x80)));
           const __m256i aw = _mm256_sign_epi8(wv, wv);
-          for (int r = 0; r < R; ++r) {
-            const int8_t* q = t.a->q.data() + (t.row0 + r) * k + b * kBlock;
-            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(q + ch * 4), wv));
-            sum[r][h] = _mm256_add_epi32(sum[r][h], _mm256_madd_epi16(pairs, ones));
+          for (int v = 0; v < V; ++v) {
+            const int8_t* q = t.levels(v / T, v % T, b) + ch * 4;
+            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(q), wv));
+            sum[v] = _mm256_add_epi32(sum[v], _mm256_madd_epi16(pairs, ones));
           }
         }
       } else {
         // 4-bit levels: 8 pair sums of at most 2 x 15 x 127 each fit one int16
-        __m256i pairs[R];
-        for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+        __m256i pairs[V];
+        for (int v = 0; v < V; ++v) pairs[v] = _mm256_setzero_si256();
         for (int p = 0; p < 4; ++p) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 64 + h * 32));
-          const __m256i lo = _mm256_and_si256(v, low);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-          for (int r = 0; r < R; ++r) {
-            const int8_t* q = t.a->q.data() + (t.row0 + r) * k + b * kBlock + p * 8;
-            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(lo, bcast4(q)));
-            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(hi, bcast4(q + 4)));
+          const __m256i v4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 64 + h * 32));
+          const __m256i lo = _mm256_and_si256(v4, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v4, 4), low);
+          for (int v = 0; v < V; ++v) {
+            const int8_t* q = t.levels(v / T, v % T, b) + p * 8;
+            pairs[v] = _mm256_add_epi16(pairs[v], _mm256_maddubs_epi16(lo, bcast4(q)));
+            pairs[v] = _mm256_add_epi16(pairs[v], _mm256_maddubs_epi16(hi, bcast4(q + 4)));
           }
         }
-        for (int r = 0; r < R; ++r) sum[r][h] = _mm256_madd_epi16(pairs[r], ones);
+        for (int v = 0; v < V; ++v) sum[v] = _mm256_madd_epi16(pairs[v], ones);
       }
-    }
-    for (int h = 0; h < 2; ++h) {
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.d + b * kCols + h * 8)));
-      __m256 mw = _mm256_setzero_ps();
+      __m256 mw = dw;
       if (kind == Kind::Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.m + b * kCols + h * 8)));
       for (int r = 0; r < R; ++r) {
         const int64_t at = (t.row0 + r) * nb + b;
-        __m256i s = sum[r][h];
+        __m256i s = combine<T>(sum + r * T);
         if (kind == Kind::Q4_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * t.a->s[at]));
         const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(t.a->d[at]));
         acc[r][h] = _mm256_add_ps(acc[r][h], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(s)));
@@ -529,48 +532,46 @@ void tile_avx2(const Tile& t) {
       }
     }
   }
-  for (int r = 0; r < R; r += t.terms) {  // each output row: its terms summed in order
-    for (int h = 0; h < 2; ++h) {
-      __m256 v = acc[r][h];
-      for (int j = 1; j < t.terms; ++j) v = _mm256_add_ps(v, acc[r + j][h]);
-      _mm256_storeu_ps(t.out + (r / t.terms) * t.out_stride + h * 8, v);
-    }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(t.out + r * t.out_stride, acc[r][0]);
+    _mm256_storeu_ps(t.out + r * t.out_stride + 8, acc[r][1]);
   }
 }
 
-constexpr int kMaxRows = 4;
-template <Kind kind>
+constexpr int kMaxStreams = 4;
+template <Kind kind, int T>
 void tile(const Tile& t, int rows) {
   switch (rows) {
-    case 4: return tile_avx2<kind, 4>(t);
-    case 3: return tile_avx2<kind, 3>(t);
-    case 2: return tile_avx2<kind, 2>(t);
-    default: return tile_avx2<kind, 1>(t);
+    case 4: if constexpr (T == 1) return tile_avx2<kind, 4, T>(t); break;
+    case 3: if constexpr (T == 1) return tile_avx2<kind, 3, T>(t); break;
+    case 2: return tile_avx2<kind, 2, T>(t);
+    default: return tile_avx2<kind, 1, T>(t);
   }
+  TORCH_CHECK(false, "quant_matmul: a tile of ", rows, " rows");
 }
 constexpr const char* kPath = "avx2";
 
 #else
-constexpr int kMaxRows = 2;  // whole output rows of two terms
-template <Kind kind>
+constexpr int kMaxStreams = 2;
+template <Kind kind, int T>
 void tile(const Tile& t, int rows) {
   tile_scalar<kind>(t, rows);
 }
 constexpr const char* kPath = "scalar";
 #endif
 
-template <Kind kind>
+template <Kind kind, int T>
 void run(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t* d, const uint16_t* m,
-         int64_t groups, float* out, int64_t out_stride, int terms, bool reference) {
-  // virtual rows: `terms` per output row; every tile holds whole output rows (kMaxRows and
-  // kAmxRows are multiples of the terms allowed)
+         int64_t groups, float* out, int64_t out_stride, bool reference) {
   const int64_t nb = a.blocks;
+  constexpr int kTileRows = kMaxStreams / T;
   // a thread takes whole column groups and every row for them: the group's weights
   // (a few KiB) stay in L1 while the rows go by. Even one row is split between the
   // threads (streaming the weights from L3 or memory is what a decode step waits on)
   // once each gets ~8 groups of 576 inputs, about a microsecond of work.
-  const int64_t grain = std::max<int64_t>(1, 144 / std::max<int64_t>(1, rows * nb));
+  const int64_t grain = std::max<int64_t>(1, 144 / std::max<int64_t>(1, rows * T * nb));
 #ifdef INFERD_AMX
+  constexpr int kAmxRows = kAmxStreams / T;
   const bool amx = !reference && rows >= kAmxRows && amx_usable();
 #endif
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
@@ -580,19 +581,19 @@ void run(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t r0 = 0; r0 < rows;) {
         Tile t{packed + g * nb * block_bytes<kind>(), d + g * nb * kCols, m ? m + g * nb * kCols : nullptr,
-               &a, r0, out + (r0 / terms) * out_stride + g * kCols, out_stride, terms};
+               &a, r0, out + r0 * out_stride + g * kCols, out_stride};
 #ifdef INFERD_AMX
         if (amx && rows - r0 >= kAmxRows) {
-          tile_amx<kind>(t);
+          tile_amx<kind, T>(t);
           r0 += kAmxRows;
           continue;
         }
 #endif
-        const int n = int(std::min<int64_t>(kMaxRows, rows - r0));
+        const int n = int(std::min<int64_t>(kTileRows, rows - r0));
         if (reference) {
           tile_scalar<kind>(t, n);
         } else {
-          tile<kind>(t, n);
+          tile<kind, T>(t, n);
         }
         r0 += n;
       }
@@ -601,6 +602,16 @@ void run(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t
     if (amx) _tile_release();
 #endif
   });
+}
+
+template <Kind kind>
+void run_terms(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t* d, const uint16_t* m,
+               int64_t groups, float* out, int64_t out_stride, bool reference) {
+  if (a.terms == 2) {
+    run<kind, 2>(a, rows, packed, d, m, groups, out, out_stride, reference);
+  } else {
+    run<kind, 1>(a, rows, packed, d, m, groups, out, out_stride, reference);
+  }
 }
 
 }  // namespace
@@ -620,7 +631,7 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   TORCH_CHECK(!has_min || (bytes == 256 && m.is_contiguous() && m.scalar_type() == at::kHalf &&
                            m.numel() == d.numel()), "quant_matmul: m must be like d (4-bit weights only)");
   TORCH_CHECK(out_features <= groups * kCols, "quant_matmul: out_features exceeds the packed columns");
-  const int64_t rows = x.size(0), virt = rows * terms;
+  const int64_t rows = x.size(0);
   QuantRows a;
   if (x.scalar_type() == at::kFloat) {
     quantize_rows(a, x.data_ptr<float>(), rows, x.size(1), x.stride(0), int(terms));
@@ -635,14 +646,13 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
   const auto* mp = has_min ? reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()) : nullptr;
   float* o = out.data_ptr<float>();
-  const int t = int(terms);
   if (rows > 0) {
     if (bytes == 512) {
-      run<Kind::Q8_0>(a, virt, w, dp, nullptr, groups, o, padded, t, reference);
+      run_terms<Kind::Q8_0>(a, rows, w, dp, nullptr, groups, o, padded, reference);
     } else if (has_min) {
-      run<Kind::Q4_1>(a, virt, w, dp, mp, groups, o, padded, t, reference);
+      run_terms<Kind::Q4_1>(a, rows, w, dp, mp, groups, o, padded, reference);
     } else {
-      run<Kind::Q4_0>(a, virt, w, dp, nullptr, groups, o, padded, t, reference);
+      run_terms<Kind::Q4_0>(a, rows, w, dp, nullptr, groups, o, padded, reference);
     }
   }
   if (padded != out_features) out = out.narrow(1, 0, out_features).contiguous();

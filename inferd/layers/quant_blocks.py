@@ -121,31 +121,34 @@ def matmul(ops, x: torch.Tensor, w: PackedWeight, reference: bool = False,
     return ops.quant_matmul(x, w.packed, w.d, w.m, w.out_features, reference, terms or w.terms)
 
 
-def quantize_activations(x: torch.Tensor, terms: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The kernel's int8 activation terms and their scales, per row and block (fp32 torch, the
-    kernel's own operations): [(q [rows, blocks, 32], d [rows, blocks]), ...]."""
+def quantize_activations(x: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation levels and scale per row and block (fp32 torch, the kernel's own
+    operations): q [rows, blocks, 32], d [rows, blocks] with x ~ d * q. With two terms the
+    second int8 term quantizes what the first left over at 1/256 of its scale, and
+    q = 256 * q1 + q2 (see QuantRows in csrc/quant_matmul.cpp)."""
     rows, k = x.shape
     rest = x.float().reshape(rows, k // BLOCK, BLOCK)
-    out = []
-    for _ in range(terms):
-        d = rest.abs().amax(-1) / 127
-        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-        q = torch.round(rest * inv[..., None]).clamp(-127, 127)
-        out.append((q, d))
-        rest = rest - d[..., None] * q
-    return out
+    d = rest.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = 0
+    for term in range(terms):
+        if term:
+            d, inv, q = d / 256, inv * 256, q * 256
+        level = torch.round(rest * inv[..., None]).clamp(-127, 127)
+        rest = rest - d[..., None] * level
+        q = q + level
+    return q, d
 
 
 def reference_matmul(x: torch.Tensor, w: PackedWeight, terms: int | None = None) -> torch.Tensor:
     """The kernel's arithmetic in float64: quantized activations, exact block sums."""
     levels, d, m = _unpack(w)                                # [N, nb, 32], [N, nb]
     levels = levels.double() - _OFFSET[w.kind]
-    out = 0
-    for q, da in quantize_activations(x, terms or w.terms):
-        sums = torch.einsum("rbe,nbe->rnb", q.double(), levels)
-        out = out + (sums * d.double()[None] * da.double()[:, None]).sum(-1)
-        if w.kind == "Q4_1":
-            out = out + (m.double()[None] * (da.double() * q.double().sum(-1))[:, None]).sum(-1)
+    q, da = quantize_activations(x, terms or w.terms)
+    sums = torch.einsum("rbe,nbe->rnb", q.double(), levels)
+    out = (sums * d.double()[None] * da.double()[:, None]).sum(-1)
+    if w.kind == "Q4_1":
+        out = out + (m.double()[None] * (da.double() * q.double().sum(-1))[:, None]).sum(-1)
     return out[:, : w.out_features]
 
 

@@ -45,10 +45,11 @@ def test_packing_is_lossless(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 13])
-def test_kernel_matches_its_references(kernels, kind, rows):
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 40])
+@pytest.mark.parametrize("terms", [1, 2])
+def test_kernel_matches_its_references(kernels, kind, rows, terms):
     raw = random_blocks(kind, 72, 160, seed=rows)
-    w = quant_blocks.pack(raw, kind, (72, 160))
+    w = quant_blocks.pack(raw, kind, (72, 160), terms)
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
     x[0, :32] = 0  # an all-zero activation block (scale 0)
     y = quant_blocks.matmul(kernels, x, w)
@@ -59,9 +60,9 @@ def test_kernel_matches_its_references(kernels, kind, rows):
     exact = quant_blocks.reference_matmul(x, w)
     scale = exact.abs().max()
     assert ((y.double() - exact).abs().max() / scale) < 1e-5
-    # and against the float weights: the cost of int8 activations, as in llama.cpp
+    # and against the float weights: the cost of quantized activations (one int8 term: llama.cpp's)
     dense = x.double() @ w.dequantize().double().T
-    assert ((y.double() - dense).abs().max() / dense.abs().max()) < 0.02
+    assert ((y.double() - dense).abs().max() / dense.abs().max()) < (0.02 if terms == 1 else 1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
