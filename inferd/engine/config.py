@@ -137,7 +137,7 @@ class EngineConfig(DeviceOptions):
         if self.quantization in ("gguf", "gguf-q8"):
             why = ("the model has no Q4_0, Q4_1 or Q8_0 GGUF weights" if not has_blocks
                    else "it runs on the CPU" if device.type != "cpu"
-                   else "the CPU kernels did not build (see the log)" if not kernels
+                   else "the CPU kernels are off (INFERD_CPU_KERNELS=0) or did not build (see the log)" if not kernels
                    else "a draft model made from the target's weights needs them in floats" if self_draft
                    else None)
             if why:

@@ -106,6 +106,11 @@ def load() -> ModuleType | None:
         return _module
 
 
+def available() -> bool:
+    """The kernels are on (INFERD_CPU_KERNELS is not 0) and built."""
+    return _enabled and load() is not None
+
+
 def ops_for(x: torch.Tensor) -> ModuleType | None:
     """The kernels, if they apply to this tensor (on the CPU) and are on."""
     if not _enabled or x.device.type != "cpu":

@@ -40,7 +40,7 @@ class EngineCore:
         torch.set_num_threads(config.threads())
         self.device = config.torch_device()
         # compiled now rather than inside the first request
-        kernels = self.device.type == "cpu" and cpu_kernels.load() is not None
+        kernels = self.device.type == "cpu" and cpu_kernels.available()
         has_blocks = any(t.kind in quant_blocks.PACKABLE for t in ckpt.quantized.values())
         self.quantization = config.resolve_quantization(has_blocks, self.device, kernels)
         self.dtype = config.model_dtype(self.device, self.quantization)
