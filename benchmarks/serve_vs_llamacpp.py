@@ -40,9 +40,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, loadavg, Server, machine_info, save_json, write_doc_section  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import RESULTS, ROOT, loadavg, Server, machine_info, save_json, write_doc_section  # noqa: E402
 
 LLAMA_SERVER = ROOT / "benchmarks" / "peers" / "bin" / "llama-server"
 LLAMA_SERVER_AVX2 = ROOT / "benchmarks" / "peers" / "bin-avx2" / "llama-server"
