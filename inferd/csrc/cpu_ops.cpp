@@ -19,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -281,6 +281,32 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// the same function, 8 lanes at a time (AVX2 + FMA)
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f),
+                                   _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+#endif
+
 void softmax_rows(float* scores, int64_t rows, int64_t len) {
   for (int64_t g = 0; g < rows; ++g) {
     float* sg = scores + g * len;
@@ -297,6 +323,15 @@ void softmax_rows(float* scores, int64_t rows, int64_t len) {
       vsum = _mm512_add_ps(vsum, e);
     }
     sum = _mm512_reduce_add_ps(vsum);
+#elif defined(__AVX2__)
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (; t + 8 <= len; t += 8) {
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vmx));
+      _mm256_storeu_ps(sg + t, e);
+      vsum = _mm256_add_ps(vsum, e);
+    }
+    sum = hsum8(vsum);
 #endif
     for (; t < len; ++t) {
       sg[t] = exp_nonpositive(sg[t] - mx);
@@ -389,6 +424,65 @@ void attend_vector(int64_t group, int64_t chunks, const float* qf, float* scores
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// The AVX2 build's version of the above: 8 lanes, head_dim / 8 chunks
+template <typename T> inline __m256 load8(const T* p);
+template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+template <> inline __m256 load8<at::Half>(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <> inline __m256 load8<int8_t>(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+constexpr int64_t kMaxChunks8 = 32, kMaxGroup8 = 16;  // head_dim <= 256, 16 query heads per KV head
+
+template <typename T, int G, int C, typename KRows, typename VRows>
+void attend_vector8_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, float* scores, int64_t len,
+                          float* acc, const KRows& k_rows, const VRows& v_rows) {
+  const int64_t group = G ? G : group_rt, chunks = C ? C : chunks_rt;
+  __m256 qv[G ? G * C : kMaxGroup8 * kMaxChunks8];
+  for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm256_loadu_ps(qf + i * 8);
+  k_rows([&](int64_t t, const T* kp, float row_scale) {
+    __m256 kf[C ? C : kMaxChunks8];
+    for (int64_t c = 0; c < chunks; ++c) kf[c] = load8<T>(kp + c * 8);
+    for (int64_t g = 0; g < group; ++g) {
+      __m256 s = _mm256_mul_ps(qv[g * chunks], kf[0]);
+      for (int64_t c = 1; c < chunks; ++c) s = _mm256_fmadd_ps(qv[g * chunks + c], kf[c], s);
+      scores[g * len + t] = hsum8(s) * row_scale;
+    }
+  });
+  softmax_rows(scores, group, len);
+  __m256 av[G ? G * C : kMaxGroup8 * kMaxChunks8];
+  for (int64_t i = 0; i < group * chunks; ++i) av[i] = _mm256_setzero_ps();
+  v_rows([&](int64_t t, const T* vp, float row_scale) {
+    __m256 vf[C ? C : kMaxChunks8];
+    for (int64_t c = 0; c < chunks; ++c) vf[c] = load8<T>(vp + c * 8);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m256 p = _mm256_set1_ps(scores[g * len + t] * row_scale);
+      for (int64_t c = 0; c < chunks; ++c) av[g * chunks + c] = _mm256_fmadd_ps(p, vf[c], av[g * chunks + c]);
+    }
+  });
+  for (int64_t i = 0; i < group * chunks; ++i) _mm256_storeu_ps(acc + i * 8, av[i]);
+}
+
+template <typename T, typename KRows, typename VRows>
+void attend_vector(int64_t group, int64_t chunks, const float* qf, float* scores, int64_t len, float* acc,
+                   const KRows& k_rows, const VRows& v_rows) {
+#define INFERD_ATTEND(g, c)                                                                   \
+  if (group == g && chunks == c)                                                            \
+    return attend_vector8_fixed<T, g, c>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
+  // head_dim 64 with 1 to 8 query heads per KV head (16 ymm registers: larger shapes spill anyway)
+  INFERD_ATTEND(1, 8) INFERD_ATTEND(2, 8) INFERD_ATTEND(3, 8) INFERD_ATTEND(4, 8)
+  INFERD_ATTEND(1, 16) INFERD_ATTEND(2, 16)
+#undef INFERD_ATTEND
+  attend_vector8_fixed<T, 0, 0>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
+}
+#endif
+
 
 // ---- SiLU(gate) * up ------------------------------------------------------------
 // torch: silu(gate) * up, each op rounded to dtype; gate_up is [rows, 2 * inter]
@@ -456,7 +550,11 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
   const int64_t q_row_stride = q.stride(0), q_head_stride = q.stride(1), out_stride = out.stride(0);
   const int64_t token_stride = n_kv * dim, block_stride = block_size * token_stride;
 #ifdef __AVX512F__
+  constexpr int64_t lanes = 16;
   const bool vector = dim % 16 == 0 && dim / 16 <= kMaxChunks && group <= kMaxGroup;
+#elif defined(__AVX2__)
+  constexpr int64_t lanes = 8;
+  const bool vector = dim % 8 == 0 && dim / 8 <= kMaxChunks8 && group <= kMaxGroup8;
 #else
   const bool vector = false;
 #endif
@@ -485,9 +583,9 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
       auto k_rows = [&](auto&& f) { for_each_row(kc, k_scales, f); };
       auto v_rows = [&](auto&& f) { for_each_row(vc, v_scales, f); };
       T* op = obase + rows[b] * out_stride + h * group * dim;
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
       if (vector) {
-        attend_vector<C>(group, dim / 16, qf.data(), scores.data(), len, acc.data(), k_rows, v_rows);
+        attend_vector<C>(group, dim / lanes, qf.data(), scores.data(), len, acc.data(), k_rows, v_rows);
         for (int64_t i = 0; i < group * dim; ++i) Num<T>::store(op + i, acc[i]);
         continue;
       }
