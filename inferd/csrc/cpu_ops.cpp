@@ -372,60 +372,10 @@ template <typename T> inline __m512 round16(__m512 x) { return x; }
 template <> inline __m512 round16<at::BFloat16>(__m512 x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_rounded_bits(x), 16));
 }
-constexpr int64_t kMaxChunks = 16, kMaxGroup = 16;  // head_dim <= 256, 16 query heads per KV head
-
-// One (request, KV head) on 16-lane vectors. G (query heads per KV head) and C
-// (head_dim / 16) are compile-time for the common shapes, so the query and accumulator
-// vectors stay in registers (with runtime sizes they live on the stack and every FMA
-// loads and stores: ~2x slower); G = C = 0 takes the sizes at run time.
-template <typename T, int G, int C, typename KRows, typename VRows>
-void attend_vector_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, float* scores, int64_t len,
-                         float* acc, const KRows& k_rows, const VRows& v_rows) {
-  // T is the cache's element type; k_rows/v_rows give each row with its scale (1 unless int8)
-  const int64_t group = G ? G : group_rt, chunks = C ? C : chunks_rt;
-  __m512 qv[G ? G * C : kMaxGroup * kMaxChunks];
-  for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm512_loadu_ps(qf + i * 16);
-  k_rows([&](int64_t t, const T* kp, float row_scale) {
-    __m512 kf[C ? C : kMaxChunks];
-    for (int64_t c = 0; c < chunks; ++c) kf[c] = load16<T>(kp + c * 16);
-    for (int64_t g = 0; g < group; ++g) {
-      __m512 s = _mm512_mul_ps(qv[g * chunks], kf[0]);
-      for (int64_t c = 1; c < chunks; ++c) s = _mm512_fmadd_ps(qv[g * chunks + c], kf[c], s);
-      scores[g * len + t] = _mm512_reduce_add_ps(s) * row_scale;
-    }
-  });
-  softmax_rows(scores, group, len);
-  __m512 av[G ? G * C : kMaxGroup * kMaxChunks];
-  for (int64_t i = 0; i < group * chunks; ++i) av[i] = _mm512_setzero_ps();
-  v_rows([&](int64_t t, const T* vp, float row_scale) {
-    __m512 vf[C ? C : kMaxChunks];
-    for (int64_t c = 0; c < chunks; ++c) vf[c] = load16<T>(vp + c * 16);
-    for (int64_t g = 0; g < group; ++g) {
-      const __m512 p = _mm512_set1_ps(scores[g * len + t] * row_scale);
-      for (int64_t c = 0; c < chunks; ++c) av[g * chunks + c] = _mm512_fmadd_ps(p, vf[c], av[g * chunks + c]);
-    }
-  });
-  for (int64_t i = 0; i < group * chunks; ++i) _mm512_storeu_ps(acc + i * 16, av[i]);
-}
-
-template <typename T, typename KRows, typename VRows>
-void attend_vector(int64_t group, int64_t chunks, const float* qf, float* scores, int64_t len, float* acc,
-                   const KRows& k_rows, const VRows& v_rows) {
-#define INFERD_ATTEND(g, c)                                                                   \
-  if (group == g && chunks == c)                                                            \
-    return attend_vector_fixed<T, g, c>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
-  // head_dim 64 and 128 with 1 to 8 query heads per KV head cover the Llama family
-  INFERD_ATTEND(1, 4) INFERD_ATTEND(2, 4) INFERD_ATTEND(3, 4) INFERD_ATTEND(4, 4)
-  INFERD_ATTEND(5, 4) INFERD_ATTEND(6, 4) INFERD_ATTEND(7, 4) INFERD_ATTEND(8, 4)
-  INFERD_ATTEND(1, 8) INFERD_ATTEND(2, 8) INFERD_ATTEND(3, 8) INFERD_ATTEND(4, 8)
-  INFERD_ATTEND(5, 8) INFERD_ATTEND(6, 8) INFERD_ATTEND(7, 8) INFERD_ATTEND(8, 8)
-#undef INFERD_ATTEND
-  attend_vector_fixed<T, 0, 0>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
-}
 #endif
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-// The AVX2 build's version of the above: 8 lanes, head_dim / 8 chunks
+// 8 consecutive elements as floats (the AVX2 build's load16)
 template <typename T> inline __m256 load8(const T* p);
 template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
 template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
@@ -438,48 +388,87 @@ template <> inline __m256 load8<at::Half>(const at::Half* p) {
 template <> inline __m256 load8<int8_t>(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-constexpr int64_t kMaxChunks8 = 32, kMaxGroup8 = 16;  // head_dim <= 256, 16 query heads per KV head
+#endif
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The vector operations the decode attention uses, for the instruction set built for
+struct Lanes {
+#ifdef __AVX512F__
+  using V = __m512;
+  static constexpr int64_t n = 16;
+  template <typename T> static V load(const T* p) { return load16<T>(p); }
+  static V loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static void storef(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V x) { return _mm512_reduce_add_ps(x); }
+#else
+  using V = __m256;
+  static constexpr int64_t n = 8;
+  template <typename T> static V load(const T* p) { return load8<T>(p); }
+  static V loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V x) { return hsum8(x); }
+#endif
+};
+// head_dim <= 256, 16 query heads per KV head
+constexpr int64_t kMaxChunks = 256 / Lanes::n, kMaxGroup = 16;
+
+// One (request, KV head) on vectors of Lanes::n floats. G (query heads per KV head) and C
+// (head_dim / Lanes::n) are compile-time for the common shapes, so the query and accumulator
+// vectors stay in registers (with runtime sizes they live on the stack and every FMA
+// loads and stores: ~2x slower); G = C = 0 takes the sizes at run time.
 template <typename T, int G, int C, typename KRows, typename VRows>
-void attend_vector8_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, float* scores, int64_t len,
-                          float* acc, const KRows& k_rows, const VRows& v_rows) {
+void attend_vector_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, float* scores, int64_t len,
+                         float* acc, const KRows& k_rows, const VRows& v_rows) {
+  // T is the cache's element type; k_rows/v_rows give each row with its scale (1 unless int8)
+  using L = Lanes;
   const int64_t group = G ? G : group_rt, chunks = C ? C : chunks_rt;
-  __m256 qv[G ? G * C : kMaxGroup8 * kMaxChunks8];
-  for (int64_t i = 0; i < group * chunks; ++i) qv[i] = _mm256_loadu_ps(qf + i * 8);
+  typename L::V qv[G ? G * C : kMaxGroup * kMaxChunks];
+  for (int64_t i = 0; i < group * chunks; ++i) qv[i] = L::loadf(qf + i * L::n);
   k_rows([&](int64_t t, const T* kp, float row_scale) {
-    __m256 kf[C ? C : kMaxChunks8];
-    for (int64_t c = 0; c < chunks; ++c) kf[c] = load8<T>(kp + c * 8);
+    typename L::V kf[C ? C : kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) kf[c] = L::template load<T>(kp + c * L::n);
     for (int64_t g = 0; g < group; ++g) {
-      __m256 s = _mm256_mul_ps(qv[g * chunks], kf[0]);
-      for (int64_t c = 1; c < chunks; ++c) s = _mm256_fmadd_ps(qv[g * chunks + c], kf[c], s);
-      scores[g * len + t] = hsum8(s) * row_scale;
+      typename L::V s = L::mul(qv[g * chunks], kf[0]);
+      for (int64_t c = 1; c < chunks; ++c) s = L::fmadd(qv[g * chunks + c], kf[c], s);
+      scores[g * len + t] = L::sum(s) * row_scale;
     }
   });
   softmax_rows(scores, group, len);
-  __m256 av[G ? G * C : kMaxGroup8 * kMaxChunks8];
-  for (int64_t i = 0; i < group * chunks; ++i) av[i] = _mm256_setzero_ps();
+  typename L::V av[G ? G * C : kMaxGroup * kMaxChunks];
+  for (int64_t i = 0; i < group * chunks; ++i) av[i] = L::zero();
   v_rows([&](int64_t t, const T* vp, float row_scale) {
-    __m256 vf[C ? C : kMaxChunks8];
-    for (int64_t c = 0; c < chunks; ++c) vf[c] = load8<T>(vp + c * 8);
+    typename L::V vf[C ? C : kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) vf[c] = L::template load<T>(vp + c * L::n);
     for (int64_t g = 0; g < group; ++g) {
-      const __m256 p = _mm256_set1_ps(scores[g * len + t] * row_scale);
-      for (int64_t c = 0; c < chunks; ++c) av[g * chunks + c] = _mm256_fmadd_ps(p, vf[c], av[g * chunks + c]);
+      const typename L::V p = L::set1(scores[g * len + t] * row_scale);
+      for (int64_t c = 0; c < chunks; ++c) av[g * chunks + c] = L::fmadd(p, vf[c], av[g * chunks + c]);
     }
   });
-  for (int64_t i = 0; i < group * chunks; ++i) _mm256_storeu_ps(acc + i * 8, av[i]);
+  for (int64_t i = 0; i < group * chunks; ++i) L::storef(acc + i * L::n, av[i]);
 }
 
 template <typename T, typename KRows, typename VRows>
 void attend_vector(int64_t group, int64_t chunks, const float* qf, float* scores, int64_t len, float* acc,
                    const KRows& k_rows, const VRows& v_rows) {
+  constexpr int c64 = 64 / Lanes::n, c128 = 128 / Lanes::n;
 #define INFERD_ATTEND(g, c)                                                                   \
   if (group == g && chunks == c)                                                            \
-    return attend_vector8_fixed<T, g, c>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
-  // head_dim 64 with 1 to 8 query heads per KV head (16 ymm registers: larger shapes spill anyway)
-  INFERD_ATTEND(1, 8) INFERD_ATTEND(2, 8) INFERD_ATTEND(3, 8) INFERD_ATTEND(4, 8)
-  INFERD_ATTEND(1, 16) INFERD_ATTEND(2, 16)
+    return attend_vector_fixed<T, g, c>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
+  // head_dim 64 and 128 with 1 to 8 query heads per KV head cover the Llama family
+  INFERD_ATTEND(1, c64) INFERD_ATTEND(2, c64) INFERD_ATTEND(3, c64) INFERD_ATTEND(4, c64)
+  INFERD_ATTEND(5, c64) INFERD_ATTEND(6, c64) INFERD_ATTEND(7, c64) INFERD_ATTEND(8, c64)
+  INFERD_ATTEND(1, c128) INFERD_ATTEND(2, c128) INFERD_ATTEND(3, c128) INFERD_ATTEND(4, c128)
+  INFERD_ATTEND(5, c128) INFERD_ATTEND(6, c128) INFERD_ATTEND(7, c128) INFERD_ATTEND(8, c128)
 #undef INFERD_ATTEND
-  attend_vector8_fixed<T, 0, 0>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
+  attend_vector_fixed<T, 0, 0>(group, chunks, qf, scores, len, acc, k_rows, v_rows);
 }
 #endif
 
@@ -554,7 +543,7 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
   const bool vector = dim % 16 == 0 && dim / 16 <= kMaxChunks && group <= kMaxGroup;
 #elif defined(__AVX2__)
   constexpr int64_t lanes = 8;
-  const bool vector = dim % 8 == 0 && dim / 8 <= kMaxChunks8 && group <= kMaxGroup8;
+  const bool vector = dim % 8 == 0 && dim / 8 <= kMaxChunks && group <= kMaxGroup;
 #else
   const bool vector = false;
 #endif

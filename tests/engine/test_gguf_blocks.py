@@ -12,12 +12,10 @@ import os
 import gguf
 import pytest
 import torch
-import transformers
 
 from inferd import LLM, SamplingParams
 from inferd.layers import cpu_kernels
-from inferd.models.loader import load_checkpoint
-from tests.engine.test_default_model import QUESTIONS
+from tests.engine.test_default_model import QUESTIONS, reference  # noqa: F401 - the fixture
 from tests.models.test_gguf import write_tiny_gguf
 
 PARAMS = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3, prompt_logprobs=3)
@@ -61,14 +59,7 @@ def test_logits_do_not_depend_on_the_batch_or_the_chunking(llm):
     assert [_numbers(o) for o in chunked.generate(prompts, PARAMS)][:3] == alone
 
 
-def test_logits_stay_close_to_transformers_on_the_dequantized_weights(llm):
-    ckpt = load_checkpoint(None, progress=False)
-    config = transformers.AutoConfig.for_model(
-        ckpt.config["model_type"], **{k: v for k, v in ckpt.config.items() if k != "model_type"})
-    reference = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    reference.load_state_dict(ckpt.tensors, strict=False)
-    reference.tie_weights()
-    reference.eval()
+def test_logits_stay_close_to_transformers_on_the_dequantized_weights(llm, reference):  # noqa: F811
     worst = 0.0
     for question in QUESTIONS[:4]:
         ids = llm.tokenizer.encode_chat([{"role": "user", "content": question}])
