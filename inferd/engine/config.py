@@ -18,6 +18,8 @@ from inferd.layers.cpu_isa import has_native_bf16
 from inferd.layers.kv_storage import KV_CACHE_DTYPES
 
 QUANTIZATIONS = ("auto", "none", "gguf", "gguf-q8", "int8", "int4")
+# the GGUF-block modes and the int8 terms each splits an activation into (layers/quant_blocks.py)
+GGUF_TERMS = {"gguf": 2, "gguf-q8": 1}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -134,7 +136,7 @@ class EngineConfig(DeviceOptions):
             # an explicit --dtype asks for floats; a self-draft is made from the float weights
             native = has_blocks and device.type == "cpu" and kernels and self.dtype == "auto" and not self_draft
             return "gguf" if native else None
-        if self.quantization in ("gguf", "gguf-q8"):
+        if self.quantization in GGUF_TERMS:
             why = ("the model has no Q4_0, Q4_1 or Q8_0 GGUF weights" if not has_blocks
                    else "it runs on the CPU" if device.type != "cpu"
                    else "the CPU kernels are off (INFERD_CPU_KERNELS=0) or did not build (see the log)" if not kernels
@@ -148,7 +150,7 @@ class EngineConfig(DeviceOptions):
     def model_dtype(self, device: torch.device, quantization: str | None) -> torch.dtype:
         """The activations' dtype: float32 under gguf unless --dtype says otherwise (the kernel
         quantizes the activations itself, and fp32 elsewhere costs little on a quantized model)."""
-        if quantization in ("gguf", "gguf-q8") and self.dtype == "auto":
+        if quantization in GGUF_TERMS and self.dtype == "auto":
             return torch.float32
         return self.torch_dtype(device)
 

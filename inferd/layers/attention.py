@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from inferd.layers import kv_storage
+from inferd.layers import cpu_kernels, kv_storage
 from inferd.layers.cpu_kernels import ops_for
 from inferd.layers.kv_storage import QuantizedKV
 
@@ -81,7 +81,7 @@ class TorchAttentionBackend(AttentionBackend):
     def prepare(self, meta: AttentionMetadata, device: torch.device) -> None:
         qlens = torch.tensor(meta.query_lens, dtype=torch.int64)
         slens = torch.tensor(meta.seq_lens, dtype=torch.int64)
-        if self.batch_invariant and device.type == "cpu" and ops_for(qlens) is not None and bool((qlens > 1).any()):
+        if self.batch_invariant and device.type == "cpu" and cpu_kernels.available() and bool((qlens > 1).any()):
             meta.prepared = [self._per_token_group(meta.block_tables, qlens, slens, device)]
             return
         starts = torch.cumsum(qlens, 0) - qlens

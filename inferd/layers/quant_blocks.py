@@ -115,10 +115,9 @@ def concat(parts: list[PackedWeight]) -> PackedWeight | None:
         out_features=sum(p.out_features for p in parts), in_features=parts[0].in_features, terms=parts[0].terms)
 
 
-def matmul(ops, x: torch.Tensor, w: PackedWeight, reference: bool = False,
-           terms: int | None = None) -> torch.Tensor:
+def matmul(ops, x: torch.Tensor, w: PackedWeight, reference: bool = False) -> torch.Tensor:
     """x [rows, in_features] @ w.T in the kernel (`reference`: its plain C++ path)."""
-    return ops.quant_matmul(x, w.packed, w.d, w.m, w.out_features, reference, terms or w.terms)
+    return ops.quant_matmul(x, w.packed, w.d, w.m, w.out_features, reference, w.terms)
 
 
 def quantize_activations(x: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +139,11 @@ def quantize_activations(x: torch.Tensor, terms: int) -> tuple[torch.Tensor, tor
     return q, d
 
 
-def reference_matmul(x: torch.Tensor, w: PackedWeight, terms: int | None = None) -> torch.Tensor:
+def reference_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """The kernel's arithmetic in float64: quantized activations, exact block sums."""
     levels, d, m = _unpack(w)                                # [N, nb, 32], [N, nb]
     levels = levels.double() - _OFFSET[w.kind]
-    q, da = quantize_activations(x, terms or w.terms)
+    q, da = quantize_activations(x, w.terms)
     sums = torch.einsum("rbe,nbe->rnb", q.double(), levels)
     out = (sums * d.double()[None] * da.double()[:, None]).sum(-1)
     if w.kind == "Q4_1":

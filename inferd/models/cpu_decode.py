@@ -52,6 +52,15 @@ def _layer_tensors(model, kv_caches: list[torch.Tensor]) -> list[list[torch.Tens
     return layers
 
 
+def _activation_terms(model) -> int:
+    """The int8 activation terms of the model's GGUF-block projections (one setting for all,
+    use_gguf_blocks, so the first layer's tell); unused when it has none."""
+    a, m = model.layers[0].self_attn, model.layers[0].mlp
+    packed = next((p.packed for p in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+                   if p.packed is not None), None)
+    return packed.terms if packed is not None else quant_blocks.ACTIVATION_TERMS
+
+
 def decode_layers(model, residual: torch.Tensor, rope_tables, kv_caches: list[torch.Tensor],
                   meta: AttentionMetadata) -> torch.Tensor | None:
     """Final hidden states for a decode-only step, or None where this path does not apply."""
@@ -71,4 +80,4 @@ def decode_layers(model, residual: torch.Tensor, rope_tables, kv_caches: list[to
         meta.slot_mapping, g.tables, g.seq_lens, g.out_index,
         [attn.n_heads, attn.n_kv, attn.head_dim, cfg.intermediate_size],
         cfg.rms_norm_eps, attn.scale, linear_mod.INT8_MAX_ROWS, linear_mod.INT4_MAX_ROWS,
-        getattr(model, "activation_terms", quant_blocks.ACTIVATION_TERMS))
+        _activation_terms(model))

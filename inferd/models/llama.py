@@ -154,7 +154,6 @@ class LlamaForCausalLM(nn.Module):
                 linear.use_blocks(weight, keep_weight=linear is self.lm_head and tied)
                 done += 1
         self.__dict__.pop("_cpu_decode_layers", None)
-        self.activation_terms = terms
         return done
 
     def quantize(self, kind: str) -> None:

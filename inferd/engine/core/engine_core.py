@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from inferd.engine.config import EngineConfig
+from inferd.engine.config import GGUF_TERMS, EngineConfig
 from inferd.engine.core.guidance import GrammarCompiler
 from inferd.engine.core.image_prompt import image_prompt_for
 from inferd.engine.core.kv_cache import KVCacheManager
@@ -46,7 +46,7 @@ class EngineCore:
         self.dtype = config.model_dtype(self.device, self.quantization)
         t0 = time.perf_counter()
         self.model, self.model_config = build_model(ckpt, self.dtype, self.device)
-        gguf_terms = {"gguf": 2, "gguf-q8": 1}.get(self.quantization)
+        gguf_terms = GGUF_TERMS.get(self.quantization)
         if gguf_terms:
             packed = self.model.use_gguf_blocks(ckpt.quantized, gguf_terms)
             log.info("%d projections compute with the GGUF file's blocks (%s kernels)", packed,
