@@ -260,50 +260,73 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The vector operations the softmax and the decode attention use, for the instruction set
+// built for: 16 lanes with AVX-512, 8 with AVX2 (+ FMA)
+struct Lanes {
 #ifdef __AVX512F__
-// the same function, 16 lanes at a time
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.f));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
+  using V = __m512;
+  using I = __m512i;
+  static constexpr int64_t n = 16;
+  static V loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static void storef(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V floor(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  // 2^n for whole-numbered n in float range
+  static V pow2(V n) {
+    const I bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_castsi512_ps(bits);
+  }
+  static float sum(V x) { return _mm512_reduce_add_ps(x); }
+#else
+  using V = __m256;
+  using I = __m256i;
+  static constexpr int64_t n = 8;
+  static V loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, V x) { _mm256_storeu_ps(p, x); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static V floor(V x) { return _mm256_floor_ps(x); }
+  static V pow2(V n) {
+    const I bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_castsi256_ps(bits);
+  }
+  static float sum(V v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
 #endif
+};
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-// the same function, 8 lanes at a time (AVX2 + FMA)
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f),
-                                   _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
+// the same function, Lanes::n lanes at a time
+inline Lanes::V exp_nonpositive(Lanes::V x) {
+  using L = Lanes;
+  x = L::max(x, L::set1(-87.f));
+  const L::V n = L::floor(L::fmadd(x, L::set1(1.44269504088896341f), L::set1(0.5f)));
+  const L::V r = L::fmadd(n, L::set1(2.12194440e-4f), L::fnmadd(n, L::set1(0.693359375f), x));
+  L::V p = L::set1(1.9875691500e-4f);
+  p = L::fmadd(p, r, L::set1(1.3981999507e-3f));
+  p = L::fmadd(p, r, L::set1(8.3334519073e-3f));
+  p = L::fmadd(p, r, L::set1(4.1665795894e-2f));
+  p = L::fmadd(p, r, L::set1(1.6666665459e-1f));
+  p = L::fmadd(p, r, L::set1(5.0000001201e-1f));
+  p = L::add(L::fmadd(L::mul(p, r), r, r), L::set1(1.f));
+  return L::mul(p, L::pow2(n));
 }
 #endif
 
@@ -314,24 +337,15 @@ void softmax_rows(float* scores, int64_t rows, int64_t len) {
     for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sg[t]);
     float sum = 0.f;
     int64_t t = 0;
-#ifdef __AVX512F__
-    const __m512 vmx = _mm512_set1_ps(mx);
-    __m512 vsum = _mm512_setzero_ps();
-    for (; t + 16 <= len; t += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sg + t), vmx));
-      _mm512_storeu_ps(sg + t, e);
-      vsum = _mm512_add_ps(vsum, e);
+#if defined(__AVX512F__) || defined(__AVX2__)
+    const Lanes::V vmx = Lanes::set1(mx);
+    Lanes::V vsum = Lanes::zero();
+    for (; t + Lanes::n <= len; t += Lanes::n) {
+      const Lanes::V e = exp_nonpositive(Lanes::sub(Lanes::loadf(sg + t), vmx));
+      Lanes::storef(sg + t, e);
+      vsum = Lanes::add(vsum, e);
     }
-    sum = _mm512_reduce_add_ps(vsum);
-#elif defined(__AVX2__)
-    const __m256 vmx = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
-    for (; t + 8 <= len; t += 8) {
-      const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(sg + t), vmx));
-      _mm256_storeu_ps(sg + t, e);
-      vsum = _mm256_add_ps(vsum, e);
-    }
-    sum = hsum8(vsum);
+    sum = Lanes::sum(vsum);
 #endif
     for (; t < len; ++t) {
       sg[t] = exp_nonpositive(sg[t] - mx);
@@ -391,32 +405,14 @@ template <> inline __m256 load8<int8_t>(const int8_t* p) {
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// The vector operations the decode attention uses, for the instruction set built for
-struct Lanes {
+// Lanes::n consecutive cache elements as floats
+template <typename T> inline Lanes::V load_lanes(const T* p) {
 #ifdef __AVX512F__
-  using V = __m512;
-  static constexpr int64_t n = 16;
-  template <typename T> static V load(const T* p) { return load16<T>(p); }
-  static V loadf(const float* p) { return _mm512_loadu_ps(p); }
-  static void storef(float* p, V x) { _mm512_storeu_ps(p, x); }
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static float sum(V x) { return _mm512_reduce_add_ps(x); }
+  return load16<T>(p);
 #else
-  using V = __m256;
-  static constexpr int64_t n = 8;
-  template <typename T> static V load(const T* p) { return load8<T>(p); }
-  static V loadf(const float* p) { return _mm256_loadu_ps(p); }
-  static void storef(float* p, V x) { _mm256_storeu_ps(p, x); }
-  static V zero() { return _mm256_setzero_ps(); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static float sum(V x) { return hsum8(x); }
+  return load8<T>(p);
 #endif
-};
+}
 // head_dim <= 256, 16 query heads per KV head
 constexpr int64_t kMaxChunks = 256 / Lanes::n, kMaxGroup = 16;
 
@@ -434,7 +430,7 @@ void attend_vector_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, f
   for (int64_t i = 0; i < group * chunks; ++i) qv[i] = L::loadf(qf + i * L::n);
   k_rows([&](int64_t t, const T* kp, float row_scale) {
     typename L::V kf[C ? C : kMaxChunks];
-    for (int64_t c = 0; c < chunks; ++c) kf[c] = L::template load<T>(kp + c * L::n);
+    for (int64_t c = 0; c < chunks; ++c) kf[c] = load_lanes<T>(kp + c * L::n);
     for (int64_t g = 0; g < group; ++g) {
       typename L::V s = L::mul(qv[g * chunks], kf[0]);
       for (int64_t c = 1; c < chunks; ++c) s = L::fmadd(qv[g * chunks + c], kf[c], s);
@@ -446,7 +442,7 @@ void attend_vector_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, f
   for (int64_t i = 0; i < group * chunks; ++i) av[i] = L::zero();
   v_rows([&](int64_t t, const T* vp, float row_scale) {
     typename L::V vf[C ? C : kMaxChunks];
-    for (int64_t c = 0; c < chunks; ++c) vf[c] = L::template load<T>(vp + c * L::n);
+    for (int64_t c = 0; c < chunks; ++c) vf[c] = load_lanes<T>(vp + c * L::n);
     for (int64_t g = 0; g < group; ++g) {
       const typename L::V p = L::set1(scores[g * len + t] * row_scale);
       for (int64_t c = 0; c < chunks; ++c) av[g * chunks + c] = L::fmadd(p, vf[c], av[g * chunks + c]);
