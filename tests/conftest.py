@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Triton's kernels (inferd/layers/triton_ops) run in its interpreter where there is no GPU; it reads
+# this when a kernel is defined, so it is set before any test imports one
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.tiny_models import build_noisy_copy, build_tiny_model
 
