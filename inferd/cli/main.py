@@ -19,8 +19,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--kv-cache-bytes", default="1GiB", help="KV cache budget on CPU, e.g. 512MiB, 2GiB")
-    g.add_argument("--gpu-memory-fraction", type=float, default=0.8,
-                   help="KV cache budget on CUDA, as a fraction of free memory")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: the fraction of the GPU's memory the engine may use (weights, activations and "
+                   "the KV cache, which gets the rest)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs")
+    g.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                   help="CUDA: decode batch sizes to capture (default 1, 2, 4, 8, 16, ... up to --max-num-seqs)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
@@ -71,7 +76,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace, model: str | None) -> EngineConfig:
     return EngineConfig(
         model=model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
-        gpu_memory_fraction=args.gpu_memory_fraction, block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        cuda_graph_sizes=args.cuda_graph_sizes, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, num_threads=args.num_threads,
         enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,

@@ -76,7 +76,11 @@ class EngineConfig(DeviceOptions):
     dtype: str = "auto"                 # auto | float32 | bfloat16 | float16
     device: str = "auto"                # auto | cpu | cuda
     kv_cache_bytes: int | str = "1GiB"  # KV budget on CPU
-    gpu_memory_fraction: float = 0.8    # KV budget on CUDA: fraction of free memory
+    # CUDA: the fraction of the GPU's memory this engine may hold (weights, activations, KV cache: the KV
+    # cache gets what is left of it), vLLM's name and meaning
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False         # CUDA: no CUDA graphs for decode steps (engine/core/cuda_graphs.py)
+    cuda_graph_sizes: list[int] | None = None  # decode batch sizes captured; None: 1, 2, 4, 8, 16, ... max_num_seqs
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -122,8 +126,13 @@ class EngineConfig(DeviceOptions):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        if not 0 < self.gpu_memory_fraction <= 1:
-            raise ValueError(f"gpu_memory_fraction: must be in (0, 1], got {self.gpu_memory_fraction}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cuda_graph_sizes is not None:
+            sizes = self.cuda_graph_sizes
+            if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+                raise ValueError(f"cuda_graph_sizes: must be a list of positive integers, got {sizes!r}")
+            self.cuda_graph_sizes = sorted({min(n, self.max_num_seqs) for n in sizes})
 
     def resolve_quantization(self, has_blocks: bool, device: torch.device, kernels: bool) -> str | None:
         """What the engine computes with: "gguf"/"gguf-q8" (the file's quantized blocks with two or one

@@ -2,13 +2,15 @@
 
 `forward(x, residual)` first adds x into the residual stream (in the model's dtype,
 as HF's `h = h + x` does) and returns (normed, new residual): on the CPU one fused
-kernel does both and updates the residual in place (see layers/cpu_kernels.py).
+kernel does both and updates the residual in place (see layers/cpu_kernels.py), and on
+a GPU one Triton kernel (layers/triton_ops).
 """
 
 from __future__ import annotations
 
 import torch
 
+from inferd.layers import triton_ops
 from inferd.layers.cpu_kernels import ops_for
 
 
@@ -19,7 +21,7 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        ops = ops_for(x) if x.dim() == 2 else None
+        ops = (ops_for(x) or triton_ops.for_tensor(x)) if x.dim() == 2 else None
         if ops is not None:
             out = torch.empty_like(x)
             ops.rms_norm(out, x, residual, self.weight, self.eps)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from inferd.layers import triton_ops
 from inferd.layers.cpu_kernels import ops_for
 
 
@@ -59,8 +60,8 @@ class RotaryEmbedding(torch.nn.Module):
 def apply_rope(q: torch.Tensor, k: torch.Tensor,
                tables: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q: [T, heads, D] and k: [T, kv_heads, D] by the step's tables
-    (rotate-half form). On the CPU one fused kernel rotates both in place."""
-    ops = ops_for(q)
+    (rotate-half form). On the CPU one fused kernel rotates both in place, on a GPU one Triton kernel."""
+    ops = ops_for(q) or triton_ops.for_tensor(q)
     if ops is not None:
         ops.rope(q, k, *tables)
         return q, k

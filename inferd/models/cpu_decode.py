@@ -66,7 +66,7 @@ def decode_layers(model, residual: torch.Tensor, rope_tables, kv_caches: list[to
     """Final hidden states for a decode-only step, or None where this path does not apply."""
     ops = ops_for(residual)
     groups = meta.prepared
-    if ops is None or len(groups) != 1 or not groups[0].decode or not model.layers:
+    if ops is None or not isinstance(groups, list) or len(groups) != 1 or not groups[0].decode or not model.layers:
         return None
     if isinstance(kv_caches[0], QuantizedKV) and not kv_caches[0].in_kernel_form:
         return None  # fp8: the torch path

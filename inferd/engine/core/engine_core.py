@@ -15,6 +15,7 @@ import time
 import torch
 
 from inferd.engine.config import GGUF_TERMS, EngineConfig
+from inferd.engine.core import cuda_graphs
 from inferd.engine.core.guidance import GrammarCompiler
 from inferd.engine.core.image_prompt import image_prompt_for
 from inferd.engine.core.kv_cache import KVCacheManager
@@ -26,8 +27,9 @@ from inferd.engine.messages import EngineCoreOutput, ImageData
 from inferd.engine.sampling_params import InvalidParameterError, SamplingParams, check_context
 from inferd.engine.spec_decode.draft_model import DraftModel
 from inferd.engine.spec_decode.speculator import Speculator
-from inferd.layers import cpu_kernels, kv_storage, quant_blocks
-from inferd.layers.attention import TorchAttentionBackend
+from inferd.layers import cpu_kernels, kv_storage, quant_blocks, triton_ops
+from inferd.layers.attention import AttentionBackend, TorchAttentionBackend
+from inferd.layers.triton_attention import TritonAttentionBackend
 from inferd.models.checkpoint import Checkpoint
 from inferd.models.loader import build_model, build_vision_encoder
 
@@ -88,18 +90,55 @@ class EngineCore:
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self.speculator = Speculator(spec, self.max_model_len, draft) if spec is not None else None
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size,
-                                  TorchAttentionBackend(batch_invariant=bool(gguf_terms)), self.device)
+                                  self._attention_backend(bool(gguf_terms)), self.device)
+        if self.device.type == "cuda" and not config.enforce_eager and isinstance(self.runner.backend,
+                                                                                 TritonAttentionBackend):
+            self.runner.graphs = self._capture_graphs(cuda_graphs.cuda_capture())
         self.vision_spec = ckpt.vision
         self.vision = None
         if ckpt.vision is not None:
             self.vision = VisionRunner(build_vision_encoder(ckpt, self.dtype, self.device), self.device,
                                        cache_bytes=config.vision_cache_bytes)
 
+    def _capture_graphs(self, capture: cuda_graphs.Capture) -> cuda_graphs.DecodeGraphs:
+        t0 = time.perf_counter()
+        sizes = self.config.cuda_graph_sizes or cuda_graphs.default_buckets(self.config.max_num_seqs)
+        max_blocks = -(-self.max_model_len // self.config.block_size)
+        graphs = cuda_graphs.DecodeGraphs(self.model, self.kv_caches, self.runner.backend, max_blocks, sizes,
+                                          self.device, capture)
+        log.info("captured CUDA graphs for decode batches of %s in %.1fs", sizes, time.perf_counter() - t0)
+        return graphs
+
+    def _attention_backend(self, batch_invariant: bool) -> AttentionBackend:
+        """Triton's paged kernels on a GPU (INFERD_TRITON=0 keeps the torch reference path), torch's
+        elsewhere."""
+        if self.device.type == "cuda" and triton_ops.enabled():
+            mc = self.model_config
+            return TritonAttentionBackend(mc.num_heads, mc.num_kv_heads)
+        return TorchAttentionBackend(batch_invariant=batch_invariant)
+
     def _kv_budget(self) -> int:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * self.config.gpu_memory_fraction)
-        return self.config.kv_cache_bytes
+        """CPU: --kv-cache-bytes. CUDA: what --gpu-memory-utilization of the card leaves once the weights
+        (and anything else already on it) and the activations of the largest step are counted."""
+        if self.device.type != "cuda":
+            return self.config.kv_cache_bytes
+        free, total = torch.cuda.mem_get_info(self.device)
+        allowed = int(total * self.config.gpu_memory_utilization)
+        budget = allowed - (total - free) - self._activation_reserve()
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization: {self.config.gpu_memory_utilization} of {total / 2**30:.1f} GiB "
+                             f"leaves no room for the KV cache ({(total - free) / 2**30:.1f} GiB is in use)")
+        return budget
+
+    def _activation_reserve(self) -> int:
+        """Bytes the largest step may allocate beside the KV cache: its hidden states and projections (twice,
+        for the allocator's slack), fp32 logits and the sampler's copies of them, and a fixed 512 MiB for
+        CUDA graphs and the matmul library's workspaces."""
+        mc, c = self.model_config, self.config
+        per_token = (4 * mc.hidden_size + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+                     + 2 * mc.intermediate_size) * self.dtype.itemsize
+        logits = 8 * c.max_num_seqs * mc.vocab_size * 4
+        return 2 * c.max_num_batched_tokens * per_token + logits + (512 << 20)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     priority: int = 0, images: list[ImageData] = ()) -> None:

@@ -112,7 +112,10 @@ def apply_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
             bitmask[j] = m
         else:
             m.unsafe_compute_mask_ptr(bitmask[j].data_ptr(), words * 4)
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    # the bitmask (4 bytes per 32 tokens) goes to the logits' device, not the logits to the host
+    bitmask = bitmask.to(logits.device)
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32, device=logits.device)) & 1
     allowed = bits.reshape(len(rows), words * 32)[:, :vocab].bool()
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits

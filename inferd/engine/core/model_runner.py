@@ -17,6 +17,9 @@ so drafts are cheap and their logits are those plain decoding would compute.
 A vision-language request's image tokens take its images' encoder output in place of
 their token embeddings, for whichever of them fall in the step's positions (a prefill
 chunk may hold part of an image; engine/core/image_prompt.py).
+
+On a GPU, decode-only steps replay a captured CUDA graph (engine/core/cuda_graphs.py)
+instead of launching the forward's kernels one by one.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class ModelRunner:
         self.block_size = block_size
         self.backend = backend
         self.device = device
+        self.graphs = None  # DecodeGraphs (engine/core/cuda_graphs.py) on a GPU unless --enforce-eager
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
@@ -93,7 +97,7 @@ class ModelRunner:
 
         result = StepResult(sampled={})
         if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows]).cpu()
+            logits = self.model.compute_logits(hidden[sample_rows])  # stays on the device: sample() is there
             tokens, lps = sample(logits, sample_reqs)
             for row, tok, lp in zip(sample_reqs, tokens, lps):
                 if isinstance(row, Request):
@@ -126,6 +130,10 @@ class ModelRunner:
             pos = range(end - q, end)
             positions.extend(pos)
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
+        if self.graphs is not None and image_embeds is None and len(ids) == len(query_lens):
+            hidden = self.graphs.run(ids, positions, slots, seq_lens, tables)  # decode-only: a replay
+            if hidden is not None:
+                return hidden
         max_blocks = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
         meta = AttentionMetadata(
@@ -154,6 +162,6 @@ class ModelRunner:
         return torch.tensor(rows, device=self.device), torch.cat(embeds)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, req: Request, first: int) -> list[PositionLogprobs]:
-        lp = torch.log_softmax(self.model.compute_logits(hidden).float().cpu(), dim=-1)
+        lp = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
         targets = req.prompt_token_ids[first + 1:first + 1 + hidden.shape[0]]
         return [position_logprobs(lp[i], t, req.params.prompt_logprobs) for i, t in enumerate(targets)]

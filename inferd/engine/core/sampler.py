@@ -13,6 +13,11 @@ else is in the batch nor on how many positions a step samples for it, which is w
 lets speculative decoding (engine/spec_decode/verify.py) give the same tokens as
 plain decoding. `reqs` are requests, or a request at a draft position (`DraftRow`),
 which offers the same fields.
+
+Everything runs on the logits' device (a GPU's, on the CUDA path): only the sampled
+ids and the requested logprobs come back to the host. A seeded request's noise is
+drawn on the CPU from its generator and sent over, so a seed gives the same tokens
+on every device that computes the same logits.
 """
 
 from __future__ import annotations
@@ -35,15 +40,20 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[P
     logits = apply_masks(logits, [r.matcher for r in reqs])
     logits = _mask_early_stops(logits, reqs)
 
-    tokens = torch.empty(len(reqs), dtype=torch.long)
-    greedy = torch.tensor([r.params.greedy for r in reqs])
-    if greedy.any():
-        tokens[greedy] = logits[greedy].argmax(dim=-1)
-    if not greedy.all():
-        rows = (~greedy).nonzero().flatten().tolist()
-        tokens[rows] = _sample_random(logits[rows], [reqs[i] for i in rows])
+    dev = logits.device
+    greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
+    if len(greedy) == len(reqs):
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = torch.empty(len(reqs), dtype=torch.long, device=dev)
+        if greedy:
+            rows = torch.tensor(greedy, device=dev)
+            tokens[rows] = logits[rows].argmax(dim=-1)
+        rest = [i for i, r in enumerate(reqs) if not r.params.greedy]
+        rows = torch.tensor(rest, device=dev)
+        tokens[rows] = _sample_random(logits[rows], [reqs[i] for i in rest])
 
-    token_list = tokens.tolist()
+    token_list = tokens.tolist()  # the step's one wait for the device
     logprobs: list[PositionLogprobs | None] = [None] * len(reqs)
     for i, r in enumerate(reqs):
         if want_lp[i]:
@@ -70,15 +80,15 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
             or r.params.presence_penalty]
     if not rows:
         return logits
-    vocab = logits.shape[-1]
+    vocab, dev = logits.shape[-1], logits.device
     for i in rows:
         p = reqs[i].params
-        out_ids = torch.tensor(reqs[i].output_token_ids, dtype=torch.long)
-        counts = torch.zeros(vocab).index_add_(0, out_ids, torch.ones(len(out_ids)))
+        out_ids = torch.tensor(reqs[i].output_token_ids, dtype=torch.long, device=dev)
+        counts = torch.zeros(vocab, device=dev).index_add_(0, out_ids, torch.ones(len(out_ids), device=dev))
         row = logits[i]
         if p.repetition_penalty != 1.0:
             seen = counts > 0
-            seen[torch.tensor(reqs[i].prompt_token_ids, dtype=torch.long)] = True
+            seen[torch.tensor(reqs[i].prompt_token_ids, dtype=torch.long, device=dev)] = True
             penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             row = torch.where(seen, penalized, row)
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
@@ -89,8 +99,9 @@ def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
 def _apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     for i, r in enumerate(reqs):
         if r.params.logit_bias:
-            ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long)
-            logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype)
+            ids = torch.tensor(list(r.params.logit_bias), dtype=torch.long, device=logits.device)
+            logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), dtype=logits.dtype,
+                                           device=logits.device)
     return logits
 
 
@@ -107,25 +118,25 @@ def _mask_early_stops(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor
 
 
 def _sample_random(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    temp = torch.tensor([r.params.temperature for r in reqs]).unsqueeze(1)
+    vocab, dev = logits.shape[-1], logits.device
+    temp = torch.tensor([r.params.temperature for r in reqs], device=dev).unsqueeze(1)
     logits = logits / temp
     top_k = [r.params.top_k for r in reqs]
     top_p = [r.params.top_p for r in reqs]
     if any(0 < k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         logits = _top_k_top_p(logits, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor([r.params.min_p for r in reqs]).unsqueeze(1)
+    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev).unsqueeze(1)
     if (min_p > 0).any():
         probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
     noise = torch.empty_like(probs)
     unseeded = [i for i, r in enumerate(reqs) if r.generator is None]
     if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), vocab).exponential_()
+        noise[torch.tensor(unseeded, device=dev)] = torch.empty(len(unseeded), vocab, device=dev).exponential_()
     for i, r in enumerate(reqs):
         if r.generator is not None:
             r.generator.manual_seed(position_seed(r.params.seed, r.num_output_tokens))
-            noise[i] = torch.empty(vocab).exponential_(generator=r.generator)
+            noise[i] = torch.empty(vocab).exponential_(generator=r.generator).to(dev)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -139,14 +150,14 @@ def position_seed(seed: int, position: int) -> int:
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    vocab = logits.shape[-1]
+    vocab, dev = logits.shape[-1], logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k]).unsqueeze(1)
-    positions = torch.arange(vocab).unsqueeze(0)
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev).unsqueeze(1)
+    positions = torch.arange(vocab, device=dev).unsqueeze(0)
     drop = positions >= k
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # keep the smallest prefix whose mass reaches top_p (always at least one token)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= torch.tensor(top_p).unsqueeze(1)
+    drop |= mass_before >= torch.tensor(top_p, device=dev).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)

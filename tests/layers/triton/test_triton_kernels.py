@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from inferd.layers import kv_storage
+from inferd.layers.activation import silu_and_mul
+from inferd.layers.cpu_kernels import disabled
 from inferd.layers.norm import RMSNorm
 from inferd.layers.rope import RotaryEmbedding, _rotate
 from inferd.layers.triton_ops import paged_attention as pa
@@ -165,7 +167,8 @@ def test_rms_norm_matches_the_torch_path(kernels, device, dtype, with_residual):
     norm.weight.data = torch.randn(96, generator=g).to(dtype)
     x = torch.randn(7, 96, generator=g).to(dtype)
     residual = torch.randn(7, 96, generator=g).to(dtype) if with_residual else None
-    ref = norm.forward(x.clone(), residual.clone() if with_residual else None)  # x on the CPU: torch's path
+    with disabled():
+        ref = norm.forward(x.clone(), residual.clone() if with_residual else None)
     out = torch.full_like(x, float("nan")).to(device)
     res = residual.clone().to(device) if with_residual else None
     kernels.rms_norm(out, x.to(device), res, norm.weight.to(device), 1e-5)
@@ -191,3 +194,15 @@ def test_rope_matches_the_torch_path(kernels, device, dtype):
     torch.testing.assert_close(q_dev.cpu(), ref_q, atol=0, rtol=0)
     torch.testing.assert_close(k_dev.cpu(), ref_k, atol=0, rtol=0)
     torch.testing.assert_close(v_dev.cpu(), qkv.view(5, 10, 64)[:, 8:], atol=0, rtol=0)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_the_torch_path(kernels, device, dtype):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 2 * 1500, generator=g) * 3).to(dtype)   # two column blocks, the second partial
+    with disabled():
+        ref = silu_and_mul(x)
+    out = torch.full((5, 1500), float("nan"), dtype=dtype, device=device)
+    kernels.silu_and_mul(out, x.to(device))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)

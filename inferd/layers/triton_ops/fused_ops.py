@@ -1,11 +1,12 @@
-"""RMSNorm with the residual add, and rotary embedding, one kernel each, rounding as torch does.
+"""RMSNorm with the residual add, rotary embedding and SiLU-and-multiply: one kernel each, rounding
+as torch does.
 
 `rms_norm` adds x into the residual in the model's dtype (HF's `h = h + x`, written
 back in place), normalizes in fp32, casts, then multiplies by the weight in the
 model's dtype: layers/norm.py's sequence in one launch instead of five. `rope`
 rotates q and k in place (rotate-half form, layers/rope.py): each product and sum
 rounded to the model's dtype as torch's eager ops round them, so in bf16 the bits
-are torch's.
+are torch's. `silu_and_mul` is layers/activation.py's `silu(gate) * up` in one pass.
 """
 
 from __future__ import annotations
@@ -82,3 +83,24 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
                                 cos.stride(0), N_HEADS=q.shape[1], N_KV=k.shape[1],
                                 Q_PAD=triton.next_power_of_2(q.shape[1]), KV_PAD=triton.next_power_of_2(k.shape[1]),
                                 HALF=half, HALF_PAD=triton.next_power_of_2(half))
+
+
+@triton.jit
+def _silu_and_mul_kernel(out_ptr, x_ptr, stride_o, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < N
+    gate = tl.load(x_ptr + row * stride_x + c, mask=ok, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + N + c, mask=ok, other=0.0)
+    dt = gate.dtype
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dt)          # torch's silu: fp32 math, rounded to the dtype
+    tl.store(out_ptr + row * stride_o + c, (act.to(tl.float32) * up.to(tl.float32)).to(dt), mask=ok)
+
+
+def silu_and_mul(out: torch.Tensor, gate_up: torch.Tensor) -> None:
+    """out [T, n] = silu(gate_up[:, :n]) * gate_up[:, n:]."""
+    n = out.shape[-1]
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_and_mul_kernel[(gate_up.shape[0], triton.cdiv(n, block))](out, gate_up, out.stride(0), gate_up.stride(0),
+                                                                   N=n, BLOCK=block)
