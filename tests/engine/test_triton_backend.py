@@ -13,6 +13,7 @@ import torch
 
 from inferd import LLM, SamplingParams
 from inferd.engine.core import cuda_graphs
+from inferd.layers import triton_ops
 from inferd.layers.triton_attention import TritonAttentionBackend
 from tests.engine.test_reference import PROMPTS
 
@@ -35,6 +36,15 @@ def _prompts(llm):
 
 def _engine(model, **options) -> LLM:
     return LLM(str(model), dtype="float32", progress=False, max_num_batched_tokens=16, **options)
+
+
+def _reference_tokens(model, prompts_of, monkeypatch, **options) -> tuple[list, list]:
+    """Prompts and greedy tokens of the torch path (on a GPU too: the Triton kernels off)."""
+    with monkeypatch.context() as m:
+        m.setattr(triton_ops, "_enabled", False)
+        ref = _engine(model, **options)
+        prompts = prompts_of(ref)
+        return prompts, [o.outputs[0].token_ids for o in ref.generate(prompts, GREEDY)]
 
 
 class CountingCapture:
@@ -62,20 +72,16 @@ def _use_triton(llm: LLM, graph_sizes: list[int] | None = None, capture=None):
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
-def test_triton_backend_gives_the_torch_backends_tokens(tiny_llama, kv_cache_dtype):
-    ref = _engine(tiny_llama, kv_cache_dtype=kv_cache_dtype)
-    prompts = _prompts(ref)
-    expected = [o.outputs[0].token_ids for o in ref.generate(prompts, GREEDY)]
+def test_triton_backend_gives_the_torch_backends_tokens(tiny_llama, kv_cache_dtype, monkeypatch):
+    prompts, expected = _reference_tokens(tiny_llama, _prompts, monkeypatch, kv_cache_dtype=kv_cache_dtype)
     llm = _use_triton(_engine(tiny_llama, kv_cache_dtype=kv_cache_dtype))
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
     assert got == expected
     assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
 
 
-def test_decode_graphs_replay_the_eager_tokens(tiny_llama):
-    ref = _engine(tiny_llama)
-    prompts = _prompts(ref)
-    expected = [o.outputs[0].token_ids for o in ref.generate(prompts, GREEDY)]
+def test_decode_graphs_replay_the_eager_tokens(tiny_llama, monkeypatch):
+    prompts, expected = _reference_tokens(tiny_llama, _prompts, monkeypatch)
     capture = CountingCapture()
     # buckets 1, 2, 4: six requests decode eagerly (over the largest), then fewer replay padded graphs
     llm = _use_triton(_engine(tiny_llama, max_num_seqs=6), graph_sizes=[1, 2, 4], capture=capture)
