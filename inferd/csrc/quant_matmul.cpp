@@ -419,7 +419,9 @@ void tile_amx(const Tile& t) {
 #define INFERD_AMX 1
 #endif
 
-constexpr int kMaxStreams = 8;  // level streams (rows x terms) per tile
+// level streams (rows x terms) per tile
+template <Kind kind>
+constexpr int max_streams() { return 8; }
 template <Kind kind, int T>
 void tile(const Tile& t, int rows) {
   switch (rows) {
@@ -454,58 +456,35 @@ inline __m256i combine(const __m256i* sums) {
   return T == 2 ? _mm256_add_epi32(_mm256_slli_epi32(sums[0], kTermShift), sums[1]) : sums[0];
 }
 
-template <Kind kind, int R, int T>
-void tile_avx2(const Tile& t) {
+// Q8_0 (the output head; one row per request at a time): per chunk of 4 inputs and half
+template <int R, int T>
+void tile_avx2_q8(const Tile& t) {
   constexpr int V = R * T;
   const int64_t nb = t.a->blocks;
-  const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* w = t.w + b * block_bytes<kind>();
-    prefetch_ahead<kind>(t, b);
+    const uint8_t* w = t.w + b * block_bytes<Kind::Q8_0>();
+    prefetch_ahead<Kind::Q8_0>(t, b);
     for (int h = 0; h < 2; ++h) {
       __m256i sum[V];
-      if (kind == Kind::Q8_0) {
-        for (int v = 0; v < V; ++v) sum[v] = _mm256_setzero_si256();
-        for (int ch = 0; ch < 8; ++ch) {
-          // |w - 128| times a with w's sign: maddubs would saturate on w + 128
-          const __m256i wv = _mm256_xor_si256(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ch * 64 + h * 32)), _mm256_set1_epi8(char(0x80)));
-          const __m256i aw = _mm256_sign_epi8(wv, wv);
-          for (int v = 0; v < V; ++v) {
-            const int8_t* q = t.levels(v / T, v % T, b) + ch * 4;
-            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(q), wv));
-            sum[v] = _mm256_add_epi32(sum[v], _mm256_madd_epi16(pairs, ones));
-          }
+      for (int v = 0; v < V; ++v) sum[v] = _mm256_setzero_si256();
+      for (int ch = 0; ch < 8; ++ch) {
+        // |w - 128| times a with w's sign: maddubs would saturate on w + 128
+        const __m256i wv = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ch * 64 + h * 32)), _mm256_set1_epi8(char(0x80)));
+        const __m256i aw = _mm256_sign_epi8(wv, wv);
+        for (int v = 0; v < V; ++v) {
+          const int8_t* q = t.levels(v / T, v % T, b) + ch * 4;
+          const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(q), wv));
+          sum[v] = _mm256_add_epi32(sum[v], _mm256_madd_epi16(pairs, ones));
         }
-      } else {
-        // 4-bit levels: 8 pair sums of at most 2 x 15 x 127 each fit one int16
-        __m256i pairs[V];
-        for (int v = 0; v < V; ++v) pairs[v] = _mm256_setzero_si256();
-        for (int p = 0; p < 4; ++p) {
-          const __m256i v4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 64 + h * 32));
-          const __m256i lo = _mm256_and_si256(v4, low);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v4, 4), low);
-          for (int v = 0; v < V; ++v) {
-            const int8_t* q = t.levels(v / T, v % T, b) + p * 8;
-            pairs[v] = _mm256_add_epi16(pairs[v], _mm256_maddubs_epi16(lo, bcast4(q)));
-            pairs[v] = _mm256_add_epi16(pairs[v], _mm256_maddubs_epi16(hi, bcast4(q + 4)));
-          }
-        }
-        for (int v = 0; v < V; ++v) sum[v] = _mm256_madd_epi16(pairs[v], ones);
       }
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.d + b * kCols + h * 8)));
-      __m256 mw = dw;
-      if (kind == Kind::Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.m + b * kCols + h * 8)));
       for (int r = 0; r < R; ++r) {
-        const int64_t at = (t.row0 + r) * nb + b;
-        __m256i s = combine<T>(sum + r * T);
-        if (kind == Kind::Q4_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * t.a->s[at]));
-        const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(t.a->d[at]));
-        acc[r][h] = _mm256_add_ps(acc[r][h], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(s)));
-        if (kind == Kind::Q4_1) acc[r][h] = _mm256_add_ps(acc[r][h], _mm256_mul_ps(mw, _mm256_set1_ps(t.a->ds[at])));
+        const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(t.a->d[(t.row0 + r) * nb + b]));
+        acc[r][h] = _mm256_add_ps(acc[r][h], _mm256_mul_ps(dd, _mm256_cvtepi32_ps(combine<T>(sum + r * T))));
       }
     }
   }
@@ -515,21 +494,82 @@ void tile_avx2(const Tile& t) {
   }
 }
 
-constexpr int kMaxStreams = 4;
-template <Kind kind, int T>
-void tile(const Tile& t, int rows) {
-  switch (rows) {
-    case 4: if constexpr (T == 1) return tile_avx2<kind, 4, T>(t); break;
-    case 3: if constexpr (T == 1) return tile_avx2<kind, 3, T>(t); break;
-    case 2: return tile_avx2<kind, 2, T>(t);
-    default: return tile_avx2<kind, 1, T>(t);
+// 4-bit levels: a half block's weights (8 columns x 32 inputs) are unpacked once into 8
+// registers and every level stream of the tile runs against them, one stream at a time.
+// Streams wait on nothing but their own short chain of adds, so the live registers are the
+// weights plus a few per stream whatever the tile's height (with each stream's partial sums
+// held at once, the compiler spilled them to the stack and the loop ran at half speed).
+// The fp32 accumulators live in memory: one load and store per row and block.
+template <Kind kind, int R, int T>
+void tile_avx2_q4(const Tile& t) {
+  const int64_t nb = t.a->blocks, k = t.a->k;
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const int8_t* levels = t.levels(0, 0, 0);  // stream v (row v / T, term v % T) at levels + v * k
+  alignas(32) float acc[R][kCols] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = t.w + b * block_bytes<kind>();
+    prefetch_ahead<kind>(t, b);
+    for (int h = 0; h < 2; ++h) {
+      __m256i lo[4], hi[4];
+      for (int p = 0; p < 4; ++p) {
+        const __m256i v4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 64 + h * 32));
+        lo[p] = _mm256_and_si256(v4, low);
+        hi[p] = _mm256_and_si256(_mm256_srli_epi16(v4, 4), low);
+      }
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.d + b * kCols + h * 8)));
+      __m256 mw = dw;
+      if (kind == Kind::Q4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t.m + b * kCols + h * 8)));
+      for (int r = 0; r < R; ++r) {
+        __m256i s = _mm256_setzero_si256();
+        for (int j = 0; j < T; ++j) {
+          const int8_t* q = levels + (r * T + j) * k + b * kBlock;
+          // 8 pair sums of at most 2 x 15 x 127 each fit one int16
+          __m256i pairs = _mm256_maddubs_epi16(lo[0], bcast4(q));
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(hi[0], bcast4(q + 4)));
+          for (int p = 1; p < 4; ++p) {
+            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(lo[p], bcast4(q + p * 8)));
+            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(hi[p], bcast4(q + p * 8 + 4)));
+          }
+          const __m256i part = _mm256_madd_epi16(pairs, ones);
+          s = j ? _mm256_add_epi32(_mm256_slli_epi32(s, kTermShift), part) : part;
+        }
+        const int64_t at = (t.row0 + r) * nb + b;
+        if (kind == Kind::Q4_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * t.a->s[at]));
+        const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(t.a->d[at]));
+        __m256 a = _mm256_add_ps(_mm256_load_ps(acc[r] + h * 8), _mm256_mul_ps(dd, _mm256_cvtepi32_ps(s)));
+        if (kind == Kind::Q4_1) a = _mm256_add_ps(a, _mm256_mul_ps(mw, _mm256_set1_ps(t.a->ds[at])));
+        _mm256_store_ps(acc[r] + h * 8, a);
+      }
+    }
   }
-  TORCH_CHECK(false, "quant_matmul: a tile of ", rows, " rows");
+  for (int r = 0; r < R; ++r) std::memcpy(t.out + r * t.out_stride, acc[r], sizeof(acc[r]));
+}
+
+template <Kind kind, int R, int T>
+void tile_avx2(const Tile& t) {
+  if constexpr (kind == Kind::Q8_0) {
+    tile_avx2_q8<R, T>(t);
+  } else {
+    tile_avx2_q4<kind, R, T>(t);
+  }
+}
+
+// level streams (rows x terms) per tile: the 4-bit tiles hold a few registers per stream, Q8_0's all its sums
+template <Kind kind>
+constexpr int max_streams() { return kind == Kind::Q8_0 ? 4 : 8; }
+
+template <Kind kind, int T, int R = max_streams<kind>() / T>
+void tile(const Tile& t, int rows) {
+  if constexpr (R > 1) {
+    if (rows < R) return tile<kind, T, R - 1>(t, rows);
+  }
+  tile_avx2<kind, R, T>(t);
 }
 constexpr const char* kPath = "avx2";
 
 #else
-constexpr int kMaxStreams = 2;
+template <Kind kind>
+constexpr int max_streams() { return 2; }
 template <Kind kind, int T>
 void tile(const Tile& t, int rows) {
   tile_scalar<kind>(t, rows);
@@ -541,7 +581,7 @@ template <Kind kind, int T>
 void run(const QuantRows& a, int64_t rows, const uint8_t* packed, const uint16_t* d, const uint16_t* m,
          int64_t groups, float* out, int64_t out_stride, bool reference) {
   const int64_t nb = a.blocks;
-  constexpr int kTileRows = kMaxStreams / T;
+  constexpr int kTileRows = max_streams<kind>() / T;
   // a thread takes whole column groups and every row for them: the group's weights
   // (a few KiB) stay in L1 while the rows go by. Even one row is split between the
   // threads (streaming the weights from L3 or memory is what a decode step waits on)
