@@ -112,9 +112,18 @@ inline int32_t quantize_block(float* x, int8_t* q, float inv, float d) {
 }
 
 inline float block_absmax(const float* x) {
+#ifdef __AVX2__
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
+  for (int i = 1; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+#else
   float amax = 0.f;
   for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
   return amax;
+#endif
 }
 
 template <typename T>
@@ -122,10 +131,12 @@ void quantize_rows(QuantRows& out, const T* x, int64_t rows, int64_t k, int64_t 
   out.k = k;
   out.blocks = k / kBlock;
   out.terms = terms;
-  out.q.resize(rows * terms * k);
-  out.d.resize(rows * out.blocks);
-  out.s.resize(rows * out.blocks);
-  out.ds.resize(rows * out.blocks);
+  // only ever grown: the memory stays with the calling thread between calls (see quant_matmul)
+  auto grow = [](auto& v, int64_t n) { if (int64_t(v.size()) < n) v.resize(n); };
+  grow(out.q, rows * terms * k);
+  grow(out.d, rows * out.blocks);
+  grow(out.s, rows * out.blocks);
+  grow(out.ds, rows * out.blocks);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     float buf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
@@ -649,7 +660,9 @@ torch::Tensor quant_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor 
                            m.numel() == d.numel()), "quant_matmul: m must be like d (4-bit weights only)");
   TORCH_CHECK(out_features <= groups * kCols, "quant_matmul: out_features exceeds the packed columns");
   const int64_t rows = x.size(0);
-  QuantRows a;
+  // a 512-token chunk's levels are about a megabyte: fresh vectors every call cost a memset
+  // and page faults, so each calling thread keeps its own
+  static thread_local QuantRows a;
   if (x.scalar_type() == at::kFloat) {
     quantize_rows(a, x.data_ptr<float>(), rows, x.size(1), x.stride(0), int(terms));
   } else if (x.scalar_type() == at::kBFloat16) {
