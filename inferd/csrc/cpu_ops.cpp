@@ -544,10 +544,14 @@ void decode_attention_impl(torch::Tensor& out, const torch::Tensor& q, const tor
   const bool vector = false;
 #endif
 
+  // The rows go to the threads in the order 0, last, 1, last - 1, ...: each thread takes a
+  // contiguous range of items, and a prompt chunk's tokens attend to ever longer prefixes, so
+  // in row order the thread with the chunk's second half had ~3x the work of the first.
+  auto row_of = [batch](int64_t j) { return j % 2 ? batch - 1 - j / 2 : j / 2; };
   at::parallel_for(0, batch * n_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), acc(group * dim), kv(dim), scores;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / n_kv, h = item % n_kv;
+      const int64_t b = row_of(item / n_kv), h = item % n_kv;
       const int64_t len = lens[b];
       const int64_t* table = tables + b * table_stride;
       const T* qp = qbase + rows[b] * q_row_stride;
