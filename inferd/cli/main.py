@@ -28,7 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA: decode batch sizes to capture (default 1, 2, 4, 8, 16, ... up to --max-num-seqs)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per step (default: 512 on the CPU, 2048 on a GPU)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
     g.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "gguf-q8", "int8", "int4"],

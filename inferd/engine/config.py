@@ -83,7 +83,11 @@ class EngineConfig(DeviceOptions):
     cuda_graph_sizes: list[int] | None = None  # decode batch sizes captured; None: 1, 2, 4, 8, 16, ... max_num_seqs
     block_size: int = 16
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # tokens per step; None: 512 on the CPU, 2048 on a GPU. On the CPU a step's time grows with its
+    # tokens (the matmuls are compute-bound from ~16 rows), so a burst of prompts prefilled 512 tokens a
+    # step gives the median request its first token about twice as soon at the same throughput
+    # (docs/benchmarks.md, "Online serving")
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     num_threads: int | None = None
     enable_prefix_caching: bool = True
@@ -117,6 +121,9 @@ class EngineConfig(DeviceOptions):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         self._check_device_options()
+        if self.max_num_batched_tokens is None:
+            on_gpu = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+            self.max_num_batched_tokens = 2048 if on_gpu else 512
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")

@@ -1,5 +1,6 @@
 """The CUDA path's engine options, checked without a GPU: the KV budget --gpu-memory-utilization leaves
-(free and total memory as the driver would report them), and the validation of the graph options."""
+(free and total memory as the driver would report them), the validation of the graph options, and
+the token budget per step each device gets."""
 
 from __future__ import annotations
 
@@ -46,3 +47,15 @@ def test_graph_options_are_checked():
             EngineConfig(cuda_graph_sizes=bad)
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         EngineConfig(gpu_memory_utilization=1.5)
+
+
+def test_the_token_budget_per_step_follows_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert EngineConfig().max_num_batched_tokens == 512            # CPU: short steps under a burst
+    assert EngineConfig(device="cuda").max_num_batched_tokens == 2048
+    assert EngineConfig(max_num_batched_tokens=64).max_num_batched_tokens == 64
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert EngineConfig().max_num_batched_tokens == 2048           # auto picks the GPU
+    assert EngineConfig(device="cpu").max_num_batched_tokens == 512
+    with pytest.raises(ValueError, match="max_num_batched_tokens: must be positive"):
+        EngineConfig(max_num_batched_tokens=0)
