@@ -24,6 +24,9 @@ from tests.engine.test_reference import PROMPTS
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 ALWAYS = {"num_speculative_tokens": 4, "adaptive": False}
 PROPOSERS = ("ngram", "draft_model")
+# the step budget these tests' counts (drafts verified, preemptions) were written against: a GPU's
+# default; the CPU's 512 admits fewer prompts a step
+BUDGET = {"max_num_batched_tokens": 2048}
 
 
 def _always(proposer: str, draft_path) -> dict:
@@ -35,12 +38,12 @@ def _always(proposer: str, draft_path) -> dict:
 
 @pytest.fixture(scope="module")
 def plain(tiny_llama):
-    return LLM(str(tiny_llama), dtype="float32", progress=False)
+    return LLM(str(tiny_llama), dtype="float32", progress=False, **BUDGET)
 
 
 @pytest.fixture(scope="module", params=PROPOSERS)
 def spec(request, tiny_llama, tiny_llama_draft):
-    return LLM(str(tiny_llama), dtype="float32", progress=False,
+    return LLM(str(tiny_llama), dtype="float32", progress=False, **BUDGET,
                speculative_config=_always(request.param, tiny_llama_draft))
 
 
@@ -206,9 +209,9 @@ def test_a_self_draft_over_int8_kv_caches_is_kept_and_changes_no_token(tiny_llam
     # both pools store int8 levels (--kv-cache-dtype int8); the same quantization on both sides, so the
     # draft still predicts the target, and the output is the int8 cache's own greedy output
     prompts = [[1, 2, 3, 4, 5, 6] * (2 + i) for i in range(6)]
-    plain = LLM(str(tiny_llama), dtype="float32", progress=False, kv_cache_dtype="int8")
+    plain = LLM(str(tiny_llama), dtype="float32", progress=False, **BUDGET, kv_cache_dtype="int8")
     expected = _tokens(plain.generate(prompts, GREEDY))
-    spec = LLM(str(tiny_llama), dtype="float32", progress=False, kv_cache_dtype="int8",
+    spec = LLM(str(tiny_llama), dtype="float32", progress=False, **BUDGET, kv_cache_dtype="int8",
                speculative_config={**ALWAYS, "method": "draft_model"})
     assert _tokens(spec.generate(prompts, GREEDY)) == expected
     stats = spec.engine.core.speculator.stats

@@ -85,7 +85,8 @@ class EngineCore:
                 self.max_model_len = draft.cfg.max_position_embeddings
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   self.max_model_len), self.kv)
+                                                   self.max_model_len,
+                                                   spec.num_speculative_tokens if spec is not None else 0), self.kv)
         self.grammars = GrammarCompiler(ckpt.tokenizer, mc.vocab_size, eos_token_ids)
         self._compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         self.speculator = Speculator(spec, self.max_model_len, draft) if spec is not None else None

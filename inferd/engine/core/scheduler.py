@@ -24,7 +24,9 @@ Speculative decoding (engine/spec_decode/) adds a request's draft tokens to a st
 after scheduling, through `add_draft_tokens` (or, for a draft model, which needs the
 blocks before it writes its KV there, `reserve_draft_tokens` then `set_draft_tokens`):
 within the budget left and the blocks free, never preempting anyone for them. They
-are ordinary new tokens of the step.
+are ordinary new tokens of the step. With `draft_tokens` set, the budget for a running
+request's drafts (up to half the step) is held back from the waiting prompts (it stays in
+`budget_left`), so a queue of prompts does not crowd the drafts out of every step.
 
 `update()` applies the model step's results: advance `num_computed_tokens` (by the
 tokens that stand: rejected drafts are not computed, and the blocks that held only
@@ -50,6 +52,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    draft_tokens: int = 0   # budget held back per running request for its drafts (speculative decoding)
 
 
 @dataclass
@@ -179,6 +182,7 @@ class Scheduler:
         scheduled: list[Request] = []
         num_new: dict[str, int] = {}
         preempted: list[str] = []
+        held = 0  # the running requests' draft budget: not for waiting prompts
 
         # running[:i] are scheduled; when a waiting request is considered, running[i:]
         # are exactly the running requests of strictly worse priority than it
@@ -204,11 +208,14 @@ class Scheduler:
                     scheduled.append(req)
                     num_new[req.request_id] = n
                     budget -= n
+                    if n == req.num_tokens - req.num_computed_tokens:  # it can draft after these
+                        # at most half the step, so prompts still get admitted while many draft
+                        held = min(held + self.config.draft_tokens, self.config.max_num_batched_tokens // 2)
                     i += 1
                     continue
                 return SchedulerOutput(scheduled, num_new, preempted, budget)  # req itself was preempted
 
-            if not waiting or budget <= 0:
+            if not waiting or budget - held <= 0:
                 break
             req = waiting.peek()
             can_preempt = i < len(running)  # someone of worse priority holds a slot and blocks
@@ -223,7 +230,7 @@ class Scheduler:
                 req.num_computed_tokens = kv.attach_cached_prefix(req)
                 if req.num_preemptions == 0:  # usage reports what the first admission found
                     req.num_cached_tokens = req.num_computed_tokens
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget - held)
             if not kv.allocate(req, n):
                 kv.free(req)  # let go of any cached prefix while it waits (or retries)
                 req.num_computed_tokens = 0
