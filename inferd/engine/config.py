@@ -122,7 +122,8 @@ class EngineConfig(DeviceOptions):
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         self._check_device_options()
         if self.max_num_batched_tokens is None:
-            on_gpu = self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+            # an asked-for cuda counts even where it is missing (the engine refuses it when it starts)
+            on_gpu = self.device == "cuda" or self.torch_device().type == "cuda"
             self.max_num_batched_tokens = 2048 if on_gpu else 512
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             if getattr(self, name) < 1:

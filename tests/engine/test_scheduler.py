@@ -101,21 +101,21 @@ def test_shared_prefix_is_computed_once_and_reported_as_cached():
     assert s.kv.prefix_hits == 8 and s.kv.prefix_queries == 20
 
 
-def test_running_requests_draft_budget_is_held_back_from_waiting_prompts():
-    s = Scheduler(SchedulerConfig(8, 32, 10_000, draft_tokens=4), KVCacheManager(100, 4, True))
+def _two_decoding_and_a_long_prompt(s):
+    """Two requests past their prompts, then a 60-token prompt arrives: the next step's schedule."""
     _add(s, "a", 6)
     _add(s, "b", 6, first=20)
     _run_step(s)                                   # both prompts in one step: nothing runs yet to hold for
     _add(s, "long", 60, first=40)
-    out = s.schedule()
+    return s.schedule()
+
+
+def test_running_requests_draft_budget_is_held_back_from_waiting_prompts():
+    out = _two_decoding_and_a_long_prompt(
+        Scheduler(SchedulerConfig(8, 32, 10_000, draft_tokens=4), KVCacheManager(100, 4, True)))
     # a and b decode (1 token each) and keep 4 draft tokens each; the prompt gets the rest
     assert out.num_new_tokens == {"a": 1, "b": 1, "long": 32 - 2 - 8}
     assert out.budget_left == 8
     # without drafts the prompt takes everything
-    s2 = _sched(budget=32)
-    _add(s2, "a", 6)
-    _add(s2, "b", 6, first=20)
-    _run_step(s2)
-    _add(s2, "long", 60, first=40)
-    out = s2.schedule()
+    out = _two_decoding_and_a_long_prompt(_sched(budget=32))
     assert out.num_new_tokens["long"] == 30 and out.budget_left == 0
