@@ -334,9 +334,18 @@ void softmax_rows(float* scores, int64_t rows, int64_t len) {
   for (int64_t g = 0; g < rows; ++g) {
     float* sg = scores + g * len;
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < len; ++t) mx = std::max(mx, sg[t]);
-    float sum = 0.f;
     int64_t t = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    // the maximum is exact in any order
+    Lanes::V vmax = Lanes::set1(mx);
+    for (; t + Lanes::n <= len; t += Lanes::n) vmax = Lanes::max(vmax, Lanes::loadf(sg + t));
+    alignas(64) float lanes[Lanes::n];
+    Lanes::storef(lanes, vmax);
+    for (int64_t j = 0; j < Lanes::n; ++j) mx = std::max(mx, lanes[j]);
+#endif
+    for (; t < len; ++t) mx = std::max(mx, sg[t]);
+    float sum = 0.f;
+    t = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
     const Lanes::V vmx = Lanes::set1(mx);
     Lanes::V vsum = Lanes::zero();
@@ -416,6 +425,38 @@ template <typename T> inline Lanes::V load_lanes(const T* p) {
 // head_dim <= 256, 16 query heads per KV head
 constexpr int64_t kMaxChunks = 256 / Lanes::n, kMaxGroup = 16;
 
+// The lane sums of Lanes::n vectors at once: lane j of the result is the sum of v[j]'s lanes.
+// A transpose-reduce (pairs of vectors interleaved and added, halving the count each round)
+// takes ~3 operations per vector where a horizontal sum of each takes ~8. Each lane's
+// additions are the same whatever the other vectors hold.
+inline Lanes::V lane_sums(const Lanes::V* v) {
+  // rounds 1 and 2 work within 128-bit lanes: afterwards position p of each 128-bit lane of x[i]
+  // holds the sum of v[4i + p]'s four elements in that lane; the rest adds the 128-bit lanes
+#ifdef __AVX512F__
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+    x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // 128-bit lanes (0, 2) + (1, 3) of two vectors: keys 0-7 and 8-15 as pairs of half sums
+  constexpr int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
+  const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], even), _mm512_shuffle_f32x4(x[0], x[1], odd));
+  const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], even), _mm512_shuffle_f32x4(x[2], x[3], odd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, even), _mm512_shuffle_f32x4(y0, y1, odd));
+#else
+  __m256 w[4], x[2];
+  for (int i = 0; i < 4; ++i)
+    w[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) {
+    const __m256d a = _mm256_castps_pd(w[2 * i]), b = _mm256_castps_pd(w[2 * i + 1]);
+    x[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)), _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(x[0], x[1], 0x20), _mm256_permute2f128_ps(x[0], x[1], 0x31));
+#endif
+}
+
 // One (request, KV head) on vectors of Lanes::n floats. G (query heads per KV head) and C
 // (head_dim / Lanes::n) are compile-time for the common shapes, so the query and accumulator
 // vectors stay in registers (with runtime sizes they live on the stack and every FMA
@@ -428,15 +469,36 @@ void attend_vector_fixed(int64_t group_rt, int64_t chunks_rt, const float* qf, f
   const int64_t group = G ? G : group_rt, chunks = C ? C : chunks_rt;
   typename L::V qv[G ? G * C : kMaxGroup * kMaxChunks];
   for (int64_t i = 0; i < group * chunks; ++i) qv[i] = L::loadf(qf + i * L::n);
+  // each key's partial products per head wait in `partial` until Lanes::n keys are there (or
+  // the context ends, the rest zeros): one lane_sums then gives their scores
+  typename L::V partial[(G ? G : kMaxGroup) * L::n];
+  alignas(64) float row_scales[L::n];
+  int64_t pending = 0;
+  auto flush = [&](int64_t first) {
+    for (int64_t j = pending; j < L::n; ++j) {
+      row_scales[j] = 0.f;
+      for (int64_t g = 0; g < group; ++g) partial[g * L::n + j] = L::zero();
+    }
+    const typename L::V rs = L::loadf(row_scales);
+    for (int64_t g = 0; g < group; ++g) {
+      alignas(64) float sums[L::n];
+      L::storef(sums, L::mul(lane_sums(partial + g * L::n), rs));
+      std::memcpy(scores + g * len + first, sums, pending * sizeof(float));
+    }
+    pending = 0;
+  };
   k_rows([&](int64_t t, const T* kp, float row_scale) {
     typename L::V kf[C ? C : kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) kf[c] = load_lanes<T>(kp + c * L::n);
     for (int64_t g = 0; g < group; ++g) {
       typename L::V s = L::mul(qv[g * chunks], kf[0]);
       for (int64_t c = 1; c < chunks; ++c) s = L::fmadd(qv[g * chunks + c], kf[c], s);
-      scores[g * len + t] = L::sum(s) * row_scale;
+      partial[g * L::n + pending] = s;
     }
+    row_scales[pending] = row_scale;
+    if (++pending == L::n) flush(t + 1 - L::n);
   });
+  if (pending) flush(len - pending);
   softmax_rows(scores, group, len);
   typename L::V av[G ? G * C : kMaxGroup * kMaxChunks];
   for (int64_t i = 0; i < group * chunks; ++i) av[i] = L::zero();

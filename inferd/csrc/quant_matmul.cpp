@@ -78,53 +78,126 @@ inline float load_float(const T* p) {
   return float(*p);
 }
 
-// One block of 32 activations to int8 levels q = round(x * inv) (to nearest even, as the
-// vector conversion does) clamped to +-127, and their sum; x becomes what q leaves over
-// (x - d * q), for a next term. The vector version does the same IEEE operations.
-inline int32_t quantize_block(float* x, int8_t* q, float inv, float d) {
-#ifdef __AVX2__
-  const __m256 vinv = _mm256_set1_ps(inv), vd = _mm256_set1_ps(d);
+// One block of 32 activations to int8 levels, every term: d = absmax / 127, then per term
+// q = round(x * inv) (to nearest even, as the vector conversion does) clamped to +-127, and
+// x becomes what q leaves over (x - d * q) for the next term, whose levels count 1/256 (the
+// scaling by 2^8 is exact). The term levels go to q, q + term_stride; `d` is the last term's
+// scale and the return value the sum of the combined levels, 256 q1 + q2 with two terms.
+// The vector versions keep the block in registers and do the same IEEE operations.
+#if defined(__AVX512F__)
+template <typename T> inline __m512 load_block16(const T* p);
+template <> inline __m512 load_block16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load_block16<at::BFloat16>(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+template <typename T>
+inline int32_t quantize_block(const T* src, int8_t* q, int64_t term_stride, int terms, float& d) {
+  __m512 x0 = load_block16(src), x1 = load_block16(src + 16);
+  const __m512 amax = _mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1));
+  d = _mm512_reduce_max_ps(amax) / 127.f;
+  float inv = d > 0.f ? 1.f / d : 0.f;
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  __m512i total = _mm512_setzero_si512();
+  for (int term = 0; term < terms; ++term) {
+    if (term) {
+      d = d / float(1 << kTermShift);
+      inv = inv * float(1 << kTermShift);
+    }
+    const __m512 vinv = _mm512_set1_ps(inv);
+    const __m512i n0 = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(x0, vinv))));
+    const __m512i n1 = _mm512_min_epi32(hi, _mm512_max_epi32(lo, _mm512_cvtps_epi32(_mm512_mul_ps(x1, vinv))));
+    int8_t* qt = q + term * term_stride;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qt), _mm512_cvtepi32_epi8(n0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qt + 16), _mm512_cvtepi32_epi8(n1));
+    total = _mm512_add_epi32(_mm512_slli_epi32(total, kTermShift), _mm512_add_epi32(n0, n1));
+    if (term + 1 < terms) {
+      const __m512 vd = _mm512_set1_ps(d);
+      x0 = _mm512_sub_ps(x0, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(n0)));
+      x1 = _mm512_sub_ps(x1, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(n1)));
+    }
+  }
+  return _mm512_reduce_add_epi32(total);
+}
+#elif defined(__AVX2__)
+template <typename T> inline __m256 load_block8(const T* p);
+template <> inline __m256 load_block8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load_block8<at::BFloat16>(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+template <typename T>
+inline int32_t quantize_block(const T* src, int8_t* q, int64_t term_stride, int terms, float& d) {
+  __m256 x[4];
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    x[i] = load_block8(src + 8 * i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, x[i]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  d = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1))) / 127.f;
+  float inv = d > 0.f ? 1.f / d : 0.f;
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
   __m256i total = _mm256_setzero_si256();
-  for (int i = 0; i < 4; ++i) {
-    const __m256 v = _mm256_loadu_ps(x + 8 * i);
-    __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv));
-    n = _mm256_min_epi32(hi, _mm256_max_epi32(lo, n));
-    total = _mm256_add_epi32(total, n);
-    _mm256_storeu_ps(x + 8 * i, _mm256_sub_ps(v, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(n))));
-    const __m128i n16 = _mm_packs_epi32(_mm256_castsi256_si128(n), _mm256_extracti128_si256(n, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + 8 * i), _mm_packs_epi16(n16, n16));
+  for (int term = 0; term < terms; ++term) {
+    if (term) {
+      d = d / float(1 << kTermShift);
+      inv = inv * float(1 << kTermShift);
+    }
+    const __m256 vinv = _mm256_set1_ps(inv), vd = _mm256_set1_ps(d);
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i)
+      n[i] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvtps_epi32(_mm256_mul_ps(x[i], vinv))));
+    // int32 -> int8 in element order: the packs interleave 128-bit lanes, the permute undoes it
+    const __m256i n8 = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(n8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + term * term_stride), ordered);
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3]));
+    total = _mm256_add_epi32(_mm256_slli_epi32(total, kTermShift), sum);
+    if (term + 1 < terms)
+      for (int i = 0; i < 4; ++i) x[i] = _mm256_sub_ps(x[i], _mm256_mul_ps(vd, _mm256_cvtepi32_ps(n[i])));
   }
   __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
   t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
   return _mm_cvtsi128_si32(t4);
+}
 #else
-  int32_t total = 0;
+template <typename T>
+inline int32_t quantize_block(const T* src, int8_t* q, int64_t term_stride, int terms, float& d) {
+  float x[kBlock];
+  float amax = 0.f;
   for (int i = 0; i < kBlock; ++i) {
-    const int v = int(std::nearbyint(x[i] * inv));
-    q[i] = int8_t(std::min(127, std::max(-127, v)));
-    total += q[i];
-    x[i] = x[i] - d * float(q[i]);
+    x[i] = load_float(src + i);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  d = amax / 127.f;
+  float inv = d > 0.f ? 1.f / d : 0.f;
+  int32_t total = 0;
+  for (int term = 0; term < terms; ++term) {
+    if (term) {
+      d = d / float(1 << kTermShift);
+      inv = inv * float(1 << kTermShift);
+    }
+    int8_t* qt = q + term * term_stride;
+    int32_t sum = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int v = int(std::nearbyint(x[i] * inv));
+      qt[i] = int8_t(std::min(127, std::max(-127, v)));
+      sum += qt[i];
+      x[i] = x[i] - d * float(qt[i]);
+    }
+    total = total * (1 << kTermShift) + sum;
   }
   return total;
-#endif
 }
+#endif
 
-inline float block_absmax(const float* x) {
-#ifdef __AVX2__
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(x));
-  for (int i = 1; i < 4; ++i) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * i)));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
-#else
-  float amax = 0.f;
-  for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
-  return amax;
-#endif
-}
+constexpr int64_t kAheadBlocks = 16;
 
 template <typename T>
 void quantize_rows(QuantRows& out, const T* x, int64_t rows, int64_t k, int64_t stride, int terms) {
@@ -138,21 +211,20 @@ void quantize_rows(QuantRows& out, const T* x, int64_t rows, int64_t k, int64_t 
   grow(out.s, rows * out.blocks);
   grow(out.ds, rows * out.blocks);
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    float buf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
+      int8_t* q = out.q.data() + r * terms * k;
       for (int64_t b = 0; b < out.blocks; ++b) {
-        const T* src = x + r * stride + b * kBlock;
-        for (int i = 0; i < kBlock; ++i) buf[i] = load_float(src + i);
-        float d = block_absmax(buf) / 127.f;
-        float inv = d > 0.f ? 1.f / d : 0.f;
-        int8_t* q = out.q.data() + r * terms * k + b * kBlock;
-        int32_t sum = quantize_block(buf, q, inv, d);
-        if (terms == 2) {  // what is left is within d / 2: levels of d / 256 (scaling by 2^8 is exact)
-          d = d / float(1 << kTermShift);
-          inv = inv * float(1 << kTermShift);
-          sum = sum * (1 << kTermShift) + quantize_block(buf, q + k, inv, d);
-        }
         const int64_t at = r * out.blocks + b;
+        // the levels were last read by every thread (the matmul after the previous call):
+        // ask for the lines' ownership ahead, or each store waits for the others' copies to go
+        for (int term = 0; term < terms; ++term) __builtin_prefetch(q + term * k + (b + kAheadBlocks) * kBlock, 1);
+        if ((b & 15) == 0) {
+          __builtin_prefetch(out.d.data() + at + 16, 1);
+          __builtin_prefetch(out.s.data() + at + 16, 1);
+          __builtin_prefetch(out.ds.data() + at + 16, 1);
+        }
+        float d;
+        const int32_t sum = quantize_block(x + r * stride + b * kBlock, q + b * kBlock, k, terms, d);
         out.d[at] = d;
         out.s[at] = sum;
         out.ds[at] = d * float(sum);
